@@ -1,0 +1,123 @@
+"""What every dataset returns and what every DataModule offers the LightningModule.
+
+One sample is a dict:
+
+- ``image``: float32 (3, S, S) RGB in [0, 1], S = ``image_size``.
+- ``index``: int, position of the sample in its dataset.
+- ``path``: str, the source image file.
+- ``crop_box``: float32 (4,) ``(x0, y0, x1, y1)`` in pixels of the source image: the square region
+  that was resized to S x S (it may extend past the image; the outside was filled). A point at
+  normalized (x, y) of ``image`` lies at ``(x0 + x * (x1 - x0), y0 + y * (y1 - y0))`` in the source,
+  or at ``x0 + (1 - x) * (x1 - x0)`` horizontally when ``flipped``.
+- ``flipped``: bool, the sample was mirrored horizontally (training augmentation only).
+- labelled datasets add ``keypoints``: float32 (J, 2) in (x, y) order, normalized to [0, 1] over
+  the width and height of ``image`` (continuous coordinates: pixel i spans [i/S, (i+1)/S)), and
+  ``visible``: bool (J,). Invisible keypoints hold (0, 0).
+
+Normalized (x, y) with x along the width is the one convention for points everywhere in the
+project: datasets, keypoint extraction, the regressor, metrics and the files ``predict`` writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics import Metric
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class KeypointDataModule(L.LightningDataModule):
+    """Base class of the project's DataModules.
+
+    Stages and loaders:
+    - ``fit``: ``train_dataloader`` (training split with augmentation, shuffled).
+    - ``test``: ``test_dataloader`` returns two loaders run in order: the regression split (the
+      regressor from keypoints to ground truth is fitted on it) and the test split (it is scored).
+    - ``predict``: ``predict_dataloader`` over ``path`` (a folder or one image) when given, else
+      over the test split.
+    - ``keypoint_index_dataloader``: training images without augmentation, in a fixed order; the
+      global keypoint tokens are ranked on its first ``num_indices`` images.
+
+    Args:
+        image_size: side S of the square images fed to the model, in pixels.
+        batch_size: images per device and step; the effective batch is
+            ``batch_size x devices x accumulate_grad_batches``.
+        num_workers: DataLoader worker processes.
+        path: images for ``predict``: a folder (searched recursively) or one image file.
+    """
+
+    #: Names of the J ground-truth keypoints, in the order of ``keypoints``; empty when unlabelled.
+    keypoint_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        image_size: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if image_size <= 0 or image_size % 8:
+            raise ValueError(f"data.image_size={image_size}: use a positive multiple of 8 (the VAE downsamples by 8).")
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.path = path
+
+    # Subclasses build these three datasets in ``setup``.
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError(f"{type(self).__name__} has no training split.")
+
+    def regression_dataset(self) -> Dataset:
+        raise NotImplementedError(f"{type(self).__name__} has no labelled regression split: it cannot be used for `test`.")
+
+    def test_dataset(self) -> Dataset:
+        raise NotImplementedError(f"{type(self).__name__} has no labelled test split: it cannot be used for `test`.")
+
+    def make_metric(self) -> Metric:
+        """The dataset's evaluation metric (a torchmetrics ``Metric``: update(pred, target, visible))."""
+        raise NotImplementedError(f"{type(self).__name__} defines no evaluation metric.")
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0 and shuffle,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), shuffle=True, drop_last=True)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.regression_dataset(), shuffle=False), self._loader(self.test_dataset(), shuffle=False)]
+
+    def keypoint_index_dataloader(self) -> DataLoader:
+        return self._loader(self.regression_dataset(), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.path is None:
+            return self._loader(self.test_dataset(), shuffle=False)
+        from data.folder import ImageFolderDataset
+
+        return self._loader(ImageFolderDataset(self.path, self.image_size), shuffle=False)
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """Image files under ``path`` (a folder, searched recursively, or one image), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.path={str(path)!r} does not exist: give a folder of images or one image file.")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"data.path={str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    return files
