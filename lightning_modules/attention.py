@@ -1,0 +1,236 @@
+"""Capture of cross-attention maps at chosen UNet layers, recomputed at a higher resolution.
+
+At each captured ``attn2`` layer the hidden states that enter the layer (what its ``to_q`` sees)
+are bicubically upsampled to R x R, projected by the layer's own ``to_q``, and attended against
+the layer's own ``to_k`` of the context: ``softmax(q k^T * scale)`` over the tokens, averaged over
+heads. The layer's output is left exactly as the unmodified UNet computes it (StableKeypoints'
+behaviour), unless ``replace_output`` reproduces StableXLKeypoints. Nothing after the last captured
+layer can change the maps, so the forward pass stops there.
+
+Uses diffusers' attention-processor API: each captured ``Attention`` module gets a
+``CaptureProcessor`` wrapping its original processor; every other layer keeps its fused default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from torch import Tensor, nn
+
+
+class _StopForward(Exception):
+    """Raised by the last captured layer to end the UNet forward early."""
+
+
+class HeadMeanAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) over tokens, averaged over heads, without storing per-head maps.
+
+    Autograd of the plain expression keeps H probability tensors of (B, N, T) alive for the
+    backward pass. This function keeps only q and k and recomputes one head at a time in backward:
+    for P = softmax(S) and upstream gradient G on P, dS = P * (G - sum_t(G * P)).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, scale: float) -> Tensor:
+        # q: (B, H, N, d), k: (B, H, T, d) -> (B, N, T)
+        heads = q.shape[1]
+        out = None
+        for h in range(heads):
+            p = torch.softmax(q[:, h] @ k[:, h].transpose(-1, -2) * scale, dim=-1)
+            out = p if out is None else out.add_(p)
+        ctx.save_for_backward(q, k)
+        ctx.scale = scale
+        return out.div_(heads)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        q, k = ctx.saved_tensors
+        scale, heads = ctx.scale, q.shape[1]
+        grad = grad / heads
+        dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
+        dk = torch.empty_like(k) if ctx.needs_input_grad[1] else None
+        for h in range(heads):
+            p = torch.softmax(q[:, h] @ k[:, h].transpose(-1, -2) * scale, dim=-1)
+            ds = p * (grad - (grad * p).sum(-1, keepdim=True))
+            ds.mul_(scale)
+            if dq is not None:
+                dq[:, h] = ds @ k[:, h]
+            if dk is not None:
+                dk[:, h] = ds.transpose(-1, -2) @ q[:, h]
+        return dq, dk, None
+
+
+def head_mean_attention(q: Tensor, k: Tensor, scale: float, memory_efficient: bool = True) -> Tensor:
+    """q: (B, H, N, d), k: (B, H, T, d) -> (B, N, T) attention probabilities averaged over heads."""
+    if memory_efficient:
+        return HeadMeanAttention.apply(q, k, scale)
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1).mean(dim=1)
+
+
+class CaptureProcessor:
+    """Attention processor that records upsampled cross-attention maps, then runs the original."""
+
+    def __init__(self, capture: "AttentionCapture", name: str, original: Callable) -> None:
+        self.capture = capture
+        self.name = name
+        self.original = original
+
+    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *args, **kwargs) -> Tensor:
+        capture = self.capture
+        if not capture.recording:
+            output = self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+            capture._visited(self.name)
+            return output
+        maps, replaced = self._maps(attn, hidden_states, encoder_hidden_states)
+        capture._record(self.name, maps)
+        if replaced is not None:
+            output = replaced
+        elif capture._is_last(self.name) and capture.stop_early:
+            output = None  # nothing downstream is needed: skip the layer's own attention
+        else:
+            output = self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        capture._visited(self.name)
+        return output
+
+    def _maps(self, attn: Attention, hidden_states: Tensor, context: Tensor) -> tuple[Tensor, Tensor | None]:
+        capture = self.capture
+        batch, length, channels = hidden_states.shape
+        side = round(length**0.5)
+        if side * side != length:
+            raise ValueError(f"Layer {self.name} sees a non-square {length}-pixel feature map; use square images.")
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        res = capture.resolution
+        grid = hidden_states.transpose(1, 2).reshape(batch, channels, side, side)
+        upsampled = F.interpolate(grid, size=(res, res), mode="bicubic", align_corners=False)
+        upsampled = upsampled.flatten(2).transpose(1, 2)  # (B, R*R, C)
+        q = attn.to_q(upsampled)
+        k = attn.to_k(context)
+        heads = attn.heads
+        q = q.view(batch, -1, heads, q.shape[-1] // heads).transpose(1, 2)
+        k = k.view(batch, -1, heads, k.shape[-1] // heads).transpose(1, 2)
+        # Maps, targets and losses stay fp32 whatever dtype the frozen UNet runs in (SPEC section 8).
+        q, k = q.float(), k.float()
+        replaced = None
+        if capture.replace_output:
+            probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (B, H, R*R, T)
+            maps = probs.mean(dim=1)
+            replaced = self._replaced_output(attn, probs, context, side)
+        else:
+            maps = head_mean_attention(q, k, attn.scale, capture.memory_efficient)
+        return maps, replaced
+
+    def _replaced_output(self, attn: Attention, probs: Tensor, context: Tensor, side: int) -> Tensor:
+        """StableXLKeypoints' layer output: attention at R x R, downsampled back to the layer's size."""
+        batch, heads = probs.shape[:2]
+        v = attn.to_v(context)
+        v = v.view(batch, -1, heads, v.shape[-1] // heads).transpose(1, 2).float()
+        out = (probs @ v).transpose(1, 2).reshape(batch, -1, v.shape[-1] * heads)  # (B, R*R, C)
+        res = self.capture.resolution
+        out = out.transpose(1, 2).reshape(batch, -1, res, res)
+        out = F.interpolate(out, size=(side, side), mode="bilinear", align_corners=False)
+        out = out.flatten(2).transpose(1, 2).to(attn.to_out[0].weight.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            raise ValueError(f"replace_output does not support residual attention at {self.name}.")
+        return out / attn.rescale_output_factor
+
+
+def cross_attention_layers(unet: nn.Module) -> list[str]:
+    """Names of every cross-attention (``attn2``) layer of a UNet, in module order."""
+    return [name for name, module in unet.named_modules() if isinstance(module, Attention) and name.endswith("attn2")]
+
+
+class AttentionCapture:
+    """Installs capture processors on named ``attn2`` layers of a UNet and returns their maps.
+
+    Args:
+        unet: the (frozen) UNet2DConditionModel.
+        layers: full module names of the captured cross-attention layers,
+            e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn2``.
+        stop_early: end the UNet forward once every captured layer ran (same maps, less work).
+        memory_efficient: head-average inside the capture with per-head recomputation in backward.
+        replace_output: replace the captured layers' outputs as StableXLKeypoints did (changes
+            the network; off by default).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        layers: Sequence[str],
+        stop_early: bool = True,
+        memory_efficient: bool = True,
+        replace_output: bool = False,
+    ) -> None:
+        valid = cross_attention_layers(unet)
+        unknown = [name for name in layers if name not in valid]
+        if unknown or not layers:
+            raise ValueError(
+                f"Unknown or empty cross-attention layer names {unknown or list(layers)}. "
+                f"Valid names for this UNet: {valid}"
+            )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"Captured layers must be distinct, got {list(layers)}.")
+        self.layers = list(layers)
+        self.stop_early = stop_early
+        self.memory_efficient = memory_efficient
+        self.replace_output = replace_output
+        self.recording = True
+        self.resolution = 0
+        self._maps: dict[str, Tensor] = {}
+        self._seen: set[str] = set()
+        modules = dict(unet.named_modules())
+        self._originals = {name: modules[name].processor for name in self.layers}
+        for name in self.layers:
+            modules[name].set_processor(CaptureProcessor(self, name, self._originals[name]))
+        self._modules = {name: modules[name] for name in self.layers}
+
+    def remove(self) -> None:
+        """Restores the original processors."""
+        for name, module in self._modules.items():
+            module.set_processor(self._originals[name])
+
+    def _record(self, name: str, maps: Tensor) -> None:
+        self._maps[name] = maps
+
+    def _is_last(self, name: str) -> bool:
+        return len(self._seen | {name}) == len(self.layers)
+
+    def _visited(self, name: str) -> None:
+        self._seen.add(name)
+        if self.stop_early and len(self._seen) == len(self.layers):
+            raise _StopForward
+
+    @contextmanager
+    def paused(self):
+        """Runs the UNet without recording (e.g. a reference-attention write pass); early stop stays."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
+
+    def run_unet(self, forward: Callable[[], object]) -> None:
+        """Calls ``forward`` (one UNet call), stopping after the last captured layer if enabled."""
+        self._seen = set()
+        try:
+            forward()
+        except _StopForward:
+            pass
+        missing = [name for name in self.layers if name not in self._seen]
+        if missing:
+            raise RuntimeError(f"The UNet call never reached captured layers {missing}.")
+
+    def maps(self, forward: Callable[[], object], resolution: int) -> Tensor:
+        """Runs one UNet call and returns maps (B, T, R, R): probabilities over tokens, layer-averaged."""
+        self.resolution = resolution
+        self._maps = {}
+        self.run_unet(forward)
+        stacked = torch.stack([self._maps[name] for name in self.layers]).mean(dim=0)  # (B, R*R, T)
+        self._maps = {}
+        batch, _, tokens = stacked.shape
+        return stacked.transpose(1, 2).reshape(batch, tokens, resolution, resolution)

@@ -1,0 +1,123 @@
+"""Attention capture: probabilities, early stop, batching, gradients, layer names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_modules.attention import AttentionCapture, cross_attention_layers, head_mean_attention
+from lightning_modules.backbones import StableDiffusion
+
+
+def _maps(module, images, noise_seed=0):
+    latents = module.backbone.encode(images)
+    noise = module.backbone.sample_noise(latents, torch.Generator().manual_seed(noise_seed))
+    return latents, noise, module.backbone.attention_maps(latents, noise, module.context, 16)
+
+
+def test_maps_are_per_pixel_probabilities_over_tokens(tiny_sd_module, images):
+    _, _, maps = _maps(tiny_sd_module, images)
+    assert maps.shape == (2, 40, 16, 16)
+    assert maps.min() >= 0
+    torch.testing.assert_close(maps.sum(dim=1), torch.ones(2, 16, 16))
+
+
+def test_batch_of_two_equals_two_batches_of_one(tiny_sd_module, images):
+    latents, noise, maps = _maps(tiny_sd_module, images)
+    backbone = tiny_sd_module.backbone
+    for i in range(2):
+        one = backbone.attention_maps({"latents": latents["latents"][i : i + 1]}, {"latents": noise["latents"][i : i + 1]},
+                                      tiny_sd_module.context, 16)
+        torch.testing.assert_close(one[0], maps[i], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(maps[0], maps[1])  # different images give different maps
+
+
+def test_early_stop_gives_the_same_maps_as_the_full_forward(tiny_sd_module, images):
+    backbone = tiny_sd_module.backbone
+    latents, noise, early = _maps(tiny_sd_module, images)
+    backbone.capture.stop_early = False
+    try:
+        _, _, full = _maps(tiny_sd_module, images)
+    finally:
+        backbone.capture.stop_early = True
+    torch.testing.assert_close(early, full)
+
+
+def test_capture_leaves_the_unet_output_unchanged(tiny_sd_path):
+    backbone = StableDiffusion(str(tiny_sd_path), stop_early=False)
+    backbone.load()
+    unet = backbone.unet
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    context = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2))
+    backbone.capture.resolution = 16
+    with_capture = unet(z, backbone.timestep, encoder_hidden_states=context).sample
+    backbone.capture.remove()
+    plain = unet(z, backbone.timestep, encoder_hidden_states=context).sample
+    torch.testing.assert_close(with_capture, plain)
+
+
+def test_gradients_reach_the_context_and_nothing_else(tiny_sd_path, images):
+    from lightning_modules.stable_keypoints import StableKeypoints
+
+    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=30, feature_upsample_res=16, top_k=3,
+                             furthest_point_num_samples=6)
+    module.configure_model()
+    theta = module.augmentation.sample(2, torch.Generator().manual_seed(0))
+    maps = module.maps_of(torch.cat([images, images]), torch.Generator().manual_seed(0))
+    module.losses(maps[:2], maps[2:], theta)["loss"].backward()
+    assert module.context.grad is not None and module.context.grad.abs().sum() > 0
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trainable == ["context"]
+    assert all(p.grad is None for p in module.backbone.parameters())
+
+
+def test_memory_efficient_head_mean_matches_autograd():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 50, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 50, 7, generator=gen, dtype=torch.float64)
+    fast = head_mean_attention(q, k, 0.5, memory_efficient=True)
+    (fast * weight).sum().backward()
+    grads = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    slow = head_mean_attention(q, k, 0.5, memory_efficient=False)
+    (slow * weight).sum().backward()
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(grads[0], q.grad)
+    torch.testing.assert_close(grads[1], k.grad)
+    assert torch.autograd.gradcheck(lambda a, b: head_mean_attention(a, b, 0.5), (q[:1, :, :5].detach().requires_grad_(),
+                                                                                k[:1].detach().requires_grad_()))
+
+
+def test_unknown_layer_name_lists_the_valid_ones(tiny_sd_path):
+    backbone = StableDiffusion(str(tiny_sd_path), layers=["up_blocks.9.attentions.0.transformer_blocks.0.attn2"])
+    with pytest.raises(ValueError) as err:
+        backbone.load()
+    message = str(err.value)
+    assert "up_blocks.9" in message
+    assert "up_blocks.1.attentions.0.transformer_blocks.0.attn2" in message
+
+
+def test_default_layers_are_cross_attention_layers_7_to_10_counting_from_0(tiny_sd_path):
+    backbone = StableDiffusion(str(tiny_sd_path))
+    backbone.load()
+    order = []
+    hooks = [module.register_forward_hook(lambda m, i, o, name=name: order.append(name))
+             for name, module in backbone.unet.named_modules() if name.endswith("attn2")]
+    backbone.capture.remove()
+    backbone.unet(torch.randn(1, 4, 8, 8), 1, encoder_hidden_states=torch.randn(1, 3, 32))
+    for hook in hooks:
+        hook.remove()
+    assert len(order) == 16
+    assert order[7:11] == list(backbone.layers)
+    assert cross_attention_layers(backbone.unet) != []
+
+
+def test_removing_the_capture_restores_the_default_processors(tiny_sd_path):
+    backbone = StableDiffusion(str(tiny_sd_path))
+    backbone.load()
+    before = {k: type(v).__name__ for k, v in backbone.unet.attn_processors.items()}
+    assert before[backbone.layers[0] + ".processor"] == "CaptureProcessor"
+    backbone.capture.remove()
+    assert {type(v).__name__ for v in backbone.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    AttentionCapture(backbone.unet, backbone.layers)  # installs again without complaint
