@@ -1,0 +1,246 @@
+"""The one interface between the LightningModule and a frozen diffusion model family.
+
+A family differs from another in a handful of facts: how images become latents, which
+added conditions its UNet wants, its default captured layers and, for zero123plus, a reference
+pass. Everything else (loading, freezing, noising, capturing maps) is shared here, and the
+LightningModule only calls ``encode``, ``sample_noise`` and ``attention_maps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from torch import Tensor, nn
+
+from lightning_modules.attention import AttentionCapture
+
+#: Latents of a batch, by name: ``latents`` (B, 4, h, w) always; a family may add more
+#: (zero123plus' reference mode adds its ``condition`` latents). Noise has the same keys.
+Latents = dict[str, Tensor]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Backbone(nn.Module):
+    """A frozen UNet + VAE that turns images and a context into cross-attention maps.
+
+    Weights load in ``load()`` (called from the LightningModule's ``configure_model``), never in
+    ``__init__``, so building the config and ``--print_config`` cost nothing.
+
+    Args:
+        pretrained_model_name_or_path: hub id or local folder in diffusers layout
+            (``unet/``, ``vae/``, ``scheduler/`` subfolders).
+        revision: hub revision (branch, tag or commit).
+        variant: weight file variant, e.g. ``fp16`` (loaded, then upcast to ``dtype``).
+        local_files_only: never touch the network; fail if the files are not cached/local.
+        layers: full names of the captured cross-attention layers; ``None`` = the family default.
+        noise_level: index into the scheduler's ``num_inference_steps`` timestep grid; -1 is the
+            least noisy step (SPEC section 2).
+        num_inference_steps: size of the DDIM timestep grid that ``noise_level`` indexes.
+        dtype: ``float32`` (default) or ``bfloat16`` for the frozen UNet/VAE; the context, maps and
+            losses stay fp32 either way. float16 is refused: it does not converge (SPEC section 8).
+        stop_early: end the UNet forward after the last captured layer (same maps, less work).
+        memory_efficient_maps: average heads inside the capture and recompute per head in backward.
+        replace_output: replace the captured layers' outputs with the downsampled high-resolution
+            attention, as StableXLKeypoints did (changes the network; for reproduction only).
+        gradient_checkpointing: trade compute for memory in the UNet's backward pass.
+        channels_last: run the UNet in channels-last memory format (faster convolutions on GPU).
+        compile_unet: ``torch.compile`` the UNet's blocks.
+        create_tiny_if_missing: demo and tests only: if ``pretrained_model_name_or_path`` is a
+            folder that does not exist, write a tiny random model of this family there first.
+    """
+
+    #: Captured layers when ``layers`` is not given.
+    default_layers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        local_files_only: bool = False,
+        layers: list[str] | None = None,
+        noise_level: int = -1,
+        num_inference_steps: int = 50,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        stop_early: bool = True,
+        memory_efficient_maps: bool = True,
+        replace_output: bool = False,
+        gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        create_tiny_if_missing: bool = False,
+    ) -> None:
+        super().__init__()
+        if dtype == "float16":
+            raise ValueError(
+                "backbone dtype=float16 is refused: the context's gradients vanish in half precision and "
+                "training does not converge (both follow-up projects report it). Use float32, or bfloat16 "
+                "for the frozen UNet/VAE (context, maps and losses stay fp32)."
+            )
+        if dtype not in DTYPES:
+            raise ValueError(f"backbone dtype={dtype!r}: use one of {sorted(DTYPES)}.")
+        self.pretrained_model_name_or_path = pretrained_model_name_or_path
+        self.revision = revision
+        self.variant = variant
+        self.local_files_only = local_files_only
+        self.layers = list(layers) if layers is not None else list(self.default_layers)
+        self.noise_level = noise_level
+        self.num_inference_steps = num_inference_steps
+        self.dtype = DTYPES[dtype]
+        self.stop_early = stop_early
+        self.memory_efficient_maps = memory_efficient_maps
+        self.replace_output = replace_output
+        self.gradient_checkpointing = gradient_checkpointing
+        self.channels_last = channels_last
+        self.compile_unet = compile_unet
+        self.create_tiny_if_missing = create_tiny_if_missing
+        self.unet: UNet2DConditionModel | None = None
+        self.vae: AutoencoderKL | None = None
+        self.capture: AttentionCapture | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def write_tiny(cls, folder: str | Path, seed: int = 0) -> None:
+        """Writes a tiny random model of this family to ``folder`` in diffusers layout."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny model.")
+
+    def prepare(self) -> None:
+        """Once per machine before ``load`` (rank 0): writes the tiny demo model if asked to."""
+        path = Path(self.pretrained_model_name_or_path)
+        if self.create_tiny_if_missing and not path.exists():
+            # Write beside the target, then rename: a killed run never leaves half a model.
+            tmp = path.with_name(path.name + ".partial")
+            self.write_tiny(tmp)
+            tmp.rename(path)
+
+    def _from_pretrained(self, cls: type, subfolder: str, **kwargs) -> nn.Module:
+        return cls.from_pretrained(
+            self.pretrained_model_name_or_path,
+            subfolder=subfolder,
+            revision=self.revision,
+            variant=self.variant,
+            local_files_only=self.local_files_only,
+            **kwargs,
+        )
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.unet is not None
+
+    def load(self) -> None:
+        """Loads and freezes the UNet, VAE and scheduler, and installs the attention capture."""
+        if self.is_loaded:
+            return
+        self.unet = self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=self.dtype)
+        self.vae = self._from_pretrained(AutoencoderKL, "vae", torch_dtype=self.vae_dtype)
+        scheduler = DDIMScheduler.from_pretrained(
+            self.pretrained_model_name_or_path,
+            subfolder="scheduler",
+            revision=self.revision,
+            local_files_only=self.local_files_only,
+            clip_sample=False,
+            set_alpha_to_one=False,
+        )
+        scheduler.set_timesteps(self.num_inference_steps)
+        if not -len(scheduler.timesteps) <= self.noise_level < len(scheduler.timesteps):
+            raise ValueError(f"noise_level={self.noise_level} is outside the {len(scheduler.timesteps)}-step grid.")
+        self.scheduler = scheduler
+        self.register_buffer("timestep", scheduler.timesteps[self.noise_level].clone(), persistent=False)
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone(), persistent=False)
+        self._load_extra()
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if self.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.capture = AttentionCapture(
+            self.unet,
+            self.layers,
+            stop_early=self.stop_early,
+            memory_efficient=self.memory_efficient_maps,
+            replace_output=self.replace_output,
+        )
+        if self.compile_unet:
+            # Blocks, not the whole UNet: the early stop raises out of the forward, which a
+            # whole-model graph would not allow.
+            for block in [*self.unet.down_blocks, *self.unet.up_blocks]:
+                block.compile()
+            if self.unet.mid_block is not None:
+                self.unet.mid_block.compile()
+
+    def _load_extra(self) -> None:
+        """Hook for families that need more than UNet + VAE + scheduler."""
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.unet, self.vae]
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # Frozen weights stay in eval mode even when Lightning puts the LightningModule in train mode.
+        return super().train(False)
+
+    @property
+    def context_dim(self) -> int:
+        """D, the width of one context token: the UNet's ``cross_attention_dim``."""
+        if not self.is_loaded:
+            raise RuntimeError("The backbone is not loaded yet: call load() first.")
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Latents:
+        """images: (B, 3, S, S) in [0, 1] -> latents (B, 4, S/8, S/8), fp32, no gradient."""
+        x = (images * 2 - 1).to(self.vae.device, self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        return {"latents": z.float()}
+
+    def sample_noise(self, latents: Latents, generator: torch.Generator | None = None) -> Latents:
+        """Fresh eps ~ N(0, I) for every latent of the batch."""
+        return {
+            name: torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            for name, z in latents.items()
+        }
+
+    def add_noise(self, z: Tensor, noise: Tensor) -> Tensor:
+        """z_t = sqrt(a) z + sqrt(1 - a) eps at ``timestep`` (DDIM's add_noise, without its dtype casts)."""
+        alpha = self.alphas_cumprod[self.timestep].to(z.dtype)
+        return alpha.sqrt() * z + (1 - alpha).sqrt() * noise
+
+    def added_conditions(self, context: Tensor, batch_size: int, image_size: int) -> dict:
+        """Keyword arguments the UNet needs beside the context (SDXL: ``added_cond_kwargs``)."""
+        return {}
+
+    def unet_call(self, latents: Latents, noise: Latents, context: Tensor) -> Callable[[], object]:
+        """The UNet call that produces the maps, as a closure (zero123plus adds a reference pass)."""
+        z = latents["latents"]
+        batch = z.shape[0]
+        noisy = self.add_noise(z, noise["latents"]).to(self.dtype)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        hidden = context.to(self.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kwargs = self.added_conditions(context, batch, z.shape[-1] * self.vae_scale_factor)
+        return lambda: self.unet(noisy, self.timestep, encoder_hidden_states=hidden, return_dict=False, **kwargs)
+
+    def attention_maps(self, latents: Latents, noise: Latents, context: Tensor, resolution: int) -> Tensor:
+        """One UNet call -> maps (B, T, R, R): per-image probabilities over the T context tokens.
+
+        Args:
+            latents: from ``encode``; noise: from ``sample_noise`` (explicit, so tests can fix it).
+            context: (T, D) the learned context, shared by every image of the batch.
+            resolution: R, the side of the maps (``feature_upsample_res``).
+        """
+        return self.capture.maps(self.unet_call(latents, noise, context), resolution)

@@ -1,0 +1,218 @@
+"""The LightningModule: a learned context that makes a frozen UNet's attention maps into keypoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lightning_modules.augmentation import AffineAugmentation, warp
+from lightning_modules.backbones.base import Backbone
+from lightning_modules.concentration import attention_concentration
+from lightning_modules.losses import equivariance_loss, localization_loss
+from lightning_modules.selection import RankingMethod, select_tokens
+
+EMBEDDING_FILE = "embedding.safetensors"
+
+
+class StableKeypoints(L.LightningModule):
+    """Unsupervised keypoints from a frozen diffusion model (StableKeypoints, CVPR 2024).
+
+    The only trainable tensor is the context (num_tokens, D), fed to the UNet as
+    ``encoder_hidden_states``. Each step draws a random affine transform per image, encodes the
+    image and its transformed copy in one VAE call, gets both attention maps in one UNet call,
+    selects ``top_k`` tokens per image and applies the localization and equivariance losses.
+
+    Args:
+        backbone: the frozen model family (SD 1.5/2.x, SDXL, zero123plus).
+        num_tokens: T, the number of context tokens.
+        context_seed: seed of the context's N(0, 1) initialization.
+        noise_seed: seed of the per-step noise and augmentation draws (combined with the rank,
+            step and batch index, so a resumed run draws what the uninterrupted one would have).
+        feature_upsample_res: R, the side of the attention maps in pixels.
+        top_k: K, tokens optimized per image (and keypoints in the end).
+        furthest_point_num_samples: candidates kept by the ranking before furthest point sampling.
+        selection: candidate ranking: ``gaussian`` (KL to a Gaussian at the argmax), ``entropy``
+            or ``consistent`` (tokens 0..candidates-1).
+        fps_maps: maps whose argmaxes the furthest point sampling spreads: ``original`` (the same
+            maps as the ranking and the losses' targets) or ``transformed`` (StableKeypoints:
+            the augmented image's maps, in the augmented frame).
+        sigma_px: Gaussian sigma in pixels of the R grid, for the ranking and the localization target.
+        localization_weight: weight of the localization loss.
+        equivariance_weight: weight of the equivariance loss.
+        equivariance_mask: average the equivariance loss over pixels the warp covers only
+            (off = StableKeypoints: uncovered pixels count as zeros).
+        augmentation: ranges of the random affine transform.
+        optimizer: the optimizer of the context; ``None`` = Adam(lr=5e-3), StableKeypoints' choice.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_tokens: int = 500,
+        context_seed: int = 0,
+        noise_seed: int = 0,
+        feature_upsample_res: int = 128,
+        top_k: int = 10,
+        furthest_point_num_samples: int = 25,
+        selection: RankingMethod = "gaussian",
+        fps_maps: Literal["original", "transformed"] = "original",
+        sigma_px: float = 2.0,
+        localization_weight: float = 100.0,
+        equivariance_weight: float = 1000.0,
+        equivariance_mask: bool = False,
+        augmentation: AffineAugmentation = AffineAugmentation(),
+        optimizer: OptimizerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if not 2 <= top_k <= furthest_point_num_samples <= num_tokens:
+            raise ValueError(
+                f"Need 2 <= top_k ({top_k}) <= furthest_point_num_samples ({furthest_point_num_samples}) "
+                f"<= num_tokens ({num_tokens})."
+            )
+        self.save_hyperparameters(ignore=["backbone", "optimizer"])
+        self.backbone = backbone
+        self.augmentation = augmentation
+        self.optimizer_factory = optimizer
+        # Created in configure_model, once the backbone says how wide a token is.
+        self.context: nn.Parameter | None = None
+        # Global keypoint tokens (K,), ordered by selection count; set after fit (see keypoints.py).
+        self.register_buffer("keypoint_tokens", torch.empty(0, dtype=torch.long))
+        # Frozen weights never enter a checkpoint; their keys are absent on load by design.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ set-up
+    def prepare_data(self) -> None:
+        self.backbone.prepare()
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision not in ("32-true", "32", "64-true"):
+            raise ValueError(
+                f"trainer.precision={precision!r} is refused: fp16 does not converge for this method and "
+                "mixed precision would also cast the context, maps and losses. Keep trainer.precision at 32 and "
+                "set model.backbone.init_args.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
+            )
+
+    def configure_model(self) -> None:
+        if self.context is not None and self.backbone.is_loaded:
+            return
+        self.backbone.load()
+        if self.context is None:
+            generator = torch.Generator().manual_seed(self.hparams.context_seed)
+            init = torch.randn(self.hparams.num_tokens, self.backbone.context_dim, generator=generator)
+            self.context = nn.Parameter(init.to(self.device))
+        elif self.context.shape[-1] != self.backbone.context_dim:
+            raise ValueError(
+                f"The context is {self.context.shape[-1]} wide but {self.backbone.pretrained_model_name_or_path} "
+                f"expects {self.backbone.context_dim}: the checkpoint belongs to another model family."
+            )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_factory is None:
+            return torch.optim.Adam([self.context], lr=5e-3)
+        return self.optimizer_factory([self.context])
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Only what trains (and the chosen keypoint tokens): KBs to MBs, never the frozen GBs.
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("backbone.")
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        if "context" not in state:
+            raise KeyError("The checkpoint holds no 'context': it was not written by StableKeypoints.")
+        if self.context is None:
+            self.context = nn.Parameter(torch.empty_like(state["context"]))
+        self.keypoint_tokens = torch.empty_like(state.get("keypoint_tokens", self.keypoint_tokens))
+
+    # ------------------------------------------------------------------ training
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """A generator for one step's noise and transforms, reproducible from (seed, rank, step, batch)."""
+        entropy = [self.hparams.noise_seed, self.global_rank, self.global_step, batch_idx]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def maps_of(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> maps (B, T, R, R) with fresh noise."""
+        latents = self.backbone.encode(images)
+        noise = self.backbone.sample_noise(latents, generator)
+        return self.backbone.attention_maps(latents, noise, self.context, self.hparams.feature_upsample_res)
+
+    def losses(self, maps: Tensor, maps_transformed: Tensor, theta: Tensor) -> dict[str, Tensor]:
+        """maps, maps_transformed: (B, T, R, R); theta: (B, 3, 3) -> the loss terms of one step."""
+        hp = self.hparams
+        with torch.no_grad():
+            fps_source = maps_transformed if hp.fps_maps == "transformed" else None
+            tokens = select_tokens(
+                maps.detach(),
+                hp.top_k,
+                hp.furthest_point_num_samples,
+                hp.selection,
+                hp.sigma_px,
+                fps_maps=None if fps_source is None else fps_source.detach(),
+            )
+        rows = torch.arange(maps.shape[0], device=maps.device)[:, None]
+        selected, selected_transformed = maps[rows, tokens], maps_transformed[rows, tokens]  # (B, K, R, R)
+        loss_loc = localization_loss(selected, hp.sigma_px)
+        loss_equiv = equivariance_loss(selected, selected_transformed, theta, mask=hp.equivariance_mask)
+        mass, entropy = attention_concentration(selected, hp.sigma_px)
+        return {
+            "loss": hp.localization_weight * loss_loc + hp.equivariance_weight * loss_equiv,
+            "loss_loc": loss_loc,
+            "loss_equiv": loss_equiv,
+            "concentration": mass.mean(),
+            "spatial_entropy": entropy.mean(),
+            "tokens": tokens,
+        }
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images = batch["image"]
+        batch_size = images.shape[0]
+        generator = self.step_generator(batch_idx)
+        theta = self.augmentation.sample(batch_size, generator, self.device)
+        # The image and its transformed copy share one VAE call and one UNet call.
+        maps = self.maps_of(torch.cat([images, warp(images, theta)]), generator)
+        out = self.losses(maps[:batch_size], maps[batch_size:], theta)
+        for name in ("loss", "loss_loc", "loss_equiv", "concentration", "spatial_entropy"):
+            self.log(f"train/{name}", out[name], prog_bar=name == "loss", batch_size=batch_size)
+        return out["loss"]
+
+    # ------------------------------------------------------------------ export
+    def run_dir(self) -> Path:
+        """The folder of this run: beside its checkpoints, else the logger's folder."""
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            return Path(callback.dirpath).parent
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def export_embedding(self, path: str | Path) -> Path:
+        """Writes the context (and the keypoint tokens, when chosen) to a safetensors file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"context": self.context.detach().float().cpu().contiguous()}
+        if self.keypoint_tokens.numel():
+            tensors["keypoint_tokens"] = self.keypoint_tokens.cpu().contiguous()
+        metadata = {
+            "model": self.backbone.pretrained_model_name_or_path,
+            "family": type(self.backbone).__name__,
+            "layers": ",".join(self.backbone.layers),
+            "feature_upsample_res": str(self.hparams.feature_upsample_res),
+            "global_step": str(self.global_step),
+        }
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = self.export_embedding(self.run_dir() / EMBEDDING_FILE)
+            rank_zero_info(f"Context exported to {path}")
