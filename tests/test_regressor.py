@@ -1,0 +1,123 @@
+"""The regressor against a known map and a plain NumPy fit, and its safetensors round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from lightning_modules.regressor import LinearKeypointRegressor, apply_regressor, fit_regressor
+
+
+def numpy_fit(keypoints: np.ndarray, targets: np.ndarray, visible: np.ndarray | None) -> np.ndarray:
+    """The SPEC section 7 recipe, one ground-truth keypoint at a time."""
+    n = keypoints.shape[0]
+    x = keypoints.reshape(n, -1).astype(np.float64) - 0.5
+    y = targets.reshape(n, -1).astype(np.float64) - 0.5
+    num_targets = targets.shape[1]
+    visible = np.ones((n, num_targets), dtype=bool) if visible is None else visible
+    weight = np.zeros((x.shape[1], y.shape[1]))
+    for j in range(num_targets):
+        rows = visible[:, j]
+        xj = x[rows]
+        weight[:, 2 * j : 2 * j + 2] = np.linalg.pinv(xj.T @ xj) @ xj.T @ y[rows, 2 * j : 2 * j + 2]
+    return weight
+
+
+def synthetic(n: int = 200, k: int = 6, j: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> keypoints (n, k, 2), targets (n, j, 2) exactly (kp - 0.5) W + 0.5, W (2k, 2j); float64."""
+    g = torch.Generator().manual_seed(seed)
+    keypoints = torch.rand(n, k, 2, generator=g, dtype=torch.float64)
+    weight = torch.randn(2 * k, 2 * j, generator=g, dtype=torch.float64) * 0.3
+    targets = ((keypoints.reshape(n, -1) - 0.5) @ weight + 0.5).reshape(n, j, 2)
+    return keypoints, targets, weight
+
+
+def test_recovers_a_known_linear_map() -> None:
+    keypoints, targets, weight = synthetic()
+    fitted = fit_regressor(keypoints, targets)
+    assert fitted.dtype == torch.float64 and fitted.shape == weight.shape
+    torch.testing.assert_close(fitted, weight, atol=1e-8, rtol=0)
+
+
+def test_recovers_a_known_map_from_visible_rows_only() -> None:
+    keypoints, targets, weight = synthetic(seed=1)
+    g = torch.Generator().manual_seed(2)
+    visible = torch.rand(targets.shape[:2], generator=g) < 0.6
+    targets = torch.where(visible[..., None], targets, torch.zeros(()))  # invisible keypoints hold (0, 0)
+    torch.testing.assert_close(fit_regressor(keypoints, targets, visible), weight, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("with_visibility", [False, True])
+def test_matches_numpy_on_random_data(with_visibility: bool) -> None:
+    rng = np.random.default_rng(3)
+    n, k, j = 300, 8, 15
+    keypoints = rng.random((n, k, 2)).astype(np.float32)
+    targets = rng.random((n, j, 2)).astype(np.float32)
+    visible = None
+    if with_visibility:
+        visible = rng.random((n, j)) < 0.7
+        visible[:, 4] = visible[:, 9]  # two keypoints sharing one visibility pattern share one solve
+        visible[:, 11] = True
+        targets[~visible] = 0.0
+    fitted = fit_regressor(
+        torch.from_numpy(keypoints), torch.from_numpy(targets), None if visible is None else torch.from_numpy(visible)
+    )
+    np.testing.assert_allclose(fitted.numpy(), numpy_fit(keypoints, targets, visible), rtol=0, atol=1e-10)
+
+
+def test_full_visibility_equals_no_mask() -> None:
+    keypoints, targets, _ = synthetic(seed=4)
+    targets = targets + 0.01 * torch.randn(targets.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    visible = torch.ones(targets.shape[:2], dtype=torch.bool)
+    torch.testing.assert_close(fit_regressor(keypoints, targets, visible), fit_regressor(keypoints, targets))
+
+
+def test_apply_round_trip_keeps_the_input_dtype() -> None:
+    keypoints, targets, _ = synthetic(seed=6)
+    weight = fit_regressor(keypoints, targets)
+    torch.testing.assert_close(apply_regressor(keypoints, weight), targets, atol=1e-9, rtol=0)
+
+    predicted = apply_regressor(keypoints.float(), weight)
+    assert predicted.dtype == torch.float32 and predicted.shape == targets.shape
+    torch.testing.assert_close(predicted, targets.float(), atol=1e-5, rtol=0)
+    # Any leading dims: one image without a batch axis.
+    torch.testing.assert_close(apply_regressor(keypoints[0], weight), targets[0], atol=1e-9, rtol=0)
+
+
+def test_keypoint_never_visible_is_an_error_naming_it() -> None:
+    keypoints, targets, _ = synthetic(seed=7)
+    visible = torch.ones(targets.shape[:2], dtype=torch.bool)
+    visible[:, 3] = False
+    with pytest.raises(ValueError, match=r"\[3\]"):
+        fit_regressor(keypoints, targets, visible)
+
+
+def test_bad_shapes_are_errors() -> None:
+    keypoints, targets, weight = synthetic(seed=8)
+    with pytest.raises(ValueError, match="one row per regression image"):
+        fit_regressor(keypoints[:-1], targets)
+    with pytest.raises(ValueError, match=r"\(N, P, 2\)"):
+        fit_regressor(keypoints.flatten(1), targets)
+    with pytest.raises(ValueError, match="booleans"):
+        fit_regressor(keypoints, targets, torch.ones(targets.shape[0], dtype=torch.bool))
+    with pytest.raises(ValueError, match="fit_regressor returned"):
+        apply_regressor(keypoints[:, :-1], weight)
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    keypoints, targets, _ = synthetic(seed=9)
+    regressor = LinearKeypointRegressor.fit(keypoints.float(), targets.float())
+    assert (regressor.num_keypoints, regressor.num_targets) == (6, 5)
+    assert "weight" in dict(regressor.named_buffers())
+
+    path = tmp_path / "regressor.safetensors"
+    regressor.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["num_keypoints"] == "6" and f.metadata()["num_targets"] == "5"
+
+    loaded = LinearKeypointRegressor.load(path)
+    assert loaded.weight.dtype == torch.float64
+    assert torch.equal(loaded.weight, regressor.weight)
+    torch.testing.assert_close(loaded(keypoints.float()), regressor(keypoints.float()), atol=0, rtol=0)
