@@ -222,6 +222,7 @@ class AttentionCapture:
         except _StopForward:
             pass
         missing = [name for name in self.layers if name not in self._seen]
+        self._seen = set()
         if missing:
             raise RuntimeError(f"The UNet call never reached captured layers {missing}.")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -10,16 +12,20 @@ import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_modules.augmentation import AffineAugmentation, warp
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.concentration import attention_concentration
+from lightning_modules.keypoints import augmented_keypoints, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
+from lightning_modules.regressor import LinearKeypointRegressor
 from lightning_modules.selection import RankingMethod, select_tokens
 
 EMBEDDING_FILE = "embedding.safetensors"
+METRICS_FILE = "metrics.json"
+REGRESSOR_FILE = "regressor.safetensors"
 
 
 class StableKeypoints(L.LightningModule):
@@ -51,6 +57,15 @@ class StableKeypoints(L.LightningModule):
             (off = StableKeypoints: uncovered pixels count as zeros).
         augmentation: ranges of the random affine transform.
         optimizer: the optimizer of the context; ``None`` = Adam(lr=5e-3), StableKeypoints' choice.
+        num_indices: training images whose selections rank the global keypoint tokens.
+        augmentation_iterations: random transforms averaged per image when extracting keypoints.
+        soft_argmax_window_px: refine each keypoint to the soft-argmax in this odd window (pixels of
+            the image); ``None`` = plain argmax.
+        extraction_chunk_size: warped images per UNet call during extraction (``None`` = all
+            ``batch_size x augmentation_iterations`` at once; lower it to save memory).
+        pretrained_context: start from a trained context instead of a random one: this project's
+            ``embedding.safetensors`` (with its keypoint tokens) or StableKeypoints' ``embedding.pt``.
+        pretrained_keypoint_tokens: StableKeypoints' ``indices.pt`` (the K keypoint tokens).
     """
 
     def __init__(
@@ -70,6 +85,12 @@ class StableKeypoints(L.LightningModule):
         equivariance_mask: bool = False,
         augmentation: AffineAugmentation = AffineAugmentation(),
         optimizer: OptimizerCallable | None = None,
+        num_indices: int = 100,
+        augmentation_iterations: int = 10,
+        soft_argmax_window_px: int | None = None,
+        extraction_chunk_size: int | None = None,
+        pretrained_context: str | None = None,
+        pretrained_keypoint_tokens: str | None = None,
     ) -> None:
         super().__init__()
         if not 2 <= top_k <= furthest_point_num_samples <= num_tokens:
@@ -87,6 +108,9 @@ class StableKeypoints(L.LightningModule):
         self.register_buffer("keypoint_tokens", torch.empty(0, dtype=torch.long))
         # Frozen weights never enter a checkpoint; their keys are absent on load by design.
         self.strict_loading = False
+        self.test_metric = None
+        self.regressor: LinearKeypointRegressor | None = None
+        self._regression: list[tuple[Tensor, Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ set-up
     def prepare_data(self) -> None:
@@ -105,6 +129,8 @@ class StableKeypoints(L.LightningModule):
         if self.context is not None and self.backbone.is_loaded:
             return
         self.backbone.load()
+        if self.context is None and self.hparams.pretrained_context:
+            self._load_pretrained()
         if self.context is None:
             generator = torch.Generator().manual_seed(self.hparams.context_seed)
             init = torch.randn(self.hparams.num_tokens, self.backbone.context_dim, generator=generator)
@@ -114,6 +140,17 @@ class StableKeypoints(L.LightningModule):
                 f"The context is {self.context.shape[-1]} wide but {self.backbone.pretrained_model_name_or_path} "
                 f"expects {self.backbone.context_dim}: the checkpoint belongs to another model family."
             )
+
+    def _load_pretrained(self) -> None:
+        context, tokens = load_context(self.hparams.pretrained_context, self.hparams.pretrained_keypoint_tokens)
+        if context.shape[-1] != self.backbone.context_dim:
+            raise ValueError(
+                f"pretrained_context={self.hparams.pretrained_context!r} is {context.shape[-1]} wide but the "
+                f"backbone expects {self.backbone.context_dim}."
+            )
+        self.context = nn.Parameter(context.float().to(self.device))
+        if tokens is not None:
+            self.keypoint_tokens = tokens.long().to(self.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:
@@ -187,6 +224,119 @@ class StableKeypoints(L.LightningModule):
             self.log(f"train/{name}", out[name], prog_bar=name == "loss", batch_size=batch_size)
         return out["loss"]
 
+    # ------------------------------------------------------------------ keypoints
+    @torch.no_grad()
+    def choose_keypoint_tokens(self, dataloader=None) -> Tensor:
+        """Ranks tokens over ``num_indices`` training images (SPEC 5.1) -> ``keypoint_tokens`` (K,).
+
+        Every rank computes the same set (same images, same seeded noise), so no communication
+        is needed and all ranks agree.
+        """
+        if dataloader is None:
+            dataloader = self.trainer.datamodule.keypoint_index_dataloader()
+        hp = self.hparams
+        generator = torch.Generator(device=self.device).manual_seed(hp.noise_seed)
+        selections, seen = [], 0
+        for batch in dataloader:
+            images = batch["image"][: hp.num_indices - seen].to(self.device)
+            maps = self.maps_of(images, generator)
+            selections.append(select_tokens(maps, hp.top_k, hp.furthest_point_num_samples, hp.selection, hp.sigma_px))
+            seen += len(images)
+            if seen >= hp.num_indices:
+                break
+        if not selections:
+            raise RuntimeError("No training images to rank keypoint tokens on: the index dataloader is empty.")
+        tokens, _ = rank_keypoint_tokens(torch.cat(selections), hp.num_tokens, hp.top_k)
+        self.keypoint_tokens = tokens.to(self.device)
+        rank_zero_info(f"Keypoint tokens (from {seen} images): {tokens.tolist()}")
+        return self.keypoint_tokens
+
+    def ensure_keypoint_tokens(self) -> Tensor:
+        if not self.keypoint_tokens.numel():
+            self.choose_keypoint_tokens()
+        return self.keypoint_tokens
+
+    @torch.no_grad()
+    def keypoints(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2)."""
+        hp = self.hparams
+        return augmented_keypoints(
+            lambda x: self.maps_of(x, generator),
+            images,
+            self.ensure_keypoint_tokens(),
+            self.augmentation,
+            hp.augmentation_iterations,
+            generator,
+            hp.soft_argmax_window_px,
+            hp.extraction_chunk_size,
+        )
+
+    def _eval_generator(self, batch_idx: int, dataloader_idx: int = 0) -> torch.Generator:
+        entropy = [self.hparams.noise_seed, 1 + dataloader_idx, self.global_rank, batch_idx]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # ------------------------------------------------------------------ test: regressor + metric
+    def on_test_start(self) -> None:
+        self.ensure_keypoint_tokens()
+        self.test_metric = self.trainer.datamodule.make_metric().to(self.device)
+        self.regressor = None
+        self._regression = []
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Loader 0: the regression split (collect); loader 1: the test split (score)."""
+        keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx))
+        if dataloader_idx == 0:
+            self._regression.append((keypoints, batch["keypoints"], batch["visible"]))
+            return
+        if self.regressor is None:
+            self.regressor = self._fit_regressor()
+        predictions = self.regressor(keypoints)
+        self.test_metric.update(predictions, batch["keypoints"], batch["visible"])
+        self.log(f"test/{metric_name(self.test_metric)}", self.test_metric, add_dataloader_idx=False,
+                 batch_size=len(keypoints))
+
+    def _fit_regressor(self) -> LinearKeypointRegressor:
+        if not self._regression:
+            raise RuntimeError("The regression split produced no keypoints: the regressor cannot be fitted.")
+        keypoints, targets, visible = (torch.cat(parts) for parts in zip(*self._regression))
+        if self.trainer.world_size > 1:
+            keypoints, targets, visible = (self.all_gather(t).flatten(0, 1) for t in (keypoints, targets, visible))
+        self._regression = []
+        self._num_regression_images = len(keypoints)
+        return LinearKeypointRegressor.fit(keypoints, targets, visible.bool()).to(self.device)
+
+    def on_test_epoch_end(self) -> None:
+        if self.regressor is None:
+            raise RuntimeError("The test split was empty: nothing was scored.")
+        name = metric_name(self.test_metric)
+        value = float(self.test_metric.compute())
+        if self.trainer.is_global_zero:
+            out = self.run_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            self.regressor.save(out / REGRESSOR_FILE)
+            result = {
+                "metric": name,
+                "value": value,
+                "higher_is_better": bool(self.test_metric.higher_is_better),
+                "dataset": type(self.trainer.datamodule).__name__,
+                "keypoint_tokens": self.keypoint_tokens.tolist(),
+                "model": self.backbone.pretrained_model_name_or_path,
+                "num_regression_images": self._num_regression_images,
+            }
+            (out / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+            rank_zero_info(f"\n{'metric':<32} value\n{name:<32} {value:.4f}\nwritten to {out / METRICS_FILE}")
+
+    # ------------------------------------------------------------------ predict
+    def on_predict_start(self) -> None:
+        self.ensure_keypoint_tokens()
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """-> keypoints (B, K, 2) normalized and in source-image pixels, with the batch's identity."""
+        keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx))
+        pixels = to_source_pixels(keypoints, batch["crop_box"], batch.get("flipped"))
+        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels, "image": batch["image"]}
+
     # ------------------------------------------------------------------ export
     def run_dir(self) -> Path:
         """The folder of this run: beside its checkpoints, else the logger's folder."""
@@ -213,6 +363,44 @@ class StableKeypoints(L.LightningModule):
         return path
 
     def on_fit_end(self) -> None:
+        if self.trainer.datamodule is not None and not self.keypoint_tokens.numel():
+            self.choose_keypoint_tokens()
         if self.trainer.is_global_zero:
             path = self.export_embedding(self.run_dir() / EMBEDDING_FILE)
             rank_zero_info(f"Context exported to {path}")
+
+
+def metric_name(metric) -> str:
+    """``NormalizedKeypointError`` -> ``normalized_keypoint_error``: the key of ``test/<name>``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(metric).__name__).lower()
+
+
+def load_context(path: str, tokens_path: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """A trained context (T, D) and its keypoint tokens (K,) or None, from either file format.
+
+    This project's ``embedding.safetensors`` holds both; StableKeypoints saved the context as
+    ``embedding.pt`` ((T, D) or (1, T, D)) and the tokens separately as ``indices.pt``.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"pretrained_context={path!r} does not exist.")
+    tokens = None
+    if file.suffix == ".safetensors":
+        tensors = load_file(str(file))
+        if "context" not in tensors:
+            raise KeyError(f"{path} holds no 'context' tensor (keys: {sorted(tensors)}).")
+        context, tokens = tensors["context"], tensors.get("keypoint_tokens")
+    else:
+        context = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(context, Tensor):
+            raise TypeError(f"{path} does not hold a tensor: expected StableKeypoints' embedding.pt.")
+    if context.dim() == 3 and context.shape[0] == 1:
+        context = context[0]
+    if context.dim() != 2:
+        raise ValueError(f"{path}: a context is (T, D) or (1, T, D), got {tuple(context.shape)}.")
+    if tokens_path is not None:
+        if not Path(tokens_path).is_file():
+            raise FileNotFoundError(f"pretrained_keypoint_tokens={tokens_path!r} does not exist.")
+        tokens = torch.load(tokens_path, map_location="cpu", weights_only=True)
+        tokens = torch.as_tensor(tokens).flatten().long()
+    return context, tokens

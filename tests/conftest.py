@@ -39,3 +39,30 @@ def tiny_sd_module(tiny_sd_path):
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> Path:
+    from lightning_modules.backbones import StableDiffusionXL
+
+    path = tmp_path_factory.mktemp("models") / "sdxl-tiny"
+    StableDiffusionXL.write_tiny(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_zero123plus_path(tmp_path_factory) -> Path:
+    from lightning_modules.backbones import Zero123Plus
+
+    path = tmp_path_factory.mktemp("models") / "zero123plus-tiny"
+    Zero123Plus.write_tiny(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cub_root(tmp_path_factory) -> Path:
+    from data.demo import write_synthetic_cub
+
+    root = tmp_path_factory.mktemp("data") / "CUB_200_2011"
+    write_synthetic_cub(root)
+    return root

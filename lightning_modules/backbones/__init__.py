@@ -2,5 +2,7 @@
 
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.backbones.sd import StableDiffusion
+from lightning_modules.backbones.sdxl import StableDiffusionXL
+from lightning_modules.backbones.zero123plus import Zero123Plus
 
-__all__ = ["Backbone", "StableDiffusion"]
+__all__ = ["Backbone", "StableDiffusion", "StableDiffusionXL", "Zero123Plus"]

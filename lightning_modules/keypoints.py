@@ -1,0 +1,90 @@
+"""From a trained context to keypoints (SPEC section 5): the global token set, then per-image points."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_modules.augmentation import AffineAugmentation, unwarp, warp
+from lightning_modules.selection import argmax_pixels
+
+
+def rank_keypoint_tokens(selections: Tensor, num_tokens: int, top_k: int) -> tuple[Tensor, Tensor]:
+    """selections: (N, k) tokens chosen per image -> (tokens (top_k,), counts (num_tokens,)).
+
+    The keypoints are the ``top_k`` tokens selected most often, most frequent first (ties: the
+    lower token index first).
+    """
+    counts = torch.bincount(selections.flatten(), minlength=num_tokens)
+    # A stable sort on -counts keeps equal counts in token order.
+    order = torch.sort(-counts, stable=True).indices
+    return order[:top_k], counts
+
+
+def locate_peaks(maps: Tensor, soft_argmax_window_px: int | None = None) -> Tensor:
+    """maps: (B, K, H, W) -> (B, K, 2) normalized (x, y) of each map's peak (pixel centres).
+
+    With ``soft_argmax_window_px`` (odd, e.g. 5), the peak is refined to the map-weighted mean of
+    the pixel centres in that window around the argmax.
+    """
+    height, width = maps.shape[-2:]
+    peak = argmax_pixels(maps).float() + 0.5  # (B, K, 2) in pixels
+    if soft_argmax_window_px:
+        if soft_argmax_window_px % 2 == 0:
+            raise ValueError(f"soft_argmax_window_px={soft_argmax_window_px} must be odd.")
+        half = soft_argmax_window_px // 2
+        xs = torch.arange(width, device=maps.device, dtype=torch.float32) + 0.5
+        ys = torch.arange(height, device=maps.device, dtype=torch.float32) + 0.5
+        in_x = (xs - peak[..., 0, None]).abs() <= half  # (B, K, W)
+        in_y = (ys - peak[..., 1, None]).abs() <= half  # (B, K, H)
+        weights = maps.float().clamp_min(0) * in_y[..., :, None] * in_x[..., None, :]
+        total = weights.sum(dim=(-2, -1)).clamp_min(1e-12)
+        peak = torch.stack(
+            [(weights.sum(-2) * xs).sum(-1) / total, (weights.sum(-1) * ys).sum(-1) / total], dim=-1
+        )
+    return peak / torch.tensor([width, height], device=maps.device, dtype=torch.float32)
+
+
+def augmented_keypoints(
+    maps_of: Callable[[Tensor], Tensor],
+    images: Tensor,
+    tokens: Tensor,
+    augmentation: AffineAugmentation,
+    iterations: int,
+    generator: torch.Generator | None = None,
+    soft_argmax_window_px: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """images: (B, 3, S, S) -> keypoints (B, K, 2), normalized (x, y), averaged over augmentations.
+
+    Each of the ``iterations`` random affine transforms warps the image; the K tokens' maps of the
+    warped image are upsampled to S, warped back, and summed; the sum is divided by how often
+    each pixel was covered (0 where never). All B x iterations warped images go through
+    ``maps_of`` (images -> (N, T, R, R), fresh noise inside) together, ``chunk_size`` at a time.
+    """
+    batch, _, height, width = images.shape
+    theta = augmentation.sample(batch * iterations, generator, images.device)
+    warped = warp(images.repeat_interleave(iterations, dim=0), theta)
+    chunks = [warped] if not chunk_size else warped.split(chunk_size)
+    maps = torch.cat([maps_of(chunk)[:, tokens] for chunk in chunks])  # (B*I, K, R, R)
+    maps = F.interpolate(maps.float(), size=(height, width), mode="bilinear", align_corners=False)
+    back = unwarp(maps, theta).view(batch, iterations, len(tokens), height, width).sum(1)
+    ones = torch.ones(batch * iterations, 1, height, width, device=images.device)
+    coverage = unwarp(ones, theta).view(batch, iterations, 1, height, width).sum(1)
+    mean = torch.where(coverage > 0, back / coverage.clamp_min(1e-12), torch.zeros_like(back))
+    return locate_peaks(mean, soft_argmax_window_px)
+
+
+def to_source_pixels(keypoints: Tensor, crop_box: Tensor, flipped: Tensor | None = None) -> Tensor:
+    """keypoints (B, K, 2) normalized in the model's image -> (x, y) pixels of the source image.
+
+    ``crop_box`` (B, 4) is ``(x0, y0, x1, y1)`` in source pixels (see data/base.py).
+    """
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    if flipped is not None:
+        x = torch.where(flipped[:, None].bool(), 1 - x, x)
+    x0, y0, x1, y1 = (crop_box[:, i, None].to(keypoints.dtype) for i in range(4))
+    return torch.stack([x0 + x * (x1 - x0), y0 + y * (y1 - y0)], dim=-1)
