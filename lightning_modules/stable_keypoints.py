@@ -114,9 +114,13 @@ class StableKeypoints(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up
     def prepare_data(self) -> None:
+        self._check_precision()  # before any download or model writing
         self.backbone.prepare()
 
     def setup(self, stage: str) -> None:
+        self._check_precision()
+
+    def _check_precision(self) -> None:
         precision = str(self.trainer.precision)
         if precision not in ("32-true", "32", "64-true"):
             raise ValueError(

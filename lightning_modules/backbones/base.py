@@ -133,19 +133,30 @@ class Backbone(nn.Module):
         return self.unet is not None
 
     def load(self) -> None:
-        """Loads and freezes the UNet, VAE and scheduler, and installs the attention capture."""
+        """Loads the UNet, VAE and scheduler from ``pretrained_model_name_or_path``, then ``attach``es them."""
         if self.is_loaded:
             return
-        self.unet = self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=self.dtype)
-        self.vae = self._from_pretrained(AutoencoderKL, "vae", torch_dtype=self.vae_dtype)
         scheduler = DDIMScheduler.from_pretrained(
             self.pretrained_model_name_or_path,
             subfolder="scheduler",
             revision=self.revision,
             local_files_only=self.local_files_only,
-            clip_sample=False,
-            set_alpha_to_one=False,
         )
+        self.attach(
+            self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=self.dtype),
+            self._from_pretrained(AutoencoderKL, "vae", torch_dtype=self.vae_dtype),
+            scheduler,
+        )
+
+    def attach(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler) -> None:
+        """Freezes the given components and installs the attention capture.
+
+        ``load`` calls it; benchmarks call it directly with randomly initialized real-size models.
+        ``scheduler``'s config gives the noise schedule, run as a 50-step DDIM grid (SPEC section 2).
+        """
+        self.unet = unet.to(self.dtype)
+        self.vae = vae.to(self.vae_dtype)
+        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
         scheduler.set_timesteps(self.num_inference_steps)
         if not -len(scheduler.timesteps) <= self.noise_level < len(scheduler.timesteps):
             raise ValueError(f"noise_level={self.noise_level} is outside the {len(scheduler.timesteps)}-step grid.")

@@ -1,0 +1,279 @@
+"""Training-step and keypoint-extraction benchmark through the project's own code path.
+
+Builds a model with random weights from a config (no download): ``tiny`` (the test model),
+``small`` (SD 1.5 block layout, ~10 M parameters, 768-wide context), ``sd15`` and ``sdxl`` (the
+real architectures). Every mode runs in its own subprocess, so each peak-memory figure is its own,
+and prints one table row; the parent prints the table and the ratios against ``optimized``.
+
+Modes:
+- ``optimized``: the defaults: one VAE and one UNet call for an image and its augmented copy,
+  forward stopped after the last captured layer, head-averaged maps recomputed per head in
+  backward, all augmentations of an image extracted in one batch.
+- ``naive``: the reference's way: separate calls for the image and its copy, the full UNet forward,
+  per-head maps kept for backward, one augmentation at a time in extraction.
+- ``bf16``, ``checkpointing``, ``compile``: opt-in modes on top of ``optimized``.
+
+``optimized`` and ``naive`` must give the same maps and losses (checked to 1e-5 on the first
+step's inputs); the opt-in modes report their difference instead.
+
+    python -m benchmarks.bench --model small --image-size 512 --steps 5
+    python -m benchmarks.bench --model sd15 --image-size 512 --steps 2 --modes optimized naive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: E402
+
+from lightning_modules.augmentation import warp  # noqa: E402
+from lightning_modules.backbones import StableDiffusion, StableDiffusionXL  # noqa: E402
+from lightning_modules.backbones.sd import TINY_VAE, sd_scheduler, tiny_sd_unet  # noqa: E402
+from lightning_modules.stable_keypoints import StableKeypoints  # noqa: E402
+
+MODES = ("optimized", "naive", "bf16", "checkpointing", "compile")
+SD_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+# The public configs of stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0 (unet/config.json),
+# reduced to the keys that differ from diffusers' defaults.
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+SDXL_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    cross_attention_dim=2048,
+)
+
+
+def build_components(model: str, dtype: torch.dtype):
+    """-> (backbone class, unet, vae, scheduler) with random weights."""
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        if model == "tiny":
+            return StableDiffusion, tiny_sd_unet(), AutoencoderKL(**TINY_VAE), sd_scheduler()
+        if model == "small":
+            unet = tiny_sd_unet(cross_attention_dim=768, block_out_channels=(32, 64, 128, 128), attention_head_dim=8)
+            return StableDiffusion, unet, AutoencoderKL(**TINY_VAE), sd_scheduler()
+        if model == "sd15":
+            return StableDiffusion, UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD_VAE), sd_scheduler()
+        if model == "sdxl":
+            vae = AutoencoderKL(**SD_VAE, scaling_factor=0.13025, force_upcast=True)
+            scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+            return StableDiffusionXL, UNet2DConditionModel(**SDXL_UNET), vae, scheduler
+    raise ValueError(f"--model {model!r}: use tiny, small, sd15 or sdxl.")
+
+
+def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
+    cls, unet, vae, scheduler = build_components(args.model, torch.float32)
+    options = dict(
+        dtype="bfloat16" if mode == "bf16" else "float32",
+        stop_early=mode != "naive",
+        memory_efficient_maps=mode != "naive",
+        gradient_checkpointing=mode == "checkpointing",
+        compile_unet=mode == "compile",
+        channels_last=device.type == "cuda" and mode != "naive",
+    )
+    backbone = cls(f"random-{args.model}", **options)
+    backbone.attach(unet, vae, scheduler)
+    module = StableKeypoints(backbone, num_tokens=args.tokens, feature_upsample_res=args.res,
+                             augmentation_iterations=args.iterations)
+    module.context = torch.nn.Parameter(torch.randn(args.tokens, backbone.context_dim, generator=torch.Generator().manual_seed(0)))
+    return module.to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Phases:
+    """Wall-clock seconds per named phase (synchronizing the GPU at each boundary)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self._last = device, {}, None
+
+    def start(self) -> None:
+        sync(self.device)
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def training_step(module: StableKeypoints, images: torch.Tensor, theta: torch.Tensor, noise_seed: int, naive: bool, phases: Phases):
+    """One optimizer step as ``StableKeypoints.training_step`` does it (or the naive way); -> (maps, losses)."""
+    backbone, res = module.backbone, module.hparams.feature_upsample_res
+    batch = images.shape[0]
+    both = torch.cat([images, warp(images, theta)])
+    phases.start()
+    if naive:  # two VAE calls and two UNet calls, as the reference did
+        latents = [backbone.encode(x) for x in both.split(batch)]
+    else:
+        latents = [backbone.encode(both)]
+    phases.mark("vae")
+    noise = backbone.sample_noise({"latents": torch.cat([z["latents"] for z in latents])},
+                                  torch.Generator(device=images.device).manual_seed(noise_seed))
+    noise = [{"latents": n} for n in noise["latents"].split(latents[0]["latents"].shape[0])]
+    maps = torch.cat([backbone.attention_maps(z, n, module.context, res) for z, n in zip(latents, noise)])
+    phases.mark("unet+maps")
+    losses = module.losses(maps[:batch], maps[batch:], theta)
+    phases.mark("select+loss")
+    losses["loss"].backward()
+    phases.mark("backward")
+    module.context.grad = None
+    return maps.detach(), {k: v.detach() for k, v in losses.items()}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_mode(args) -> dict:
+    device = torch.device(args.device)
+    mode = args.mode
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    module = build_module(args, mode, device)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device)
+    theta = module.augmentation.sample(args.batch_size, gen).to(device)
+    naive = mode == "naive"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_times, phase_totals = [], {}
+    for step in range(args.warmup + args.steps):
+        phases = Phases(device)
+        start = time.perf_counter()
+        maps, losses = training_step(module, images, theta, noise_seed=step, naive=naive, phases=phases)
+        sync(device)
+        if step == 0:
+            torch.save({"maps": maps.float().cpu(), "losses": {k: v.cpu() for k, v in losses.items()}}, args.check_file)
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - start)
+            for name, seconds in phases.times.items():
+                phase_totals[name] = phase_totals.get(name, 0.0) + seconds / args.steps
+    train_peak = peak_memory_gib(device)
+
+    module.keypoint_tokens = torch.arange(module.hparams.top_k, device=device)
+    extract_images = images[: args.extract_batch].expand(args.extract_batch, -1, -1, -1).contiguous()
+    module.hparams.extraction_chunk_size = args.extract_batch if naive else None  # naive: one augmentation per call
+    rates = []
+    for rep in range(1 + args.extract_reps):
+        sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            module.keypoints(extract_images, torch.Generator(device=device).manual_seed(rep))
+        sync(device)
+        if rep:
+            rates.append(len(extract_images) / (time.perf_counter() - start))
+    return {
+        "mode": mode,
+        "step_s": statistics.median(step_times),
+        **{f"{k}_s": v for k, v in phase_totals.items()},
+        "train_peak_gib": train_peak,
+        "extract_img_per_s": statistics.median(rates),
+        "peak_gib": peak_memory_gib(device),
+    }
+
+
+def compare(reference: dict, other: dict) -> tuple[float, float]:
+    """-> (max |maps difference|, max |loss-term difference|) between two modes' first steps."""
+    maps = (reference["maps"] - other["maps"]).abs().max().item()
+    keys = ("loss", "loss_loc", "loss_equiv")
+    losses = max(abs(reference["losses"][k].item() - other["losses"][k].item()) for k in keys)
+    return maps, losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", choices=["tiny", "small", "sd15", "sdxl"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=500)
+    parser.add_argument("--res", type=int, default=128, help="feature_upsample_res")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=10, help="augmentations per image in extraction")
+    parser.add_argument("--extract-batch", type=int, default=2, help="images per extraction call")
+    parser.add_argument("--extract-reps", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["optimized", "naive"], choices=MODES)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--check-file", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    if args.mode:  # child process: one mode
+        print(json.dumps(run_mode(args)))
+        return
+
+    rows, checks = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes:
+            check = Path(tmp) / f"{mode}.pt"
+            child = [sys.executable, "-m", "benchmarks.bench", *sys.argv[1:], "--mode", mode, "--check-file", str(check)]
+            done = subprocess.run(child, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if done.returncode:
+                sys.stderr.write(done.stderr[-4000:])
+                raise SystemExit(f"mode {mode} failed")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            checks[mode] = torch.load(check)
+
+    header = f"model={args.model} device={args.device} image={args.image_size}px batch={args.batch_size} tokens={args.tokens} R={args.res}"
+    print(header)
+    columns = ["mode", "step_s", "vae_s", "unet+maps_s", "select+loss_s", "backward_s", "train_peak_gib", "extract_img_per_s"]
+    print("| " + " | ".join(columns) + " | max |maps diff| | max |loss diff| |")
+    print("|" + "---|" * (len(columns) + 2))
+    base = checks.get("optimized")
+    for row in rows:
+        diff = compare(base, checks[row["mode"]]) if base is not None else (float("nan"), float("nan"))
+        cells = [row["mode"]] + [f"{row.get(c, float('nan')):.3f}" for c in columns[1:]]
+        print("| " + " | ".join(cells) + f" | {diff[0]:.2e} | {diff[1]:.2e} |")
+    by_mode = {row["mode"]: row for row in rows}
+    if "optimized" in by_mode and "naive" in by_mode:
+        opt, naive = by_mode["optimized"], by_mode["naive"]
+        print(f"\nnaive / optimized: step time x{naive['step_s'] / opt['step_s']:.2f}, "
+              f"training peak memory x{naive['train_peak_gib'] / opt['train_peak_gib']:.2f}; "
+              f"extraction speed-up (batched augmentations) x{opt['extract_img_per_s'] / naive['extract_img_per_s']:.2f}")
+        maps_diff, loss_diff = compare(checks["optimized"], checks["naive"])
+        status = "OK" if maps_diff <= 1e-5 and loss_diff <= 1e-5 else "MISMATCH"
+        print(f"same maps and losses (tolerance 1e-5): {status} (maps {maps_diff:.2e}, losses {loss_diff:.2e})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

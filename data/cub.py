@@ -1,0 +1,488 @@
+"""CUB-200-2011 read from the official archive's text files (no MATLAB caches).
+
+``root`` is the extracted ``CUB_200_2011/`` folder. Conventions of its files:
+- ``bounding_boxes.txt``: ``id x y w h`` in source pixels; the box spans [x, x + w) x [y, y + h).
+- ``parts/part_locs.txt``: ``id part x y visible`` with integer pixel indices (the part's continuous
+  coordinate is the pixel centre, index + 0.5); invisible parts are ``0 0 0``.
+
+Crops follow StableKeypoints (from CMR): the box, padded by 5 % of its size on each side (training:
+each side also jittered by up to 5 %, and a random mirror), made square around its centre, cropped
+(outside the image filled) and resized to S. ``cub_aligned`` uses the tight square crop of the box
+with no augmentation, like the pre-cropped "aligned" CUB of AutoLink that StableKeypoints used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torch.utils.data import Dataset
+from torchmetrics import Metric
+from tqdm import tqdm
+
+from data.base import KeypointDataModule
+from data.folder import crop_resize
+
+#: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+CUB_PAGE = "https://data.caltech.edu/records/65de6-vp158"
+
+PART_NAMES: tuple[str, ...] = (
+    "back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",
+    "right eye", "right leg", "right wing", "tail", "throat",
+)  # fmt: skip
+#: 0-based part order after a horizontal flip: left/right eye, leg and wing trade places.
+FLIP_PERMUTATION: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 10, 11, 12, 9, 6, 7, 8, 13, 14)
+ANNOTATION_FILES = (
+    "images.txt", "image_class_labels.txt", "classes.txt", "train_test_split.txt", "bounding_boxes.txt",
+    "parts/parts.txt", "parts/part_locs.txt",
+)  # fmt: skip
+
+Subset = Literal["cub_all", "cub_001", "cub_002", "cub_003", "cub_aligned"]
+Split = Literal["train", "test"]
+PAD_FRAC = 0.05
+JITTER_FRAC = 0.05
+#: StableKeypoints drops `cub_all` images with fewer visible parts than this.
+MIN_VISIBLE_PARTS = 6
+_DOWNLOAD_CHUNK_BYTES = 1 << 20
+
+
+def _missing_message(path: Path) -> str:
+    return (
+        f"CUB-200-2011: {str(path)!r} is missing. `root` must be the extracted `CUB_200_2011/` folder of the "
+        f"official archive: set `download: true` to fetch it (about 1.1 GB), or download {CUB_URL} and extract it."
+    )
+
+
+def _read_rows(root: Path, name: str, num_fields: int) -> list[list[str]]:
+    """Whitespace-separated rows of ``root/name``, each with exactly ``num_fields`` fields."""
+    path = root / name
+    if not path.is_file():
+        raise FileNotFoundError(_missing_message(path))
+    rows = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split(maxsplit=num_fields - 1)
+        if len(fields) != num_fields:
+            raise ValueError(f"{path}:{line_number}: expected {num_fields} fields, got {line!r}; the file is damaged, re-extract it.")
+        rows.append(fields)
+    return rows
+
+
+def read_images(root: str | Path) -> dict[int, str]:
+    """``images.txt``: image id -> path relative to ``images/``, in file order."""
+    return {int(i): path for i, path in _read_rows(Path(root), "images.txt", 2)}
+
+
+def read_image_class_labels(root: str | Path) -> dict[int, int]:
+    """``image_class_labels.txt``: image id -> class id (1-based)."""
+    return {int(i): int(c) for i, c in _read_rows(Path(root), "image_class_labels.txt", 2)}
+
+
+def read_classes(root: str | Path) -> dict[int, str]:
+    """``classes.txt``: class id -> folder name such as ``001.Black_footed_Albatross``."""
+    return {int(c): name for c, name in _read_rows(Path(root), "classes.txt", 2)}
+
+
+def read_train_test_split(root: str | Path) -> dict[int, bool]:
+    """``train_test_split.txt``: image id -> True for the official training split."""
+    return {int(i): flag == "1" for i, flag in _read_rows(Path(root), "train_test_split.txt", 2)}
+
+
+def read_bounding_boxes(root: str | Path) -> dict[int, tuple[float, float, float, float]]:
+    """``bounding_boxes.txt``: image id -> (x, y, w, h) in source pixels."""
+    return {int(i): (float(x), float(y), float(w), float(h)) for i, x, y, w, h in _read_rows(Path(root), "bounding_boxes.txt", 5)}
+
+
+def read_part_names(root: str | Path) -> tuple[str, ...]:
+    """``parts/parts.txt``: the part names in part-id order."""
+    rows = sorted(_read_rows(Path(root), "parts/parts.txt", 2), key=lambda row: int(row[0]))
+    return tuple(name for _, name in rows)
+
+
+def read_part_locs(root: str | Path, num_parts: int = len(PART_NAMES)) -> dict[int, np.ndarray]:
+    """``parts/part_locs.txt``: image id -> (num_parts, 3) float64 rows ``(x, y, visible)``, pixel indices."""
+    locations: dict[int, np.ndarray] = {}
+    for i, part, x, y, visible in _read_rows(Path(root), "parts/part_locs.txt", 5):
+        rows = locations.setdefault(int(i), np.zeros((num_parts, 3)))
+        rows[int(part) - 1] = (float(x), float(y), float(visible))
+    return locations
+
+
+@dataclass(frozen=True)
+class CUBAnnotations:
+    """Everything the text files say about the N images of a CUB root, in ``images.txt`` order.
+
+    Attributes:
+        image_ids: (N,) int64 official ids.
+        paths: N paths relative to ``images/``.
+        class_ids: (N,) int64, 1-based.
+        is_train: (N,) bool, the official split.
+        boxes_xywh: (N, 4) float64 source pixels.
+        parts_px: (N, J, 2) float64 (x, y) pixel indices; (0, 0) where invisible.
+        visible: (N, J) bool.
+    """
+
+    image_ids: np.ndarray
+    paths: tuple[str, ...]
+    class_ids: np.ndarray
+    is_train: np.ndarray
+    boxes_xywh: np.ndarray
+    parts_px: np.ndarray
+    visible: np.ndarray
+
+
+def load_annotations(root: str | Path) -> CUBAnnotations:
+    """Parse and cross-check all annotation files of ``root`` (the ``CUB_200_2011/`` folder)."""
+    root = Path(root)
+    images = read_images(root)  # first, so that a missing root is reported as its images.txt missing
+    if not images:
+        raise ValueError(f"{root / 'images.txt'} lists no images; re-extract the archive.")
+    names = read_part_names(root)
+    if names != PART_NAMES:
+        raise ValueError(f"{root / 'parts/parts.txt'} lists {names}, not the 15 official CUB parts {PART_NAMES}.")
+    per_image = {
+        "image_class_labels.txt": read_image_class_labels(root),
+        "train_test_split.txt": read_train_test_split(root),
+        "bounding_boxes.txt": read_bounding_boxes(root),
+        "parts/part_locs.txt": read_part_locs(root),
+    }
+    for name, table in per_image.items():
+        missing = images.keys() - table.keys()
+        if missing:
+            raise ValueError(f"{root / name} has no entry for image id {min(missing)} ({len(missing)} ids missing); re-extract the archive.")
+    ids = list(images)
+    locs = np.stack([per_image["parts/part_locs.txt"][i] for i in ids])
+    return CUBAnnotations(
+        image_ids=np.array(ids, dtype=np.int64),
+        paths=tuple(images[i] for i in ids),
+        class_ids=np.array([per_image["image_class_labels.txt"][i] for i in ids], dtype=np.int64),
+        is_train=np.array([per_image["train_test_split.txt"][i] for i in ids], dtype=bool),
+        boxes_xywh=np.array([per_image["bounding_boxes.txt"][i] for i in ids], dtype=np.float64),
+        parts_px=locs[..., :2],
+        visible=locs[..., 2] > 0,
+    )
+
+
+def select_rows(annotations: CUBAnnotations, subset: Subset, split: Split) -> np.ndarray:
+    """(M,) int64 rows of ``annotations`` in ``subset`` and the official ``split``."""
+    keep = annotations.is_train == (split == "train")
+    if subset == "cub_all":
+        keep &= annotations.visible.sum(1) >= MIN_VISIBLE_PARTS
+    elif subset != "cub_aligned":
+        keep &= annotations.class_ids == int(subset.removeprefix("cub_"))
+    return np.flatnonzero(keep)
+
+
+def square_crop_box(box_xywh: Sequence[float], outward_frac: Sequence[float] = (0.0, 0.0, 0.0, 0.0)) -> tuple[float, float, float, float]:
+    """Square ``(x0, y0, x1, y1)`` around a box whose sides were moved outward first.
+
+    Args:
+        box_xywh: (x, y, w, h) in source pixels.
+        outward_frac: how far the left, top, right and bottom sides move outward, as fractions of
+            the box width (left, right) or height (top, bottom); negative moves inward.
+
+    Returns:
+        The square of side max(width, height) of the moved box, centred on it, in source pixels.
+    """
+    x, y, w, h = (float(v) for v in box_xywh)
+    left, top, right, bottom = (float(v) for v in outward_frac)
+    x0, y0, x1, y1 = x - left * w, y - top * h, x + w + right * w, y + h + bottom * h
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+    return cx - half, cy - half, cx + half, cy + half
+
+
+def normalize_parts(parts_px: np.ndarray, visible: np.ndarray, crop_box: Sequence[float]) -> np.ndarray:
+    """(J, 2) float32 (x, y) in [0, 1] over ``crop_box`` from (J, 2) pixel indices; invisible -> (0, 0)."""
+    x0, y0, x1, y1 = crop_box
+    centres = np.asarray(parts_px, dtype=np.float64) + 0.5
+    normalized = (centres - (x0, y0)) / (x1 - x0, y1 - y0)
+    return np.where(np.asarray(visible)[:, None], normalized, 0.0).astype(np.float32)
+
+
+def mirror_keypoints(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keypoints (J, 2) normalized and visible (J,) of the horizontally mirrored image.
+
+    x becomes 1 - x and left/right parts trade places; invisible parts stay (0, 0).
+    """
+    permutation = list(FLIP_PERMUTATION)
+    mirrored = keypoints[permutation].clone()
+    visible = visible[permutation]
+    mirrored[:, 0] = torch.where(visible, 1 - mirrored[:, 0], mirrored[:, 0])
+    return mirrored, visible
+
+
+class CUBDataset(Dataset):
+    """One subset and split of CUB-200-2011; samples follow ``data.base``.
+
+    Args:
+        root: the ``CUB_200_2011/`` folder.
+        split: the official ``train`` or ``test`` split.
+        subset: ``cub_all`` (all classes, >= 6 visible parts), ``cub_001``/``cub_002``/``cub_003`` (one
+            class each) or ``cub_aligned`` (all classes, tight square box crops, never augmented).
+        image_size: side S of the returned images, in pixels.
+        augment: training augmentation (box jitter and random mirror; torch's RNG so that
+            ``seed_everything`` and DataLoader worker seeding make it reproducible).
+
+    Keypoints of visible parts annotated outside the (jittered) crop lie outside [0, 1]; they are
+    kept, as in StableKeypoints.
+        images_dir: a folder mirroring ``root/images`` (same relative paths) to read instead, e.g. the
+            gray-background tree written by ``data.cub_preprocess``.
+        fill_rgb: 0-255 colour of crop regions outside the image.
+        annotations: already parsed annotations of ``root`` (saves re-reading the files).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: Split = "train",
+        subset: Subset = "cub_all",
+        image_size: int = 512,
+        augment: bool = False,
+        images_dir: str | Path | None = None,
+        fill_rgb: tuple[int, int, int] = (0, 0, 0),
+        annotations: CUBAnnotations | None = None,
+    ) -> None:
+        if subset not in get_args(Subset):
+            raise ValueError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
+        if split not in get_args(Split):
+            raise ValueError(f"split={split!r}: choose 'train' or 'test'.")
+        self.annotations = load_annotations(root) if annotations is None else annotations
+        self.images_dir = Path(root) / "images" if images_dir is None else Path(images_dir)
+        self.rows = select_rows(self.annotations, subset, split)
+        self.image_size = image_size
+        self.fill_rgb = fill_rgb
+        aligned = subset == "cub_aligned"
+        self.pad_frac = 0.0 if aligned else PAD_FRAC
+        self.jitter_frac = JITTER_FRAC if augment and not aligned else 0.0
+        self.mirror = augment and not aligned
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image_path(self, index: int) -> Path:
+        """Source image file of sample ``index``."""
+        return self.images_dir / self.annotations.paths[self.rows[index]]
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        path = self.image_path(index)
+        with Image.open(path) as source:
+            image = source.convert("RGB")  # a few CUB images are grayscale
+        outward = [self.pad_frac] * 4
+        if self.jitter_frac:  # evaluation samples leave the global RNG untouched
+            outward = (self.pad_frac + self.jitter_frac * (2 * torch.rand(4, dtype=torch.float64) - 1)).tolist()
+        box = square_crop_box(self.annotations.boxes_xywh[row], outward)
+        visible = torch.from_numpy(self.annotations.visible[row].copy())
+        keypoints = torch.from_numpy(normalize_parts(self.annotations.parts_px[row], self.annotations.visible[row], box))
+        pixels = crop_resize(image, box, self.image_size, self.fill_rgb)
+        flipped = self.mirror and bool(torch.rand(()) < 0.5)
+        if flipped:
+            pixels = pixels.flip(-1)
+            keypoints, visible = mirror_keypoints(keypoints, visible)
+        return {
+            "image": pixels,
+            "keypoints": keypoints,
+            "visible": visible,
+            "index": index,
+            "path": str(path),
+            "crop_box": torch.tensor(box, dtype=torch.float32),
+            "flipped": flipped,
+        }
+
+
+def missing_annotation_files(root: str | Path) -> list[Path]:
+    """The annotation files of ``root`` that do not exist."""
+    return [Path(root) / name for name in ANNOTATION_FILES if not (Path(root) / name).is_file()]
+
+
+def download_cub(root: str | Path, url: str | None = None, md5: str | None = None) -> Path:
+    """Download and extract the official archive so that ``root`` becomes its ``CUB_200_2011/`` folder.
+
+    Nothing happens when ``root`` is already complete. The archive is streamed to a ``.part`` file
+    beside ``root``, checked against ``md5``, renamed, extracted into a temporary folder and moved
+    into place, so an interrupted run never leaves a half dataset at ``root``; the archive is kept
+    until extraction succeeds, so a failed extraction does not cost a new download.
+
+    Args:
+        root: destination folder.
+        url: archive address (http(s) or file://); default ``CUB_URL``.
+        md5: expected hex digest; default ``CUB_MD5``.
+    """
+    root = Path(root)
+    url = CUB_URL if url is None else url
+    md5 = CUB_MD5 if md5 is None else md5
+    if root.exists():
+        missing = missing_annotation_files(root)
+        if not missing:
+            return root
+        raise FileExistsError(f"{root} exists but is incomplete (no {missing[0]}): delete it, then download again.")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    archive = root.parent / f"{root.name}.tgz"
+    if not (archive.is_file() and _md5(archive) == md5):
+        _fetch(url, archive, md5)
+    rank_zero_info(f"Extracting {archive} to {root}.")
+    tmp = root.parent / f".{root.name}.{uuid.uuid4().hex}.tmp"  # mkdtemp's 0700 mode would outlive the rename
+    tmp.mkdir()
+    try:
+        _safe_extract(archive, tmp)
+        extracted = tmp / "CUB_200_2011"
+        missing = missing_annotation_files(extracted)
+        if missing:
+            raise ValueError(f"{url} is not the CUB-200-2011 archive: it has no CUB_200_2011/{missing[0].relative_to(extracted)}.")
+        os.rename(extracted, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    archive.unlink()
+    return root
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(_DOWNLOAD_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, destination: Path, md5: str) -> None:
+    """Stream ``url`` to ``destination`` through a ``.part`` file, checking its md5 on the way."""
+    partial = destination.with_name(destination.name + ".part")
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url) as response, partial.open("wb") as file:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {destination.name}") as bar:
+                for chunk in iter(lambda: response.read(_DOWNLOAD_CHUNK_BYTES), b""):
+                    file.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"Could not download {url} ({error}); check the connection, or download it by hand from {CUB_PAGE} and extract it.") from error
+    if digest.hexdigest() != md5:
+        partial.unlink()
+        raise ValueError(f"{url} downloaded with md5 {digest.hexdigest()}, expected {md5}: the file is damaged or not the CUB-200-2011 archive; retry.")
+    os.replace(partial, destination)
+
+
+def _safe_extract(archive: Path, destination: Path) -> None:
+    """Extract a tar archive into ``destination``, refusing members that would land outside it."""
+    with tarfile.open(archive) as tar:
+        try:
+            # The "data" filter rejects absolute paths, "..", links leaving the folder and device files.
+            tar.extractall(destination, filter="data")
+        except tarfile.FilterError as error:
+            raise ValueError(f"{archive} holds an unsafe member ({error}); extraction stopped. Delete the archive and download it again.") from error
+
+
+class CUBDataModule(KeypointDataModule):
+    """CUB-200-2011 from the official archive layout.
+
+    Splits: ``fit`` trains on the official train split (augmented); ``test`` fits the regressor on the
+    train split (no augmentation) and scores the official test split.
+
+    Args:
+        root: the ``CUB_200_2011/`` folder.
+        subset: ``cub_all``, ``cub_001``, ``cub_002``, ``cub_003`` or ``cub_aligned`` (see ``CUBDataset``).
+        image_size: side S of the square images fed to the model, in pixels.
+        batch_size: images per device and step.
+        num_workers: DataLoader worker processes.
+        path: images for ``predict`` (a folder or one file); default: the test split.
+        images_dir: a folder mirroring ``root/images`` to read instead (e.g. the gray-background tree
+            of ``python -m data.cub_preprocess``).
+        fill_rgb: 0-255 colour of crop regions outside the image; (127, 127, 127) suits ``images_dir``
+            trees composited on gray.
+        download: fetch and extract the official archive (about 1.1 GB) into ``root`` if missing.
+        generate_synthetic: demo only: if ``root`` is missing, write the small synthetic dataset of
+            ``data.demo`` there.
+    """
+
+    keypoint_names = PART_NAMES
+
+    def __init__(
+        self,
+        root: str,
+        subset: Subset = "cub_all",
+        image_size: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        path: str | None = None,
+        images_dir: str | None = None,
+        fill_rgb: tuple[int, int, int] = (0, 0, 0),
+        download: bool = False,
+        generate_synthetic: bool = False,
+    ) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        if subset not in get_args(Subset):
+            raise ValueError(f"data.subset={subset!r}: choose one of {get_args(Subset)}.")
+        if download and generate_synthetic:
+            raise ValueError("data.download and data.generate_synthetic are exclusive: download the real dataset or write the demo one.")
+        self.root = root
+        self.subset = subset
+        self.images_dir = images_dir
+        self.fill_rgb = fill_rgb
+        self.download = download
+        self.generate_synthetic = generate_synthetic
+        self._datasets: dict[str, CUBDataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.download:
+            download_cub(self.root)
+        elif self.generate_synthetic:
+            from data.demo import DEMO_SIZE, ensure_synthetic_cub
+
+            ensure_synthetic_cub(self.root, **DEMO_SIZE)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._datasets:
+            return
+        annotations = load_annotations(self.root)
+        common = dict(root=self.root, subset=self.subset, image_size=self.image_size, images_dir=self.images_dir, fill_rgb=self.fill_rgb, annotations=annotations)
+        self._datasets = {
+            "train": CUBDataset(split="train", augment=True, **common),
+            "regression": CUBDataset(split="train", augment=False, **common),
+            "test": CUBDataset(split="test", augment=False, **common),
+        }
+        for dataset in (self._datasets["train"], self._datasets["test"]):
+            missing = [dataset.image_path(i) for i in range(len(dataset)) if not dataset.image_path(i).is_file()]
+            if missing and self.images_dir:
+                raise FileNotFoundError(
+                    f"data.images_dir={self.images_dir!r} lacks {len(missing)} images of {self.subset}, e.g. {str(missing[0])!r}: "
+                    f"rerun `python -m data.cub_preprocess --root {self.root} --output {self.images_dir}` (it resumes)."
+                )
+            if missing:
+                raise FileNotFoundError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
+
+    def _dataset(self, name: str) -> CUBDataset:
+        if not self._datasets:
+            self.setup()
+        return self._datasets[name]
+
+    def train_dataset(self) -> Dataset:
+        return self._dataset("train")
+
+    def regression_dataset(self) -> Dataset:
+        return self._dataset("regression")
+
+    def test_dataset(self) -> Dataset:
+        return self._dataset("test")
+
+    def make_metric(self) -> Metric:
+        from lightning_modules.metrics import NormalizedKeypointError
+
+        return NormalizedKeypointError()

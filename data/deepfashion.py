@@ -1,0 +1,111 @@
+"""DeepFashion In-shop person images with their body keypoints, as SK read them.
+
+On-disk layout under ``root``:
+
+- ``data_train.csv`` and ``data_test.csv``: a header line, then one row per image whose second
+  comma-separated field is the image path relative to ``img/``.
+- ``data_train.json`` and ``data_test.json``: a list, in the rows' order, of dicts whose
+  ``keypoints`` is a (J, 2) list of (x, y) pixel coordinates in the 256 x 256 image.
+- ``img/<path>``: the In-shop ``Img/img`` images (256 x 256).
+
+Differences from SK, on purpose:
+- SK normalized these images twice (``Normalize(0.5, 0.5)`` here, then ``2x - 1`` before the VAE:
+  input in [-3, 1], SPEC section 9.3). Images here are in [0, 1] like every dataset.
+- SK rolled the keypoints to (y, x), the (row, column) order of its argmax detector; they stay
+  (x, y) here.
+- SK had no visibility: every keypoint was scored. Keypoints with a coordinate <= 0 (how such
+  releases mark a missing joint) are invisible here; the published files, made from confident
+  detections only, should hold none, and then nothing differs.
+
+Images are resized whole to S x S; with the square 256 x 256 images that is no distortion.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchmetrics import Metric
+
+from data.celeba import _pixels_to_unit, _require, _SplitsDataModule, _WholeImageDataset
+
+DEEPFASHION_SOURCE = (
+    "DeepFashion here is the In-shop Clothes benchmark (https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion.html; "
+    "its Img/img/ goes to <root>/img) with the keypoint files data_{train,test}.csv and .json of "
+    "https://github.com/theRealSuperMario/unsupervised-disentangling/tree/reproducing_baselines/"
+    "original_code/custom_datasets/deepfashion (the link AutoLink and SK give)."
+)
+
+
+class DeepFashionDataset(_WholeImageDataset):
+    """The DeepFashion images of one split with their keypoints.
+
+    Args:
+        root: folder holding the csv/json files and ``img/``.
+        image_size: side S of the returned square images, in pixels.
+        split: ``"train"`` or ``"test"``.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, split: Literal["train", "test"]) -> None:
+        root = Path(root)
+        with open(_require(root / f"data_{split}.csv", DEEPFASHION_SOURCE), newline="") as f:
+            names = [row[1].strip() for row in list(csv.reader(f))[1:] if row]
+        json_path = _require(root / f"data_{split}.json", DEEPFASHION_SOURCE)
+        annotations = json.loads(json_path.read_text())
+        if len(annotations) != len(names):
+            raise ValueError(
+                f"{json_path} holds {len(annotations)} annotations but {root / f'data_{split}.csv'} lists "
+                f"{len(names)} images: the two files must come from the same release."
+            )
+        #: (N, J, 2) keypoints as (x, y) pixel coordinates of each source image.
+        keypoints = np.asarray([a["keypoints"] for a in annotations], dtype=np.float32)
+        self.keypoints_px = keypoints.reshape(len(names), -1, 2)
+        image_dir = _require(root / "img", DEEPFASHION_SOURCE)
+        super().__init__([image_dir / name for name in names], image_size, DEEPFASHION_SOURCE)
+
+    def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xy = self.keypoints_px[index]
+        # Normalized by the image's own size, 256 for this release (SK divided by 256).
+        return _pixels_to_unit(xy, width, height), torch.from_numpy((xy > 0).all(axis=1))
+
+
+class DeepFashionDataModule(_SplitsDataModule):
+    """DeepFashion In-shop (SK's ``deepfashion``).
+
+    Splits: train and regression are the ``data_train`` images (not augmented), test the
+    ``data_test`` images. Metric: PCK, the fraction of keypoints within 6 pixels of the
+    256 x 256 image (higher is better). ``keypoint_names`` are numbered once a labelled split is
+    built: the release does not name them and J comes from its json.
+
+    Args:
+        root: folder holding the csv/json files and ``img/``.
+        image_size, batch_size, num_workers, path: see ``KeypointDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        self.root = root
+
+    def _build(self, split: Literal["train", "regression", "test"]) -> Dataset:
+        if split == "train":
+            return self._split("regression")
+        dataset = DeepFashionDataset(self.root, self.image_size, "train" if split == "regression" else "test")
+        self.keypoint_names = tuple(f"kp{j:02d}" for j in range(dataset.keypoints_px.shape[1]))
+        return dataset
+
+    def make_metric(self) -> Metric:
+        from lightning_modules.metrics import PercentageCorrectKeypoints
+
+        return PercentageCorrectKeypoints(scale=256, threshold_px=6)

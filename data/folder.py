@@ -1,0 +1,139 @@
+"""Unlabelled images from a folder (searched recursively) or one file: train and predict only.
+
+Each image is centre-padded to a square with uniform gray (127, 127, 127), the background
+zero123plus was trained on and a neutral value for SD, then resized to S x S. ``crop_box`` records
+the padded square in source pixels, so predicted keypoints map back to the original image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data.base import KeypointDataModule, list_images
+
+PAD_RGB = (127, 127, 127)
+# JPEG draft decoding at 1/8 scale reads the whole stream (so truncation is caught) for little cost.
+_CHECK_DRAFT_PX = 64
+
+
+def crop_resize(image: Image.Image, box: Sequence[float], size: int, fill_rgb: tuple[int, int, int]) -> torch.Tensor:
+    """(3, size, size) float32 in [0, 1]: the square ``box`` of ``image`` resized to ``size``.
+
+    Args:
+        image: RGB source image.
+        box: ``(x0, y0, x1, y1)`` in continuous source pixels (pixel i spans [i, i + 1)); it may
+            extend past the image, where ``fill_rgb`` is used.
+        size: output side S in pixels; the output's continuous coordinate u maps to
+            ``x0 + u * (x1 - x0) / S`` in the source.
+        fill_rgb: 0-255 colour outside the image.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    left, top = math.floor(x0), math.floor(y0)
+    canvas = Image.new("RGB", (math.ceil(x1) - left, math.ceil(y1) - top), tuple(fill_rgb))
+    canvas.paste(image, (-left, -top))
+    # Resampling from the float box keeps sub-pixel geometry exact and antialiases when shrinking.
+    resized = canvas.resize((size, size), Image.Resampling.BILINEAR, box=(x0 - left, y0 - top, x1 - left, y1 - top))
+    return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def _unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded as an image, or None when it can."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (_CHECK_DRAFT_PX, _CHECK_DRAFT_PX))
+            image.load()
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+class ImageFolderDataset(Dataset):
+    """Unlabelled images of ``path`` (a folder searched recursively, or one image file).
+
+    Files that cannot be decoded are skipped with a warning naming each one; they are listed in
+    ``skipped`` as ``(path, reason)``, so a run over a scraped folder does not die on one bad file.
+
+    Args:
+        path: folder or image file.
+        image_size: side S of the returned images, in pixels.
+        mirror: randomly mirror half of the samples (training augmentation; torch's RNG, so
+            seeding and DataLoader worker seeds apply).
+    """
+
+    def __init__(self, path: str | Path, image_size: int, mirror: bool = False) -> None:
+        self.image_size = image_size
+        self.mirror = mirror
+        self.files: list[Path] = []
+        self.skipped: list[tuple[Path, str]] = []
+        for file in list_images(path):
+            reason = _unreadable_reason(file)
+            if reason is None:
+                self.files.append(file)
+            else:
+                self.skipped.append((file, reason))
+                rank_zero_warn(f"Skipping unreadable image {str(file)!r} ({reason}).")
+        if not self.files:
+            raise FileNotFoundError(f"data.path={str(path)!r}: none of its {len(self.skipped)} image files can be decoded.")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.files[index]
+        with Image.open(path) as source:
+            image = source.convert("RGB")
+        width, height = image.size
+        side = max(width, height)
+        box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+        pixels = crop_resize(image, box, self.image_size, PAD_RGB)
+        flipped = self.mirror and bool(torch.rand(()) < 0.5)
+        if flipped:
+            pixels = pixels.flip(-1)
+        return {
+            "image": pixels,
+            "index": index,
+            "path": str(path),
+            "crop_box": torch.tensor(box, dtype=torch.float32),
+            "flipped": flipped,
+        }
+
+
+class ImageFolderDataModule(KeypointDataModule):
+    """A folder of unlabelled images for ``fit`` (random mirror) and ``predict``; no ``test``.
+
+    Args:
+        path: folder of images (searched recursively) or one image file; used for both stages.
+        image_size: side S of the square images fed to the model, in pixels.
+        batch_size: images per device and step.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, path: str, image_size: int = 512, batch_size: int = 4, num_workers: int = 2) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        self._train: ImageFolderDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "test":
+            raise ValueError(
+                f"ImageFolderDataModule ({self.path!r}) holds unlabelled images: `test` needs ground-truth "
+                "keypoints. Use a labelled DataModule (e.g. data.cub.CUBDataModule) or run `predict`."
+            )
+        if stage in (None, "fit") and self._train is None:
+            self._train = ImageFolderDataset(self.path, self.image_size, mirror=True)
+
+    def train_dataset(self) -> Dataset:
+        if self._train is None:
+            self.setup("fit")
+        return self._train
+
+    def keypoint_index_dataloader(self) -> DataLoader:
+        # No labelled regression split here: rank the keypoint tokens on the unaugmented images.
+        return self._loader(ImageFolderDataset(self.path, self.image_size), shuffle=False)

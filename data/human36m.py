@@ -1,0 +1,163 @@
+"""Human3.6M frames with the background masked out and 32 body joints, as SK read them.
+
+On-disk layout under ``root`` (the processed release AutoLink and SK read; 128 x 128 frames):
+
+- ``S<n>/WithBackground/<action folder>/<frame>.jpg``: the frames.
+- ``S<n>/BackgroudMask/<action folder>/<frame>.png`` (sic): binary foreground masks.
+- ``S<n>/Landmarks/<action folder>/<frame>.mat``: ``keypoints_2d``, (32, 2) float.
+
+Splits follow SK: subjects 1, 5, 6, 7, 8, 9 for training and regression, 11 for testing, action
+folders whose name starts with Directions, Discussion, Posing, Waiting, Greeting or Walking (the
+prefix also takes the WalkingDog folders, as in SK). SK multiplied each frame by its mask (black
+background) and resized to 512; here the frame and the mask are each resized to S x S, then
+multiplied.
+
+Keypoint units: ``keypoints_2d`` holds (y, x) in [0, 1] of the frame. Evidence: SK used the values
+raw as regression targets for its (row, column) argmax keypoints normalized to [0, 1], fitted with
+``Y - 0.5`` and no intercept, and scored them x128, the frame side in pixels; another public
+regression loader of the same files maps them with ``2k - 1`` to [-1, 1] and reads column 1 as x.
+Here the columns are swapped to (x, y). A file holding pixel
+values instead fails loudly (see ``Human36MDataset``). All joints are visible, as in SK.
+
+Reading the ``.mat`` files needs scipy, which the project does not require: it is imported only
+when a labelled split is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchmetrics import Metric
+
+from data.celeba import _require, _SplitsDataModule, _WholeImageDataset
+
+H36M_SOURCE = (
+    "Human3.6M comes from http://vision.imar.ro/human3.6m/ (registration required); this loader reads the "
+    "processed S<n>/WithBackground, S<n>/BackgroudMask (sic) and S<n>/Landmarks folders that AutoLink "
+    "(https://github.com/xingzhehe/"
+    "AutoLink-Self-supervised-Learning-of-Human-Skeletons-and-Object-Outlines-by-Linking-Keypoints) "
+    "and SK use, under data.root."
+)
+H36M_ACTIONS = ("Directions", "Discussion", "Posing", "Waiting", "Greeting", "Walking")
+
+
+def _frame_order(path: Path) -> tuple[int, int | str]:
+    """Sort key: numeric frame names in numeric order (``2.jpg`` before ``10.jpg``)."""
+    return (0, int(path.stem)) if path.stem.isdigit() else (1, path.stem)
+
+
+def _import_loadmat() -> Callable[..., dict]:
+    try:
+        from scipy.io import loadmat
+    except ImportError as error:
+        raise ImportError("Reading Human3.6M's Landmarks/*.mat files needs scipy: pip install scipy") from error
+    return loadmat
+
+
+class Human36MDataset(_WholeImageDataset):
+    """Masked Human3.6M frames of some subjects, with their 32 joints when ``labelled``.
+
+    Args:
+        root: the folder holding ``S1/``, ``S5/``, ...
+        image_size: side S of the returned square images, in pixels.
+        subjects: subject numbers n of the ``S<n>`` folders to read.
+        actions: action-folder name prefixes to keep.
+        labelled: read ``Landmarks/*.mat`` (needs scipy) and return keypoints.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        subjects: Sequence[int],
+        actions: Sequence[str] = H36M_ACTIONS,
+        labelled: bool = True,
+    ) -> None:
+        root = Path(root)
+        self._loadmat = _import_loadmat() if labelled else None
+        files = []
+        for subject in subjects:
+            frames_dir = _require(root / f"S{subject}" / "WithBackground", H36M_SOURCE)
+            for folder in sorted(d for d in frames_dir.iterdir() if d.is_dir() and d.name.startswith(tuple(actions))):
+                files += sorted((f for f in folder.iterdir() if f.suffix.lower() == ".jpg"), key=_frame_order)
+        if not files:
+            raise FileNotFoundError(
+                f"No frames of subjects {list(subjects)} and actions {list(actions)} under {root}. {H36M_SOURCE}"
+            )
+        super().__init__(files, image_size, H36M_SOURCE)
+
+    def _sibling(self, index: int, folder: str, suffix: str) -> Path:
+        """The file of frame ``index`` in another top folder of its subject (mask, landmarks)."""
+        frame = self.files[index]
+        return _require(frame.parents[2] / folder / frame.parent.name / (frame.stem + suffix), H36M_SOURCE)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        image, size = super()._load(index)
+        with Image.open(self._sibling(index, "BackgroudMask", ".png")) as mask:
+            # Binarized first: the masks are bilevel, stored as 0/1 or 0/255 depending on the writer.
+            mask = Image.fromarray(np.where(np.array(mask.convert("L")) > 0, 255, 0).astype(np.uint8))
+        # Resized like the image so its edge is as soft as SK's bilinear-upsampled mask.
+        return image * self._resized(mask.convert("RGB")), size
+
+    def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._loadmat is None:
+            return None
+        path = self._sibling(index, "Landmarks", ".mat")
+        yx = np.asarray(self._loadmat(path)["keypoints_2d"], dtype=np.float32)
+        if np.abs(yx).max() > 2:
+            raise ValueError(
+                f"{path}: keypoints_2d reaches {np.abs(yx).max():.1f}; this loader expects (y, x) in [0, 1] of "
+                "the frame (the processed release SK used), not pixels."
+            )
+        return torch.from_numpy(yx[:, ::-1].copy()), torch.ones(len(yx), dtype=torch.bool)
+
+
+class Human36MDataModule(_SplitsDataModule):
+    """Human3.6M, background masked (SK's ``human3.6m``).
+
+    Splits: train (unlabelled) and regression are the frames of ``train_subjects``, test those of
+    ``test_subjects``. Metric: mean joint error x128, the smaller of the plain and the
+    left/right-swapped ground truth.
+
+    Args:
+        root: the folder holding ``S1/``, ``S5/``, ...
+        train_subjects: subjects of the train and regression splits.
+        test_subjects: subjects of the test split.
+        actions: action-folder name prefixes to keep.
+        image_size, batch_size, num_workers, path: see ``KeypointDataModule``.
+    """
+
+    # Numbered: the release stores the 32 joints of the Human3.6M skeleton without names.
+    keypoint_names = tuple(f"kp{j:02d}" for j in range(32))
+
+    def __init__(
+        self,
+        root: str,
+        train_subjects: tuple[int, ...] = (1, 5, 6, 7, 8, 9),
+        test_subjects: tuple[int, ...] = (11,),
+        actions: tuple[str, ...] = H36M_ACTIONS,
+        image_size: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        self.root = root
+        self.train_subjects = train_subjects
+        self.test_subjects = test_subjects
+        self.actions = actions
+
+    def _build(self, split: Literal["train", "regression", "test"]) -> Dataset:
+        subjects = self.test_subjects if split == "test" else self.train_subjects
+        return Human36MDataset(self.root, self.image_size, subjects, self.actions, labelled=split != "train")
+
+    def make_metric(self) -> Metric:
+        from lightning_modules.metrics import H36M_LEFT_RIGHT_SWAP, OrientationInvariantError
+
+        return OrientationInvariantError(scale=128, swap=H36M_LEFT_RIGHT_SWAP)

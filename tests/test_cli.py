@@ -1,0 +1,134 @@
+"""The command line as a user runs it: fit, resume, DDP, test, predict, config and input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+DEMO = str(REPO / "conf" / "demo.yaml")
+
+
+def run_cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def demo_args(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "--config", DEMO,
+        "--model.backbone.init_args.pretrained_model_name_or_path", str(model),
+        "--data.init_args.root", str(data),
+        "--trainer.default_root_dir", str(out),
+        "--trainer.logger.init_args.save_dir", str(out),
+        *extra,
+    ]
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted(out.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, tiny_sd_path, cub_root):
+    """One short demo fit through the CLI, shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("demo_run")
+    run_cli("fit", *demo_args(out, tiny_sd_path, cub_root, "--trainer.max_steps", "6"))
+    return out
+
+
+@pytest.mark.slow
+def test_demo_fit_writes_small_checkpoint_embedding_and_wandb_offline_run(demo_run):
+    (ckpt,) = checkpoints(demo_run)
+    assert ckpt.stat().st_size < 1_000_000  # the context and optimizer state only, never the frozen UNet
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert set(state["state_dict"]) == {"context", "keypoint_tokens"}
+    assert state["global_step"] == 6
+    from safetensors import safe_open
+
+    (embedding,) = list(demo_run.rglob("embedding.safetensors"))
+    with safe_open(str(embedding), "pt") as f:
+        assert f.get_tensor("context").shape == (100, 32)
+        assert f.get_tensor("keypoint_tokens").shape == (10,)
+        assert f.metadata()["family"] == "StableDiffusion"
+    assert list((demo_run / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_saved_step(demo_run, tiny_sd_path, cub_root, tmp_path):
+    (ckpt,) = checkpoints(demo_run)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    run_cli("fit", *demo_args(tmp_path, tiny_sd_path, cub_root, "--trainer.max_steps", "9", "--ckpt_path", str(ckpt)))
+    (resumed,) = checkpoints(tmp_path)
+    state = torch.load(resumed, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 9  # 3 more steps, not 9 from scratch
+    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 9
+    moved = (state["state_dict"]["context"] - saved["state_dict"]["context"]).abs().max()
+    assert 0 < moved < 0.005 * 3 * 1.01  # Adam moves each entry by at most ~lr per step
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_ends_with_identical_contexts(tiny_sd_path, cub_root, tmp_path):
+    probe = tmp_path / "contexts"
+    run_cli("fit", *demo_args(tmp_path, tiny_sd_path, cub_root, "--trainer.max_steps", "3", "--trainer.devices", "2",
+                              "--trainer.strategy", "ddp", "--trainer.callbacks+=tests.ddp_probe.SaveContextPerRank",
+                              f"--trainer.callbacks.directory={probe}"))
+    rank0, rank1 = (torch.load(probe / f"context_rank{r}.pt") for r in (0, 1))
+    torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
+    initial = torch.randn(100, 32, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(rank0, initial)  # it trained
+
+
+@pytest.mark.slow
+def test_missing_dataset_error_names_the_file_and_the_fix(tiny_sd_path, tmp_path):
+    result = run_cli("fit", *demo_args(tmp_path, tiny_sd_path, tmp_path / "nowhere" / "CUB_200_2011",
+                                       "--data.init_args.generate_synthetic", "false"), check=False)
+    assert result.returncode != 0
+    assert "images.txt" in result.stderr and "download: true" in result.stderr
+
+
+def test_print_config_is_instant_and_loads_no_weights(capsys):
+    from run import main
+
+    for name in ("sd15", "sdxl", "zero123plus", "demo"):
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(REPO / "conf" / f"{name}.yaml"), "--print_config"])
+        assert exit_.value.code in (0, None)
+        assert time.perf_counter() - start < 5
+        printed = capsys.readouterr().out
+        assert "backbone:" in printed and "pretrained_model_name_or_path" in printed
+
+
+def test_a_wrong_config_key_is_an_error_before_anything_runs(capsys):
+    from run import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", DEMO, "--model.num_tokenz", "10"])
+    assert exit_.value.code != 0
+    assert "num_tokenz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "16-true"])
+def test_half_precision_trainer_is_refused_with_the_reason(precision, tiny_sd_path):
+    import lightning as L
+
+    from lightning_modules.backbones import StableDiffusion
+    from lightning_modules.stable_keypoints import StableKeypoints
+
+    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=30, top_k=3, furthest_point_num_samples=5)
+    module.trainer = L.Trainer(precision=precision, accelerator="cpu", logger=False)
+    with pytest.raises(ValueError, match="does not converge.*bfloat16"):
+        module.setup("fit")

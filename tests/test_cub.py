@@ -1,0 +1,316 @@
+"""CUB-200-2011 parsing, crop geometry, augmentation, subsets, errors and download (synthetic data)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data.cub as cub
+from data.cub import (
+    PART_NAMES,
+    CUBDataModule,
+    CUBDataset,
+    load_annotations,
+    mirror_keypoints,
+    normalize_parts,
+    read_bounding_boxes,
+    read_classes,
+    read_image_class_labels,
+    read_images,
+    read_part_locs,
+    read_part_names,
+    read_train_test_split,
+    square_crop_box,
+)
+from data.demo import ensure_synthetic_cub, write_synthetic_cub
+from data.folder import crop_resize
+
+S = 64  # small images keep the tests fast
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_cub(tmp_path_factory.mktemp("cub") / "CUB_200_2011")
+
+
+@pytest.fixture
+def root_copy(root: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(root, tmp_path / "CUB_200_2011"))
+
+
+def test_parsing_official_files(root: Path) -> None:
+    images = read_images(root)
+    assert len(images) == 36 and list(images)[:2] == [1, 2]
+    assert images[1] == "001.Synthetic_Bird_1/Synthetic_Bird_1_0001_1.jpg"
+    assert read_classes(root) == {c: f"{c:03d}.Synthetic_Bird_{c}" for c in (1, 2, 3)}
+    assert read_image_class_labels(root)[13] == 2
+    split = read_train_test_split(root)
+    assert sum(split.values()) == 24 and split[3] is False
+    assert read_part_names(root) == PART_NAMES
+    x, y, w, h = read_bounding_boxes(root)[1]
+    assert w > 0 and h > 0
+    locs = read_part_locs(root)
+    assert locs[1].shape == (15, 3)
+    annotations = load_annotations(root)
+    assert annotations.parts_px.shape == (36, 15, 2) and annotations.visible.shape == (36, 15)
+    # Invisible parts are "0 0 0" in the file and (0, 0) here.
+    assert (annotations.parts_px[~annotations.visible] == 0).all()
+    assert not annotations.visible[:, PART_NAMES.index("left eye")].all()
+
+
+def test_square_crop_box() -> None:
+    # 40 x 20 box at (10, 20): the square of side 40 around its centre (30, 30).
+    assert square_crop_box((10, 20, 40, 20)) == (10, 10, 50, 50)
+    # 5 % padding: 44 x 22, still centred.
+    assert np.allclose(square_crop_box((10, 20, 40, 20), [0.05] * 4), (8, 8, 52, 52))
+    # Moving only the right side out shifts the centre right.
+    assert np.allclose(square_crop_box((0, 0, 10, 10), (0, 0, 0.2, 0)), (0, -1, 12, 11))
+
+
+def _plant_dot(root: Path, image_id: int, part: str) -> tuple[float, float]:
+    """Replace image ``image_id`` by black with a white 3x3 dot on ``part``; returns its pixel index."""
+    annotations = load_annotations(root)
+    row = list(annotations.image_ids).index(image_id)
+    px, py = annotations.parts_px[row, PART_NAMES.index(part)]
+    path = root / "images" / annotations.paths[row]
+    width, height = Image.open(path).size
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[int(py) - 1 : int(py) + 2, int(px) - 1 : int(px) + 2] = 255
+    Image.fromarray(pixels).save(path.with_suffix(".png"))
+    path.unlink()
+    path.with_suffix(".png").rename(path)  # PNG bytes under the .jpg name only for this lossless test image
+    return px, py
+
+
+@pytest.mark.parametrize("subset", ["cub_aligned", "cub_001"])
+def test_keypoint_lands_on_its_pixel_and_maps_back(root_copy: Path, subset: str) -> None:
+    px, py = _plant_dot(root_copy, 1, "beak")
+    dataset = CUBDataset(root_copy, "train", subset, image_size=S)
+    sample = dataset[0]
+    assert sample["path"].endswith("_0001_1.jpg") and not sample["flipped"]
+    kx, ky = sample["keypoints"][PART_NAMES.index("beak")].tolist()
+    brightness = sample["image"].sum(0)
+    iy, ix = divmod(int(brightness.argmax()), S)
+    # The brightest output pixel is where the keypoint says, within a pixel.
+    assert abs((ix + 0.5) / S - kx) <= 1 / S and abs((iy + 0.5) / S - ky) <= 1 / S
+    x0, y0, x1, y1 = sample["crop_box"].tolist()
+    assert x0 + kx * (x1 - x0) == pytest.approx(px + 0.5, abs=1e-3)
+    assert y0 + ky * (y1 - y0) == pytest.approx(py + 0.5, abs=1e-3)
+
+
+def test_aligned_is_the_tight_square_and_never_augmented(root: Path) -> None:
+    annotations = load_annotations(root)
+    dataset = CUBDataset(root, "train", "cub_aligned", image_size=S, augment=True, annotations=annotations)
+    x, y, w, h = annotations.boxes_xywh[dataset.rows[0]]
+    side = max(w, h)
+    expected = (x + w / 2 - side / 2, y + h / 2 - side / 2, x + w / 2 + side / 2, y + h / 2 + side / 2)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        sample = dataset[0]
+        assert not sample["flipped"]
+        assert np.allclose(sample["crop_box"].numpy(), expected, atol=1e-3)
+
+
+def test_mirror_keypoints_swaps_left_right() -> None:
+    keypoints = torch.zeros(15, 2)
+    visible = torch.zeros(15, dtype=torch.bool)
+    keypoints[PART_NAMES.index("left eye")] = torch.tensor([0.2, 0.3])
+    visible[PART_NAMES.index("left eye")] = True
+    keypoints[PART_NAMES.index("beak")] = torch.tensor([0.1, 0.4])
+    visible[PART_NAMES.index("beak")] = True
+    mirrored, mirrored_visible = mirror_keypoints(keypoints, visible)
+    assert mirrored[PART_NAMES.index("right eye")].tolist() == pytest.approx([0.8, 0.3])
+    assert mirrored[PART_NAMES.index("beak")].tolist() == pytest.approx([0.9, 0.4])
+    assert not mirrored_visible[PART_NAMES.index("left eye")]
+    assert mirrored[PART_NAMES.index("left eye")].tolist() == [0.0, 0.0]  # right eye was invisible
+    assert mirrored_visible.sum() == 2
+
+
+def test_training_mirror_flips_image_and_parts(root: Path) -> None:
+    dataset = CUBDataset(root, "train", "cub_001", image_size=S, augment=True)
+    seen = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        sample = dataset[1]
+        seen.add(sample["flipped"])
+        box = sample["crop_box"].double().tolist()
+        row = dataset.rows[1]
+        image = Image.open(sample["path"]).convert("RGB")
+        plain = crop_resize(image, box, S, (0, 0, 0))
+        keypoints = torch.from_numpy(normalize_parts(dataset.annotations.parts_px[row], dataset.annotations.visible[row], box))
+        visible = torch.from_numpy(dataset.annotations.visible[row])
+        if sample["flipped"]:
+            plain = plain.flip(-1)
+            keypoints, visible = mirror_keypoints(keypoints, visible)
+            # The bird's visible right-side parts become left-side ones.
+            original = dataset.annotations.visible[row]
+            assert sample["visible"][PART_NAMES.index("left wing")] == bool(original[PART_NAMES.index("right wing")])
+        # crop_box is float32, the crop used float64: allow one gray level of resampling rounding.
+        assert torch.allclose(sample["image"], plain, atol=1.5 / 255)
+        assert torch.allclose(sample["keypoints"], keypoints, atol=1e-4)
+        assert torch.equal(sample["visible"], visible)
+    assert seen == {True, False}
+
+
+def test_augmentation_is_reproducible_with_torch_seed(root: Path) -> None:
+    dataset = CUBDataset(root, "train", "cub_all", image_size=S, augment=True)
+    torch.manual_seed(3)
+    first = [dataset[i]["crop_box"] for i in range(3)]
+    torch.manual_seed(3)
+    second = [dataset[i]["crop_box"] for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(first[0], dataset[0]["crop_box"])  # jitter does move the box
+
+
+def test_samples_follow_the_contract_and_invisible_parts_are_zero(root: Path) -> None:
+    dataset = CUBDataset(root, "test", "cub_aligned", image_size=S)
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        assert sample["image"].shape == (3, S, S) and sample["image"].dtype == torch.float32
+        assert 0 <= sample["image"].min() and sample["image"].max() <= 1
+        assert sample["keypoints"].shape == (15, 2) and sample["keypoints"].dtype == torch.float32
+        assert sample["visible"].dtype == torch.bool and sample["index"] == index
+        assert (sample["keypoints"][~sample["visible"]] == 0).all()
+        assert sample["visible"].sum() == dataset.annotations.visible[dataset.rows[index]].sum()
+
+
+def test_subset_sizes_and_visibility_filter(root: Path) -> None:
+    annotations = load_annotations(root)
+    sizes = {
+        subset: tuple(len(CUBDataset(root, split, subset, S, annotations=annotations)) for split in ("train", "test"))
+        for subset in ("cub_all", "cub_001", "cub_002", "cub_003", "cub_aligned")
+    }
+    # 12 images per class, every 3rd a test image; every 4th is occluded (< 6 visible parts).
+    assert sizes == {"cub_all": (18, 9), "cub_001": (8, 4), "cub_002": (8, 4), "cub_003": (8, 4), "cub_aligned": (24, 12)}
+    dataset = CUBDataset(root, "train", "cub_all", S, annotations=annotations)
+    assert (annotations.visible[dataset.rows].sum(1) >= 6).all()
+    assert (annotations.visible.sum(1) < 6).sum() == 9
+    assert set(annotations.class_ids[CUBDataset(root, "test", "cub_002", S, annotations=annotations).rows]) == {2}
+
+
+def test_datamodule_loaders(root: Path) -> None:
+    datamodule = CUBDataModule(str(root), subset="cub_all", image_size=S, batch_size=4, num_workers=0)
+    assert datamodule.keypoint_names == PART_NAMES
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].shape == (4, 3, S, S) and batch["keypoints"].shape == (4, 15, 2)
+    regression, test = datamodule.test_dataloader()
+    assert len(regression.dataset) == 18 and len(test.dataset) == 9
+    assert not next(iter(regression))["flipped"].any()
+
+
+def test_make_metric(root: Path) -> None:
+    metrics = pytest.importorskip("lightning_modules.metrics")
+    assert isinstance(CUBDataModule(str(root)).make_metric(), metrics.NormalizedKeypointError)
+
+
+def test_missing_annotation_file_error_names_it(root_copy: Path) -> None:
+    (root_copy / "parts" / "part_locs.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"part_locs\.txt.*download: true"):
+        CUBDataModule(str(root_copy)).setup("fit")
+    with pytest.raises(FileNotFoundError, match=r"nowhere/images\.txt"):
+        CUBDataModule(str(root_copy.parent / "nowhere")).setup("fit")
+
+
+def test_missing_image_error_names_it(root_copy: Path, tmp_path: Path) -> None:
+    victim = root_copy / "images" / read_images(root_copy)[2]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        CUBDataModule(str(root_copy)).setup("fit")
+    with pytest.raises(FileNotFoundError, match="cub_preprocess"):
+        CUBDataModule(str(root_copy), images_dir=str(tmp_path / "gray")).setup("fit")
+
+
+def test_images_dir_is_read_instead(root: Path, tmp_path: Path) -> None:
+    mirrored = Path(shutil.copytree(root / "images", tmp_path / "gray"))
+    datamodule = CUBDataModule(str(root), subset="cub_003", image_size=S, images_dir=str(mirrored), num_workers=0)
+    datamodule.setup("test")
+    assert datamodule.test_dataset()[0]["path"].startswith(str(mirrored))
+
+
+def _tgz(path: Path, source: Path, extra: dict[str, bytes] | None = None) -> str:
+    """Write ``source`` as ``CUB_200_2011/`` (plus ``extra`` members) into a .tgz; returns its md5."""
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(source, arcname="CUB_200_2011")
+        for name, payload in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_download_from_file_url(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = tmp_path / "served" / "CUB_200_2011.tgz"
+    archive.parent.mkdir()
+    md5 = _tgz(archive, root, {"attributes.txt": b"1 has_bill_shape::curved\n"})
+    monkeypatch.setattr(cub, "CUB_URL", archive.as_uri())
+    monkeypatch.setattr(cub, "CUB_MD5", md5)
+    target = tmp_path / "datasets" / "CUB_200_2011"
+    datamodule = CUBDataModule(str(target), subset="cub_001", image_size=S, download=True)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert len(datamodule.train_dataset()) == 8
+    assert sorted(p.name for p in target.parent.iterdir()) == ["CUB_200_2011"]  # no .part, .tgz or temp left
+    # A complete root is left alone, whatever the URL says.
+    monkeypatch.setattr(cub, "CUB_URL", (tmp_path / "absent.tgz").as_uri())
+    datamodule.prepare_data()
+
+
+def test_download_with_wrong_md5_raises(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = tmp_path / "CUB_200_2011_served.tgz"
+    _tgz(archive, root)
+    monkeypatch.setattr(cub, "CUB_URL", archive.as_uri())
+    monkeypatch.setattr(cub, "CUB_MD5", "0" * 32)
+    target = tmp_path / "datasets" / "CUB_200_2011"
+    with pytest.raises(ValueError, match="md5"):
+        CUBDataModule(str(target), download=True).prepare_data()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_download_refuses_path_traversal(root: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "evil.tgz"
+    md5 = _tgz(archive, root / "parts", {"../escaped.txt": b"gotcha"})
+    target = tmp_path / "datasets" / "CUB_200_2011"
+    with pytest.raises(ValueError, match="unsafe"):
+        cub.download_cub(target, url=archive.as_uri(), md5=md5)
+    assert not (tmp_path / "datasets" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    assert not target.exists()
+
+
+def test_generate_synthetic_writes_once_and_atomically(tmp_path: Path) -> None:
+    target = tmp_path / "demo" / "CUB_200_2011"
+    datamodule = CUBDataModule(str(target), subset="cub_002", image_size=S, generate_synthetic=True)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert len(datamodule.train_dataset()) == 20  # class 002 of the demo-sized dataset: 30 images, every 3rd in test
+    assert [p.name for p in target.parent.iterdir()] == ["CUB_200_2011"]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert target.stat().st_mode == reference.stat().st_mode  # the umask's mode, not a temp dir's 0700
+    stamp = (target / "images.txt").stat().st_mtime_ns
+    ensure_synthetic_cub(target)
+    assert (target / "images.txt").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="exclusive"):
+        CUBDataModule(str(target), download=True, generate_synthetic=True)
+
+
+def test_synthetic_dataset_is_deterministic_and_fast(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    first = write_synthetic_cub(tmp_path / "a", seed=1)
+    assert time.perf_counter() - start < 2
+    second = write_synthetic_cub(tmp_path / "b", seed=1)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+    assert (first / "segmentations").is_dir()
+    sizes = {Image.open(first / "images" / p).size for p in read_images(first).values()}
+    assert len(sizes) > 10  # sizes vary per image

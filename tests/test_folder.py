@@ -1,0 +1,83 @@
+"""Unlabelled image folders: padding geometry, unreadable files, and the DataModule's stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.folder import PAD_RGB, ImageFolderDataModule, ImageFolderDataset
+
+S = 40
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Two good images (landscape with a white dot, portrait) in nested folders, plus two bad files."""
+    (tmp_path / "nested").mkdir()
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[5, 30] = 255
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.new("RGB", (16, 48), (200, 10, 10)).save(tmp_path / "nested" / "tall.jpg")
+    (tmp_path / "nested" / "garbage.jpg").write_bytes(b"not an image at all")
+    good = tmp_path / "nested" / "tall.jpg"
+    (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (tmp_path / "notes.txt").write_text("ignored: not an image suffix")
+    return tmp_path
+
+
+def test_unreadable_files_are_skipped_with_a_warning(folder: Path) -> None:
+    with pytest.warns(UserWarning, match="unreadable") as records:
+        dataset = ImageFolderDataset(folder, S)
+    assert [f.name for f in dataset.files] == ["tall.jpg", "wide.png"]
+    assert sorted(path.name for path, _ in dataset.skipped) == ["garbage.jpg", "truncated.jpg"]
+    warned = " ".join(str(record.message) for record in records)
+    assert "garbage.jpg" in warned and "truncated.jpg" in warned
+
+
+def test_padding_geometry_maps_back_to_source_pixels(folder: Path) -> None:
+    dataset = ImageFolderDataset(folder / "wide.png", S)
+    sample = dataset[0]
+    assert sample["image"].shape == (3, S, S) and set(sample) == {"image", "index", "path", "crop_box", "flipped"}
+    # 40 x 20 padded to a 40 x 40 square centred on the image: 10 gray rows above and below.
+    assert sample["crop_box"].tolist() == [0.0, -10.0, 40.0, 30.0]
+    assert torch.allclose(sample["image"][:, :9], torch.tensor(PAD_RGB).view(3, 1, 1) / 255)
+    iy, ix = divmod(int(sample["image"].sum(0).argmax()), S)
+    x0, y0, x1, y1 = sample["crop_box"].tolist()
+    # The dot at source pixel (30, 5) comes back through crop_box to that pixel's centre.
+    assert (x0 + (ix + 0.5) / S * (x1 - x0), y0 + (iy + 0.5) / S * (y1 - y0)) == (30.5, 5.5)
+
+
+def test_mirror_flips_image(folder: Path) -> None:
+    plain = ImageFolderDataset(folder / "wide.png", S)[0]
+    dataset = ImageFolderDataset(folder / "wide.png", S, mirror=True)
+    flips = set()
+    for seed in range(10):
+        torch.manual_seed(seed)
+        sample = dataset[0]
+        flips.add(sample["flipped"])
+        expected = plain["image"].flip(-1) if sample["flipped"] else plain["image"]
+        assert torch.equal(sample["image"], expected)
+    assert flips == {True, False}
+
+
+def test_all_unreadable_raises(tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="none of its 1 image files"):
+        ImageFolderDataset(tmp_path, S)
+
+
+@pytest.mark.filterwarnings("ignore:Skipping unreadable image")
+def test_datamodule_train_predict_and_no_test(folder: Path) -> None:
+    datamodule = ImageFolderDataModule(str(folder), image_size=S, batch_size=2, num_workers=0)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].shape == (2, 3, S, S)
+    assert len(next(iter(datamodule.keypoint_index_dataloader()))["image"]) == 2
+    predicted = next(iter(datamodule.predict_dataloader()))
+    assert not predicted["flipped"].any()
+    with pytest.raises(ValueError, match="unlabelled"):
+        datamodule.setup("test")
