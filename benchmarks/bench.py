@@ -72,10 +72,10 @@ SDXL_UNET = dict(
 )
 
 
-def build_components(model: str, dtype: torch.dtype):
-    """-> (backbone class, unet, vae, scheduler) with random weights."""
+def build_components(model: str, device: torch.device):
+    """-> (backbone class, unet, vae, scheduler) with random weights, initialized on ``device``."""
     torch.manual_seed(0)
-    with torch.device("cpu"):
+    with torch.device(device):
         if model == "tiny":
             return StableDiffusion, tiny_sd_unet(), AutoencoderKL(**TINY_VAE), sd_scheduler()
         if model == "small":
@@ -91,7 +91,7 @@ def build_components(model: str, dtype: torch.dtype):
 
 
 def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
-    cls, unet, vae, scheduler = build_components(args.model, torch.float32)
+    cls, unet, vae, scheduler = build_components(args.model, device)
     options = dict(
         dtype="bfloat16" if mode == "bf16" else "float32",
         stop_early=mode != "naive",

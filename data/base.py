@@ -20,10 +20,14 @@ project: datasets, keypoint extraction, the regressor, metrics and the files ``p
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
@@ -121,3 +125,42 @@ def list_images(path: str | Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"data.path={str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     return files
+
+
+def require_file(path: Path, source: str) -> Path:
+    """``path`` when it exists, else a FileNotFoundError naming it and where the data comes from."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist. {source}")
+    return path
+
+
+def pixels_to_unit(xy_px: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """xy_px: (J, 2) (x, y) pixel indices of a width x height image -> (J, 2) float32 in [0, 1].
+
+    Annotations give the pixel a point lies on; its centre is at ``+ 0.5`` in the continuous
+    coordinates of ``data.base`` (pixel i spans [i, i + 1)). A ground-truth point on pixel i thus
+    maps to the same value as a detector's argmax on that pixel (SPEC section 5.2 uses pixel
+    centres). SK divided by the size without the half pixel: a shift of half a source pixel.
+    """
+    xy = torch.as_tensor(xy_px, dtype=torch.float32)
+    return (xy + 0.5) / torch.tensor([width, height], dtype=torch.float32)
+
+
+def crop_resize(image: Image.Image, box: Sequence[float], size: int, fill_rgb: tuple[int, int, int]) -> torch.Tensor:
+    """(3, size, size) float32 in [0, 1]: the square ``box`` of ``image`` resized to ``size``.
+
+    Args:
+        image: RGB source image.
+        box: ``(x0, y0, x1, y1)`` in continuous source pixels (pixel i spans [i, i + 1)); it may
+            extend past the image, where ``fill_rgb`` is used.
+        size: output side S in pixels; the output's continuous coordinate u maps to
+            ``x0 + u * (x1 - x0) / S`` in the source.
+        fill_rgb: 0-255 colour outside the image.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    left, top = math.floor(x0), math.floor(y0)
+    canvas = Image.new("RGB", (math.ceil(x1) - left, math.ceil(y1) - top), tuple(fill_rgb))
+    canvas.paste(image, (-left, -top))
+    # Resampling from the float box keeps sub-pixel geometry exact and antialiases when shrinking.
+    resized = canvas.resize((size, size), Image.Resampling.BILINEAR, box=(x0 - left, y0 - top, x1 - left, y1 - top))
+    return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()

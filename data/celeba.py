@@ -14,14 +14,10 @@ Both variants resize the whole image to S x S with no crop, as SK did (the align
 are stretched; ``crop_box`` is then the whole, non-square image). SK returned the landmarks as
 (y, x) to match its row-major argmax; here they are (x, y) like every dataset of the project.
 
-This module also holds the pieces the whole-image datasets (CelebA, Tai-Chi-HD, DeepFashion,
-Human3.6M) share: ``_WholeImageDataset``, ``_SplitsDataModule``, ``_require`` and
-``_pixels_to_unit``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -31,115 +27,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from data.base import KeypointDataModule
-
-# ---------------------------------------------------------------------------------------------
-# Shared by the datasets that resize the whole source image to S x S.
-
-
-def _require(path: Path, source: str) -> Path:
-    """``path`` when it exists, else a FileNotFoundError naming it and where the data comes from."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist. {source}")
-    return path
-
-
-def _pixels_to_unit(xy_px: np.ndarray, width: int, height: int) -> torch.Tensor:
-    """xy_px: (J, 2) (x, y) pixel indices of a width x height image -> (J, 2) float32 in [0, 1].
-
-    Annotations give the pixel a point lies on; its centre is at ``+ 0.5`` in the continuous
-    coordinates of ``data.base`` (pixel i spans [i, i + 1)). A ground-truth point on pixel i thus
-    maps to the same value as a detector's argmax on that pixel (SPEC section 5.2 uses pixel
-    centres). SK divided by the size without the half pixel: a shift of half a source pixel.
-    """
-    xy = torch.as_tensor(xy_px, dtype=torch.float32)
-    return (xy + 0.5) / torch.tensor([width, height], dtype=torch.float32)
-
-
-class _WholeImageDataset(Dataset):
-    """Images resized whole to S x S (no crop), optionally mirrored; subclasses add labels.
-
-    Each sample follows ``data.base``: ``image`` (3, S, S) in [0, 1], ``crop_box`` the whole source
-    image ``(0, 0, W, H)`` in pixels. ``flip_prob`` mirrors unlabelled training images only (the
-    labelled subclasses never pass it: a mirrored label would also need its left/right swap).
-    """
-
-    def __init__(self, files: Sequence[Path], image_size: int, source: str, flip_prob: float = 0.0) -> None:
-        self.files = list(files)
-        self.image_size = image_size
-        self.source = source
-        self.flip_prob = flip_prob
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def _resized(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> (3, S, S) float32 in [0, 1]; bilinear like SK's PIL and torchvision resizes."""
-        image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-
-    def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(image (3, S, S) in [0, 1], (W, H) of the source image in pixels)."""
-        with Image.open(_require(self.files[index], self.source)) as image:
-            return self._resized(image.convert("RGB")), image.size
-
-    def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(keypoints (J, 2) (x, y) in [0, 1], visible (J,) bool) of sample ``index``; None when unlabelled."""
-        return None
-
-    def __getitem__(self, index: int) -> dict:
-        image, (width, height) = self._load(index)
-        flipped = bool(self.flip_prob > 0 and torch.rand(()) < self.flip_prob)
-        sample = {
-            "image": image.flip(-1) if flipped else image,
-            "index": index,
-            "path": str(self.files[index]),
-            "crop_box": torch.tensor([0.0, 0.0, width, height]),
-            "flipped": flipped,
-        }
-        labels = self._labels(index, width, height)
-        if labels is not None:
-            keypoints, visible = labels
-            sample["keypoints"] = keypoints.masked_fill(~visible[:, None], 0.0)
-            sample["visible"] = visible
-        return sample
-
-
-class _SplitsDataModule(KeypointDataModule):
-    """Builds each split once, on first use; ``setup`` builds the splits its stage needs.
-
-    Building in ``setup`` makes a missing file fail before the model loads its weights.
-    """
-
-    _STAGE_SPLITS = {"fit": ("train", "regression"), "test": ("regression", "test"), "predict": ("test",)}
-
-    def __init__(self, image_size: int, batch_size: int, num_workers: int, path: str | None) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
-        self._datasets: dict[str, Dataset] = {}
-
-    def _build(self, split: Literal["train", "regression", "test"]) -> Dataset:
-        raise NotImplementedError
-
-    def _split(self, split: Literal["train", "regression", "test"]) -> Dataset:
-        if split not in self._datasets:
-            self._datasets[split] = self._build(split)
-        return self._datasets[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.path is not None:
-            return
-        for split in ("train", "regression", "test") if stage is None else self._STAGE_SPLITS.get(stage, ()):
-            self._split(split)
-
-    def train_dataset(self) -> Dataset:
-        return self._split("train")
-
-    def regression_dataset(self) -> Dataset:
-        return self._split("regression")
-
-    def test_dataset(self) -> Dataset:
-        return self._split("test")
-
+from data.base import pixels_to_unit, require_file
+from data.whole_image import SplitsDataModule, WholeImageDataset
 
 # ---------------------------------------------------------------------------------------------
 # CelebA
@@ -159,7 +48,7 @@ def _read_celeba_rows(path: Path, numbers: set[int], num_values: int) -> dict[in
     files list all 202,599 images.
     """
     rows = {}
-    with open(_require(path, CELEBA_SOURCE)) as f:
+    with open(require_file(path, CELEBA_SOURCE)) as f:
         for line in f.readlines()[2:]:
             fields = line.split()
             if not fields or int(Path(fields[0]).stem) not in numbers:
@@ -175,11 +64,11 @@ def _read_celeba_rows(path: Path, numbers: set[int], num_values: int) -> dict[in
 
 def _image_area(path: Path) -> int:
     """Pixel count of an image, from its header alone (the wild filter reads 20,000 of them)."""
-    with Image.open(_require(path, CELEBA_SOURCE)) as image:
+    with Image.open(require_file(path, CELEBA_SOURCE)) as image:
         return image.size[0] * image.size[1]
 
 
-class CelebADataset(_WholeImageDataset):
+class CelebADataset(WholeImageDataset):
     """CelebA images of one MAFL split with their 5 landmarks.
 
     Args:
@@ -203,14 +92,14 @@ class CelebADataset(_WholeImageDataset):
     ) -> None:
         root = Path(root)
         mafl_dir = Path(mafl_dir) if mafl_dir is not None else root / "MAFL"
-        split_file = _require(mafl_dir / ("training.txt" if split == "train" else "testing.txt"), CELEBA_SOURCE)
+        split_file = require_file(mafl_dir / ("training.txt" if split == "train" else "testing.txt"), CELEBA_SOURCE)
         numbers = [int(Path(name).stem) for name in split_file.read_text().split()]
         if variant == "aligned":
             landmark_file, image_dir, suffix = "list_landmarks_align_celeba.txt", "img_align_celeba_png", ".png"
         else:
             landmark_file, image_dir, suffix = "list_landmarks_celeba.txt", "img_celeba", ".jpg"
         landmarks = _read_celeba_rows(root / "Anno" / landmark_file, set(numbers), 10)
-        image_dir = _require(root / "Img" / image_dir, CELEBA_SOURCE)
+        image_dir = require_file(root / "Img" / image_dir, CELEBA_SOURCE)
         if variant == "wild" and min_face_area_frac > 0:
             boxes = _read_celeba_rows(root / "Anno" / "list_bbox_celeba.txt", set(numbers), 4)
             numbers = [
@@ -223,10 +112,10 @@ class CelebADataset(_WholeImageDataset):
         self.landmarks_px = np.asarray([landmarks[n] for n in numbers], dtype=np.float32).reshape(-1, 5, 2)
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pixels_to_unit(self.landmarks_px[index], width, height), torch.ones(5, dtype=torch.bool)
+        return pixels_to_unit(self.landmarks_px[index], width, height), torch.ones(5, dtype=torch.bool)
 
 
-class CelebADataModule(_SplitsDataModule):
+class CelebADataModule(SplitsDataModule):
     """CelebA on the MAFL split (SK's ``celeba_aligned`` and ``celeba_wild``).
 
     Splits: train and regression are MAFL training (19,000 images before the wild filter), not

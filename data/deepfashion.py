@@ -32,7 +32,9 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from data.celeba import _pixels_to_unit, _require, _SplitsDataModule, _WholeImageDataset
+from data.base import pixels_to_unit, require_file
+from data.whole_image import SplitsDataModule, WholeImageDataset
+
 
 DEEPFASHION_SOURCE = (
     "DeepFashion here is the In-shop Clothes benchmark (https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion.html; "
@@ -42,7 +44,7 @@ DEEPFASHION_SOURCE = (
 )
 
 
-class DeepFashionDataset(_WholeImageDataset):
+class DeepFashionDataset(WholeImageDataset):
     """The DeepFashion images of one split with their keypoints.
 
     Args:
@@ -53,9 +55,9 @@ class DeepFashionDataset(_WholeImageDataset):
 
     def __init__(self, root: str | Path, image_size: int, split: Literal["train", "test"]) -> None:
         root = Path(root)
-        with open(_require(root / f"data_{split}.csv", DEEPFASHION_SOURCE), newline="") as f:
+        with open(require_file(root / f"data_{split}.csv", DEEPFASHION_SOURCE), newline="") as f:
             names = [row[1].strip() for row in list(csv.reader(f))[1:] if row]
-        json_path = _require(root / f"data_{split}.json", DEEPFASHION_SOURCE)
+        json_path = require_file(root / f"data_{split}.json", DEEPFASHION_SOURCE)
         annotations = json.loads(json_path.read_text())
         if len(annotations) != len(names):
             raise ValueError(
@@ -65,16 +67,16 @@ class DeepFashionDataset(_WholeImageDataset):
         #: (N, J, 2) keypoints as (x, y) pixel coordinates of each source image.
         keypoints = np.asarray([a["keypoints"] for a in annotations], dtype=np.float32)
         self.keypoints_px = keypoints.reshape(len(names), -1, 2)
-        image_dir = _require(root / "img", DEEPFASHION_SOURCE)
+        image_dir = require_file(root / "img", DEEPFASHION_SOURCE)
         super().__init__([image_dir / name for name in names], image_size, DEEPFASHION_SOURCE)
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
         xy = self.keypoints_px[index]
         # Normalized by the image's own size, 256 for this release (SK divided by 256).
-        return _pixels_to_unit(xy, width, height), torch.from_numpy((xy > 0).all(axis=1))
+        return pixels_to_unit(xy, width, height), torch.from_numpy((xy > 0).all(axis=1))
 
 
-class DeepFashionDataModule(_SplitsDataModule):
+class DeepFashionDataModule(SplitsDataModule):
     """DeepFashion In-shop (SK's ``deepfashion``).
 
     Splits: train and regression are the ``data_train`` images (not augmented), test the

@@ -7,41 +7,18 @@ the padded square in source pixels, so predicted keypoints map back to the origi
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data.base import KeypointDataModule, list_images
+from data.base import KeypointDataModule, crop_resize, list_images
 
 PAD_RGB = (127, 127, 127)
 # JPEG draft decoding at 1/8 scale reads the whole stream (so truncation is caught) for little cost.
 _CHECK_DRAFT_PX = 64
-
-
-def crop_resize(image: Image.Image, box: Sequence[float], size: int, fill_rgb: tuple[int, int, int]) -> torch.Tensor:
-    """(3, size, size) float32 in [0, 1]: the square ``box`` of ``image`` resized to ``size``.
-
-    Args:
-        image: RGB source image.
-        box: ``(x0, y0, x1, y1)`` in continuous source pixels (pixel i spans [i, i + 1)); it may
-            extend past the image, where ``fill_rgb`` is used.
-        size: output side S in pixels; the output's continuous coordinate u maps to
-            ``x0 + u * (x1 - x0) / S`` in the source.
-        fill_rgb: 0-255 colour outside the image.
-    """
-    x0, y0, x1, y1 = (float(v) for v in box)
-    left, top = math.floor(x0), math.floor(y0)
-    canvas = Image.new("RGB", (math.ceil(x1) - left, math.ceil(y1) - top), tuple(fill_rgb))
-    canvas.paste(image, (-left, -top))
-    # Resampling from the float box keeps sub-pixel geometry exact and antialiases when shrinking.
-    resized = canvas.resize((size, size), Image.Resampling.BILINEAR, box=(x0 - left, y0 - top, x1 - left, y1 - top))
-    return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
 def _unreadable_reason(path: Path) -> str | None:

@@ -35,7 +35,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from data.celeba import _require, _SplitsDataModule, _WholeImageDataset
+from data.base import crop_resize, require_file
+from data.whole_image import SplitsDataModule, WholeImageDataset
+
 
 H36M_SOURCE = (
     "Human3.6M comes from http://vision.imar.ro/human3.6m/ (registration required); this loader reads the "
@@ -60,7 +62,7 @@ def _import_loadmat() -> Callable[..., dict]:
     return loadmat
 
 
-class Human36MDataset(_WholeImageDataset):
+class Human36MDataset(WholeImageDataset):
     """Masked Human3.6M frames of some subjects, with their 32 joints when ``labelled``.
 
     Args:
@@ -83,7 +85,7 @@ class Human36MDataset(_WholeImageDataset):
         self._loadmat = _import_loadmat() if labelled else None
         files = []
         for subject in subjects:
-            frames_dir = _require(root / f"S{subject}" / "WithBackground", H36M_SOURCE)
+            frames_dir = require_file(root / f"S{subject}" / "WithBackground", H36M_SOURCE)
             for folder in sorted(d for d in frames_dir.iterdir() if d.is_dir() and d.name.startswith(tuple(actions))):
                 files += sorted((f for f in folder.iterdir() if f.suffix.lower() == ".jpg"), key=_frame_order)
         if not files:
@@ -95,7 +97,7 @@ class Human36MDataset(_WholeImageDataset):
     def _sibling(self, index: int, folder: str, suffix: str) -> Path:
         """The file of frame ``index`` in another top folder of its subject (mask, landmarks)."""
         frame = self.files[index]
-        return _require(frame.parents[2] / folder / frame.parent.name / (frame.stem + suffix), H36M_SOURCE)
+        return require_file(frame.parents[2] / folder / frame.parent.name / (frame.stem + suffix), H36M_SOURCE)
 
     def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
         image, size = super()._load(index)
@@ -103,7 +105,7 @@ class Human36MDataset(_WholeImageDataset):
             # Binarized first: the masks are bilevel, stored as 0/1 or 0/255 depending on the writer.
             mask = Image.fromarray(np.where(np.array(mask.convert("L")) > 0, 255, 0).astype(np.uint8))
         # Resized like the image so its edge is as soft as SK's bilinear-upsampled mask.
-        return image * self._resized(mask.convert("RGB")), size
+        return image * crop_resize(mask.convert("RGB"), (0, 0, *mask.size), self.image_size, (0, 0, 0)), size
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._loadmat is None:
@@ -118,7 +120,7 @@ class Human36MDataset(_WholeImageDataset):
         return torch.from_numpy(yx[:, ::-1].copy()), torch.ones(len(yx), dtype=torch.bool)
 
 
-class Human36MDataModule(_SplitsDataModule):
+class Human36MDataModule(SplitsDataModule):
     """Human3.6M, background masked (SK's ``human3.6m``).
 
     Splits: train (unlabelled) and regression are the frames of ``train_subjects``, test those of

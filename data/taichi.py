@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from data.base import list_images
-from data.celeba import _pixels_to_unit, _require, _SplitsDataModule, _WholeImageDataset
+from data.base import list_images, pixels_to_unit, require_file
+from data.whole_image import SplitsDataModule, WholeImageDataset
+
 
 TAICHI_SOURCE = (
     "Tai-Chi-HD, as prepared for https://github.com/AliaksandrSiarohin/motion-cosegmentation (the link "
@@ -39,7 +40,7 @@ TAICHI_SOURCE = (
 
 def _read_pose_table(path: Path) -> tuple[list[str], np.ndarray]:
     """A ``landmark/taichi_*_gt.pkl`` -> (file names, (N, J, 2) float32 (x, y) pixel coordinates)."""
-    _require(path, TAICHI_SOURCE)
+    require_file(path, TAICHI_SOURCE)
     try:
         import pandas
     except ImportError as error:
@@ -55,7 +56,7 @@ def _read_pose_table(path: Path) -> tuple[list[str], np.ndarray]:
     return [str(name) for name in table["file_name"]], values
 
 
-class TaiChiDataset(_WholeImageDataset):
+class TaiChiDataset(WholeImageDataset):
     """The labelled Tai-Chi evaluation frames of one split.
 
     Args:
@@ -67,17 +68,17 @@ class TaiChiDataset(_WholeImageDataset):
     def __init__(self, root: str | Path, image_size: int, split: Literal["train", "test"]) -> None:
         root = Path(root)
         names, self.keypoints_px = _read_pose_table(root / "landmark" / f"taichi_{split}_gt.pkl")
-        image_dir = _require(root / "eval_images" / "taichi-256" / split, TAICHI_SOURCE)
+        image_dir = require_file(root / "eval_images" / "taichi-256" / split, TAICHI_SOURCE)
         super().__init__([image_dir / name for name in names], image_size, TAICHI_SOURCE)
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
         xy = self.keypoints_px[index]
         visible = torch.from_numpy((xy > 0).all(axis=1))
         # Normalized by the image's own size, which is 256 for this release (SK divided by 256).
-        return _pixels_to_unit(xy, width, height), visible
+        return pixels_to_unit(xy, width, height), visible
 
 
-class TaiChiDataModule(_SplitsDataModule):
+class TaiChiDataModule(SplitsDataModule):
     """Tai-Chi-HD (SK's ``taichi``).
 
     Splits: train is ``train/`` (unlabelled, mirrored with probability ``train_flip_prob`` as SK's
@@ -109,12 +110,12 @@ class TaiChiDataModule(_SplitsDataModule):
 
     def _build(self, split: Literal["train", "regression", "test"]) -> Dataset:
         if split == "train":
-            train_dir = _require(Path(self.root) / "train", TAICHI_SOURCE)
+            train_dir = require_file(Path(self.root) / "train", TAICHI_SOURCE)
             try:
                 files = list_images(train_dir)
             except FileNotFoundError as error:
                 raise FileNotFoundError(f"{train_dir} holds no images. {TAICHI_SOURCE}") from error
-            return _WholeImageDataset(files, self.image_size, TAICHI_SOURCE, flip_prob=self.train_flip_prob)
+            return WholeImageDataset(files, self.image_size, TAICHI_SOURCE, flip_prob=self.train_flip_prob)
         return TaiChiDataset(self.root, self.image_size, "train" if split == "regression" else "test")
 
     def make_metric(self) -> Metric:

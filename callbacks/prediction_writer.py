@@ -1,0 +1,188 @@
+"""What ``predict`` leaves on disk: one index of keypoints in source-image pixels, and pictures of them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+
+from callbacks.drawing import captioned, draw_keypoints, grid, heatmap_overlay, save_png, to_pil
+
+CONVENTION = (
+    "x, y in pixels of the original image; origin at the top-left corner of the top-left pixel; "
+    "x to the right, y down"
+)
+#: Decimals kept for pixel coordinates in the index: a thousandth of a pixel is far below the error.
+PIXEL_DECIMALS = 3
+
+
+class KeypointWriter(BasePredictionWriter):
+    """Writes the keypoints that ``predict`` finds, in pixels of each original image.
+
+    ``predict_step`` returns ``keypoints`` (B, K, 2) normalized (x, y) in the model's image and
+    ``keypoints_px`` (B, K, 2) (x, y) pixels of the source image; the image itself (``image``
+    (B, 3, S, S)), its ``path`` and dataset ``index`` are read from the batch (``data/base.py``).
+
+    Files, under ``output_dir``:
+    - ``keypoints.json``: ``{"convention", "keypoint_tokens", "model", "checkpoint", "skipped",
+      "images": [{"path", "width", "height", "keypoints": [[x, y], ...], "overlay"}]}``, images in
+      dataset order; ``overlay`` (the PNG's path relative to ``output_dir``) only with
+      ``overlays``; ``skipped`` lists the files the dataset could not decode (``path``, ``reason``).
+      Or ``keypoints.csv``: rows ``path,width,height,k,x,y`` after ``#`` comment lines (the
+      convention, the tokens, the model and the skipped files).
+    - ``overlays/<index>_<stem>.png``: the original image at its own size with keypoint k drawn and
+      numbered in colour k (the same colour in every image).
+    - ``heatmaps/<index>_<stem>.png`` (``heatmaps=True``): per keypoint, its attention map over the
+      model's S x S input, with the predicted point. The maps come from one extra pass of the model
+      without augmentation (noise seeded by the batch index), while the points average
+      ``augmentation_iterations`` augmented passes, so a map's peak can sit slightly off its point.
+
+    Under DDP each rank draws the images it predicted; the index rows are gathered so that rank 0
+    writes one index file.
+
+    Args:
+        output_dir: folder of the files; ``None`` = ``<run_dir>/predictions`` (``run_dir`` of the module).
+        format: index file format, ``json`` or ``csv``.
+        overlays: draw the keypoints on each original image.
+        heatmaps: also draw each keypoint's attention map (one more UNet pass per batch).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        format: Literal["json", "csv"] = "json",
+        overlays: bool = True,
+        heatmaps: bool = False,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if format not in ("json", "csv"):
+            raise ValueError(f"KeypointWriter format={format!r}: use 'json' or 'csv'.")
+        self.output_dir = output_dir
+        self.format = format
+        self.overlays = overlays
+        self.heatmaps = heatmaps
+        self._rows: list[dict[str, Any]] = []
+        self._dir: Path | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rows = []
+        self._dir = Path(self.output_dir) if self.output_dir else pl_module.run_dir() / "predictions"
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict,
+        batch_indices: Any,
+        batch: dict,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        pixels = prediction["keypoints_px"].detach().cpu().double().numpy()  # (B, K, 2)
+        names = [overlay_name(int(index), path) for index, path in zip(batch["index"], batch["path"])]
+        for name, index, path, points in zip(names, batch["index"], batch["path"], pixels):
+            with Image.open(path) as source:
+                width, height = source.size  # header only: no decoding unless we draw
+                row = {"index": int(index), "path": str(path), "width": width, "height": height,
+                       "keypoints": np.round(points, PIXEL_DECIMALS).tolist()}
+                if self.overlays:
+                    # Same decoding as the datasets (no EXIF rotation): the pixels the points refer to.
+                    overlay = draw_keypoints(source.convert("RGB"), points)
+                    row["overlay"] = save_png(overlay, self._dir / "overlays" / name).relative_to(self._dir).as_posix()
+            self._rows.append(row)
+        if self.heatmaps:
+            self._write_heatmaps(pl_module, batch["image"], prediction["keypoints"], names, batch_idx)
+
+    def _write_heatmaps(
+        self, pl_module: L.LightningModule, images: torch.Tensor, keypoints: torch.Tensor, names: list[str], batch_idx: int
+    ) -> None:
+        """images: (B, 3, S, S) in [0, 1]; keypoints: (B, K, 2) normalized -> one grid PNG per image."""
+        tokens = pl_module.keypoint_tokens
+        generator = torch.Generator(device=pl_module.device).manual_seed(batch_idx)
+        maps = pl_module.maps_of(images.to(pl_module.device), generator)[:, tokens].float().cpu()  # (B, K, R, R)
+        size = images.shape[-1]
+        for name, image, heat, points in zip(names, images, maps, keypoints.detach().cpu().double().numpy() * size):
+            base = to_pil(image)
+            cells = [
+                captioned(draw_keypoints(heatmap_overlay(base, heat[k]), points[k : k + 1], [str(k)], color_ids=[k]),
+                          f"keypoint {k} · token {int(tokens[k])}")
+                for k in range(len(tokens))
+            ]
+            save_png(grid(cells, columns=5), self._dir / "heatmaps" / name)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = sorted(gather_rows(trainer, self._rows), key=lambda row: row["index"])
+        if not trainer.is_global_zero:
+            return
+        header = {
+            "convention": CONVENTION,
+            "keypoint_tokens": pl_module.keypoint_tokens.tolist(),
+            "model": pl_module.backbone.pretrained_model_name_or_path,
+            "checkpoint": trainer.ckpt_path,
+            "skipped": skipped_files(trainer),
+        }
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._write_json(header, rows) if self.format == "json" else self._write_csv(header, rows)
+        message = f"Keypoints of {len(rows)} images written to {path}"
+        if header["skipped"]:
+            message += f" ({len(header['skipped'])} unreadable files skipped, listed there)"
+        for folder, written in (("overlays", self.overlays), ("heatmaps", self.heatmaps)):
+            if written:
+                message += f"\n{folder} in {self._dir / folder}"
+        rank_zero_info(message)
+
+    def _write_json(self, header: dict, rows: list[dict]) -> Path:
+        path = self._dir / "keypoints.json"
+        images = [{key: value for key, value in row.items() if key != "index"} for row in rows]
+        path.write_text(json.dumps({**header, "images": images}, indent=1) + "\n")
+        return path
+
+    def _write_csv(self, header: dict, rows: list[dict]) -> Path:
+        path = self._dir / "keypoints.csv"
+        with path.open("w", newline="") as file:
+            file.write(f"# {header['convention']}\n")
+            file.write(f"# keypoint_tokens: {header['keypoint_tokens']}; model: {header['model']}; "
+                       f"checkpoint: {header['checkpoint']}\n")
+            for skipped in header["skipped"]:
+                file.write(f"# skipped: {skipped['path']} ({skipped['reason']})\n")
+            writer = csv.writer(file)
+            writer.writerow(["path", "width", "height", "k", "x", "y"])
+            for row in rows:
+                for k, (x, y) in enumerate(row["keypoints"]):
+                    writer.writerow([row["path"], row["width"], row["height"], k, x, y])
+        return path
+
+
+def overlay_name(index: int, path: str) -> str:
+    """``<index>_<stem>.png``: the dataset index keeps equal file names in different folders apart."""
+    stem = re.sub(r"[^\w.-]+", "_", Path(path).stem)[:80]
+    return f"{index:06d}_{stem}.png"
+
+
+def gather_rows(trainer: L.Trainer, rows: list[dict]) -> list[dict]:
+    """Every rank's rows, on every rank (one collective call; each rank must call it)."""
+    if trainer.world_size == 1:
+        return list(rows)
+    gathered: list[list[dict] | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def skipped_files(trainer: L.Trainer) -> list[dict[str, str]]:
+    """Files the predict datasets could not decode (``ImageFolderDataset.skipped``), else []."""
+    loaders = trainer.predict_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    return [
+        {"path": str(path), "reason": reason}
+        for loader in loaders
+        for path, reason in getattr(loader.dataset, "skipped", ())
+    ]

@@ -1,0 +1,94 @@
+"""Datasets whose samples are whole source images resized to S x S (CelebA, Tai-Chi-HD,
+DeepFashion, Human3.6M), and the DataModule base that builds their splits lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data.base import KeypointDataModule, crop_resize, require_file
+
+
+class WholeImageDataset(Dataset):
+    """Images resized whole to S x S (no crop), optionally mirrored; subclasses add labels.
+
+    Each sample follows ``data.base``: ``image`` (3, S, S) in [0, 1], ``crop_box`` the whole source
+    image ``(0, 0, W, H)`` in pixels. ``flip_prob`` mirrors unlabelled training images only (the
+    labelled subclasses never pass it: a mirrored label would also need its left/right swap).
+    """
+
+    def __init__(self, files: Sequence[Path], image_size: int, source: str, flip_prob: float = 0.0) -> None:
+        self.files = list(files)
+        self.image_size = image_size
+        self.source = source
+        self.flip_prob = flip_prob
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(image (3, S, S) in [0, 1], (W, H) of the source image in pixels)."""
+        with Image.open(require_file(self.files[index], self.source)) as image:
+            return crop_resize(image.convert("RGB"), (0, 0, *image.size), self.image_size, (0, 0, 0)), image.size
+
+    def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keypoints (J, 2) (x, y) in [0, 1], visible (J,) bool) of sample ``index``; None when unlabelled."""
+        return None
+
+    def __getitem__(self, index: int) -> dict:
+        image, (width, height) = self._load(index)
+        flipped = bool(self.flip_prob > 0 and torch.rand(()) < self.flip_prob)
+        sample = {
+            "image": image.flip(-1) if flipped else image,
+            "index": index,
+            "path": str(self.files[index]),
+            "crop_box": torch.tensor([0.0, 0.0, width, height]),
+            "flipped": flipped,
+        }
+        labels = self._labels(index, width, height)
+        if labels is not None:
+            keypoints, visible = labels
+            sample["keypoints"] = keypoints.masked_fill(~visible[:, None], 0.0)
+            sample["visible"] = visible
+        return sample
+
+
+class SplitsDataModule(KeypointDataModule):
+    """Builds each split once, on first use; ``setup`` builds the splits its stage needs.
+
+    Building in ``setup`` makes a missing file fail before the model loads its weights.
+    """
+
+    _STAGE_SPLITS = {"fit": ("train", "regression"), "test": ("regression", "test"), "predict": ("test",)}
+
+    def __init__(self, image_size: int, batch_size: int, num_workers: int, path: str | None) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        self._datasets: dict[str, Dataset] = {}
+
+    def _build(self, split: Literal["train", "regression", "test"]) -> Dataset:
+        raise NotImplementedError
+
+    def _split(self, split: Literal["train", "regression", "test"]) -> Dataset:
+        if split not in self._datasets:
+            self._datasets[split] = self._build(split)
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.path is not None:
+            return
+        for split in ("train", "regression", "test") if stage is None else self._STAGE_SPLITS.get(stage, ()):
+            self._split(split)
+
+    def train_dataset(self) -> Dataset:
+        return self._split("train")
+
+    def regression_dataset(self) -> Dataset:
+        return self._split("regression")
+
+    def test_dataset(self) -> Dataset:
+        return self._split("test")
