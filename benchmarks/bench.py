@@ -1,7 +1,7 @@
 """Training-step and keypoint-extraction benchmark through the project's own code path.
 
 Builds a model with random weights from a config (no download): ``tiny`` (the test model),
-``small`` (SD 1.5 block layout, ~10 M parameters, 768-wide context), ``sd15`` and ``sdxl`` (the
+``small`` (SD 1.5 block layout, 8.4 M parameters, 768-wide context), ``sd15`` and ``sdxl`` (the
 real architectures). Every mode runs in its own subprocess, so each peak-memory figure is its own,
 and prints one table row; the parent prints the table and the ratios against ``optimized``.
 
@@ -79,7 +79,7 @@ def build_components(model: str, device: torch.device):
         if model == "tiny":
             return StableDiffusion, tiny_sd_unet(), AutoencoderKL(**TINY_VAE), sd_scheduler()
         if model == "small":
-            unet = tiny_sd_unet(cross_attention_dim=768, block_out_channels=(32, 64, 128, 128), attention_head_dim=8)
+            unet = tiny_sd_unet(cross_attention_dim=768, block_out_channels=(32, 64, 96, 128), attention_head_dim=8)
             return StableDiffusion, unet, AutoencoderKL(**TINY_VAE), sd_scheduler()
         if model == "sd15":
             return StableDiffusion, UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD_VAE), sd_scheduler()

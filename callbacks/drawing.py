@@ -52,7 +52,7 @@ def to_pil(image: Tensor) -> Image.Image:
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"to_pil expects one (3, H, W) RGB image in [0, 1], got shape {tuple(image.shape)}.")
     pixels = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(pixels, mode="RGB")
+    return Image.fromarray(pixels)
 
 
 def font(size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -88,7 +88,9 @@ def draw_keypoints(
     labels = [str(k) for k in range(len(points))] if labels is None else list(labels)
     color_ids = range(len(points)) if color_ids is None else color_ids
     if len(labels) != len(points) or len(color_ids) != len(points):
-        raise ValueError(f"{len(points)} points need as many labels and color_ids, got {len(labels)} and {len(color_ids)}.")
+        raise ValueError(
+            f"{len(points)} points need as many labels and color_ids, got {len(labels)} and {len(color_ids)}."
+        )
     out = image.convert("RGB")
     draw = ImageDraw.Draw(out)
     radius = default_radius(out) if radius is None else radius
@@ -157,13 +159,13 @@ def heatmap_overlay(image: Image.Image, heat: np.ndarray | Tensor, alpha: float 
         raise ValueError(f"alpha={alpha}: use a blend weight in [0, 1].")
     values = np.asarray(heat, dtype=np.float32)
     # Resize the values, not the colours: bilinear between colours would leave the colormap.
-    resized = np.asarray(Image.fromarray(values, mode="F").resize(image.size, Image.Resampling.BILINEAR))
-    return Image.blend(image.convert("L").convert("RGB"), Image.fromarray(colorize(resized), mode="RGB"), alpha)
+    resized = np.asarray(Image.fromarray(values).resize(image.size, Image.Resampling.BILINEAR))
+    return Image.blend(image.convert("L").convert("RGB"), Image.fromarray(colorize(resized)), alpha)
 
 
 def captioned(image: Image.Image, text: str) -> Image.Image:
-    """``image`` with ``text`` in a dark strip above it, the font shrunk until the text fits the width."""
-    size = max(10, image.width // 14)
+    """``image`` with ``text`` in a dark strip above it: 10-20 px type, shrunk until it fits the width."""
+    size = min(20, max(10, image.width // 14))
     probe = ImageDraw.Draw(image)
     while size > 6 and probe.textlength(text, font=font(size)) > image.width - 4:
         size -= 1
@@ -190,7 +192,8 @@ def grid(images: Sequence[Image.Image], columns: int, padding_px: int = 4) -> Im
     )
     for n, image in enumerate(images):
         row, col = divmod(n, columns)
-        out.paste(image.convert("RGB"), (padding_px + col * (cell_w + padding_px), padding_px + row * (cell_h + padding_px)))
+        corner = (padding_px + col * (cell_w + padding_px), padding_px + row * (cell_h + padding_px))
+        out.paste(image.convert("RGB"), corner)
     return out
 
 

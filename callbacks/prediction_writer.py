@@ -103,7 +103,12 @@ class KeypointWriter(BasePredictionWriter):
             self._write_heatmaps(pl_module, batch["image"], prediction["keypoints"], names, batch_idx)
 
     def _write_heatmaps(
-        self, pl_module: L.LightningModule, images: torch.Tensor, keypoints: torch.Tensor, names: list[str], batch_idx: int
+        self,
+        pl_module: L.LightningModule,
+        images: torch.Tensor,
+        keypoints: torch.Tensor,
+        names: list[str],
+        batch_idx: int,
     ) -> None:
         """images: (B, 3, S, S) in [0, 1]; keypoints: (B, K, 2) normalized -> one grid PNG per image."""
         tokens = pl_module.keypoint_tokens

@@ -158,8 +158,9 @@ def attention_grid(
     labels = [str(t) for t in tokens]
     cells = [captioned(draw_keypoints(base, points_px, labels, color_ids=tokens), f"selected tokens · step {step}")]
     for j, token in enumerate(tokens):
-        overlay = draw_keypoints(heatmap_overlay(base, maps[j]), points_px[j : j + 1], labels[j : j + 1], color_ids=[token])
-        cells.append(captioned(overlay, f"token {token} · step {step}"))
+        heat = heatmap_overlay(base, maps[j])
+        cells.append(captioned(draw_keypoints(heat, points_px[j : j + 1], labels[j : j + 1], color_ids=[token]),
+                               f"token {token} · step {step}"))
     return grid(cells, columns=math.ceil(math.sqrt(len(cells))))
 
 
@@ -245,7 +246,8 @@ class TestResultsTable(Callback):
                 "TestResultsTable needs test_step to return {'predictions': (B, J, 2) normalized points} for the "
                 "test split (dataloader 1); remove the callback or update the LightningModule."
             )
-        preds, target, visible = (t.detach().cpu() for t in (outputs["predictions"], batch["keypoints"], batch["visible"]))
+        preds = outputs["predictions"].detach().cpu()
+        target, visible = batch["keypoints"].cpu(), batch["visible"].cpu()
         errors = per_image_error(pl_module.test_metric, preds, target, visible)
         for b in range(min(len(preds), self.max_rows - len(self._examples))):
             image = to_pil(batch["image"][b])

@@ -26,42 +26,69 @@ class _StopForward(Exception):
     """Raised by the last captured layer to end the UNet forward early."""
 
 
-class HeadMeanAttention(torch.autograd.Function):
-    """softmax(q k^T * scale) over tokens, averaged over heads, without storing per-head maps.
+#: Bytes of one block of per-head scores in ``HeadMeanAttention``: small enough to stay in cache.
+_BLOCK_BYTES = 4 << 20
 
-    Autograd of the plain expression keeps H probability tensors of (B, N, T) alive for the
-    backward pass. This function keeps only q and k and recomputes one head at a time in backward:
-    for P = softmax(S) and upstream gradient G on P, dS = P * (G - sum_t(G * P)).
+
+class HeadMeanAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) over tokens, averaged over heads, computed block by block.
+
+    Plain autograd keeps H per-head probability tensors of (B, N, T) for backward and streams each
+    of them through memory several times. This function works on blocks of query rows small
+    enough to stay in cache, keeps only q and k for backward, and recomputes the probabilities
+    there. Its backward also uses that the loss reads only a few tokens' maps: with P = softmax(S),
+    upstream gradient G on P and c = sum_t G P, dS = P * G - c * P, where P * G is non-zero only in
+    G's non-zero columns, so dq = (P * G) k - c (P k) and dk = (P * G)^T q - P^T (c q) need the full
+    P only inside two matrix products.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, scale: float) -> Tensor:
         # q: (B, H, N, d), k: (B, H, T, d) -> (B, N, T)
-        heads = q.shape[1]
-        out = None
-        for h in range(heads):
-            p = torch.softmax(q[:, h] @ k[:, h].transpose(-1, -2) * scale, dim=-1)
-            out = p if out is None else out.add_(p)
+        batch, heads, length, _ = q.shape
+        k_t = k.transpose(-1, -2)
+        out = q.new_empty(batch, length, k.shape[2])
+        rows = _block_rows(q, k)
+        for start in range(0, length, rows):
+            block = torch.softmax(q[:, :, start : start + rows] @ k_t * scale, dim=-1)  # (B, H, n, T)
+            torch.mean(block, dim=1, out=out[:, start : start + rows])
         ctx.save_for_backward(q, k)
         ctx.scale = scale
-        return out.div_(heads)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         q, k = ctx.saved_tensors
-        scale, heads = ctx.scale, q.shape[1]
+        scale, heads, length, tokens = ctx.scale, q.shape[1], q.shape[2], k.shape[2]
         grad = grad / heads
-        dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
-        dk = torch.empty_like(k) if ctx.needs_input_grad[1] else None
-        for h in range(heads):
-            p = torch.softmax(q[:, h] @ k[:, h].transpose(-1, -2) * scale, dim=-1)
-            ds = p * (grad - (grad * p).sum(-1, keepdim=True))
-            ds.mul_(scale)
-            if dq is not None:
-                dq[:, h] = ds @ k[:, h]
-            if dk is not None:
-                dk[:, h] = ds.transpose(-1, -2) @ q[:, h]
-        return dq, dk, None
+        k_t = k.transpose(-1, -2)
+        used = (grad != 0).any(dim=1).any(dim=0).nonzero().flatten()  # columns the loss reads
+        sparse = len(used) <= tokens // 4
+        k_used = k[:, :, used]
+        dq = torch.empty_like(q)
+        dk = torch.zeros_like(k)
+        rows = _block_rows(q, k)
+        for start in range(0, length, rows):
+            q_block = q[:, :, start : start + rows]
+            p = torch.softmax(q_block @ k_t * scale, dim=-1)  # (B, H, n, T)
+            g = grad[:, None, start : start + rows]  # (B, 1, n, T)
+            if sparse:
+                pg = p[..., used] * g[..., used]  # (B, H, n, U)
+                c = pg.sum(dim=-1, keepdim=True)  # (B, H, n, 1)
+                dq[:, :, start : start + rows] = pg @ k_used - c * (p @ k)
+                dk -= p.transpose(-1, -2) @ (c * q_block)
+                dk[:, :, used] += pg.transpose(-1, -2) @ q_block
+            else:
+                ds = p * (g - (g * p).sum(dim=-1, keepdim=True))
+                dq[:, :, start : start + rows] = ds @ k
+                dk += ds.transpose(-1, -2) @ q_block
+        return dq.mul_(scale), dk.mul_(scale), None
+
+
+def _block_rows(q: Tensor, k: Tensor) -> int:
+    """Query rows per block so that a (B, H, rows, T) block of fp32 scores is about _BLOCK_BYTES."""
+    per_row = q.shape[0] * q.shape[1] * k.shape[2] * 4
+    return max(8, _BLOCK_BYTES // per_row)
 
 
 def head_mean_attention(q: Tensor, k: Tensor, scale: float, memory_efficient: bool = True) -> Tensor:

@@ -287,18 +287,23 @@ class StableKeypoints(L.LightningModule):
         self.regressor = None
         self._regression = []
 
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Loader 0: the regression split (collect); loader 1: the test split (score)."""
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
+        """Loader 0: the regression split (collect); loader 1: the test split (score).
+
+        -> for loader 1, ``keypoints`` (B, K, 2) and the regressor's ``predictions`` (B, J, 2),
+        normalized (x, y), for callbacks (``callbacks.visualization.TestResultsTable``).
+        """
         keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx))
         if dataloader_idx == 0:
             self._regression.append((keypoints, batch["keypoints"], batch["visible"]))
-            return
+            return None
         if self.regressor is None:
             self.regressor = self._fit_regressor()
         predictions = self.regressor(keypoints)
         self.test_metric.update(predictions, batch["keypoints"], batch["visible"])
         self.log(f"test/{metric_name(self.test_metric)}", self.test_metric, add_dataloader_idx=False,
                  batch_size=len(keypoints))
+        return {"keypoints": keypoints, "predictions": predictions}
 
     def _fit_regressor(self) -> LinearKeypointRegressor:
         if not self._regression:
@@ -336,10 +341,10 @@ class StableKeypoints(L.LightningModule):
         self.ensure_keypoint_tokens()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """-> keypoints (B, K, 2) normalized and in source-image pixels, with the batch's identity."""
+        """-> keypoints (B, K, 2): normalized in the model's image, and (x, y) pixels of the source image."""
         keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx))
         pixels = to_source_pixels(keypoints, batch["crop_box"], batch.get("flipped"))
-        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels, "image": batch["image"]}
+        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels}
 
     # ------------------------------------------------------------------ export
     def run_dir(self) -> Path:

@@ -121,3 +121,23 @@ def test_removing_the_capture_restores_the_default_processors(tiny_sd_path):
     backbone.capture.remove()
     assert {type(v).__name__ for v in backbone.unet.attn_processors.values()} == {"AttnProcessor2_0"}
     AttentionCapture(backbone.unet, backbone.layers)  # installs again without complaint
+
+
+def test_head_mean_backward_is_exact_when_the_loss_reads_few_tokens(monkeypatch):
+    """The sparse path of the backward (the training case), over several row blocks, against autograd."""
+    import lightning_modules.attention as attention
+
+    monkeypatch.setattr(attention, "_BLOCK_BYTES", 2 * 4 * 64 * 8 * 50)  # 50-row blocks: 6 of them
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 300, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, 64, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(2, 300, 64, dtype=torch.float64)
+    weight[0, :, [3, 17]] = torch.randn(300, 2, generator=gen, dtype=torch.float64)
+    weight[1, :, [40]] = torch.randn(300, 1, generator=gen, dtype=torch.float64)
+    grads = []
+    for efficient in (True, False):
+        q.grad = k.grad = None
+        (head_mean_attention(q, k, 0.3, memory_efficient=efficient) * weight).sum().backward()
+        grads.append((q.grad.clone(), k.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])

@@ -70,7 +70,9 @@ class StubKeypointModel(L.LightningModule):
         size = self.hparams.resolution
         centres = torch.rand(self.hparams.num_tokens, 2, generator=torch.Generator().manual_seed(0)) * size
         coords = torch.arange(size) + 0.5
-        d2 = (coords[None, None, :] - centres[:, 0, None, None]) ** 2 + (coords[None, :, None] - centres[:, 1, None, None]) ** 2
+        dx = coords[None, None, :] - centres[:, 0, None, None]
+        dy = coords[None, :, None] - centres[:, 1, None, None]
+        d2 = dx**2 + dy**2
         logits = -d2 / 2 + self.context[:, None, None].detach().cpu()
         return logits.softmax(0).expand(len(images), -1, -1, -1).to(images.device)
 
@@ -252,7 +254,8 @@ def test_keypoint_writer_json_overlays_and_heatmaps(tmp_path, image_folder):
     assert index["convention"] == CONVENTION
     assert index["keypoint_tokens"] == TOKENS and index["model"] == "stub/model"
     assert [Path(s["path"]).name for s in index["skipped"]] == ["broken.jpg"]
-    assert {Path(e["path"]).relative_to(image_folder).as_posix(): e["keypoints"] for e in index["images"]} == EXPECTED_PX
+    found = {Path(e["path"]).relative_to(image_folder).as_posix(): e["keypoints"] for e in index["images"]}
+    assert found == EXPECTED_PX
     sizes = {Path(e["path"]).name: (e["width"], e["height"]) for e in index["images"]}
     assert sizes == {"tall.jpg": (40, 60), "wide.png": (64, 32)}
     for entry in index["images"]:
@@ -286,7 +289,8 @@ def test_keypoint_writer_gathers_one_index_from_two_ddp_processes(tmp_path, imag
     model = StubKeypointModel(str(tmp_path / "run"))
     data = ImageFolderDataModule(str(image_folder), image_size=32, batch_size=1, num_workers=0)
     writer = KeypointWriter(output_dir=str(tmp_path / "out"))
-    trainer(tmp_path, [writer], strategy="ddp_spawn", devices=2).predict(model, datamodule=data, return_predictions=False)
+    ddp = trainer(tmp_path, [writer], strategy="ddp_spawn", devices=2)
+    ddp.predict(model, datamodule=data, return_predictions=False)
     index = json.loads((tmp_path / "out" / "keypoints.json").read_text())
     # Three images split over two ranks (0, 2 and 1), back in dataset order in one file.
     assert [Path(e["path"]).name for e in index["images"]] == ["square.png", "tall.jpg", "wide.png"]
