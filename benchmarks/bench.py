@@ -7,10 +7,12 @@ and prints one table row; the parent prints the table and the ratios against ``o
 
 Modes:
 - ``optimized``: the defaults: one VAE and one UNet call for an image and its augmented copy,
-  forward stopped after the last captured layer, head-averaged maps recomputed per head in
-  backward, all augmentations of an image extracted in one batch.
+  forward stopped after the last captured layer, queries projected before upsampling, head-averaged
+  maps computed in cache-sized blocks and recomputed in backward, all augmentations of an image
+  extracted in one batch.
 - ``naive``: the reference's way: separate calls for the image and its copy, the full UNet forward,
-  per-head maps kept for backward, one augmentation at a time in extraction.
+  features upsampled before ``to_q``, per-head maps kept for backward, one augmentation at a time in
+  extraction.
 - ``bf16``, ``checkpointing``, ``compile``: opt-in modes on top of ``optimized``.
 
 ``optimized`` and ``naive`` must give the same maps and losses (checked to 1e-5 on the first
@@ -96,6 +98,7 @@ def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
         dtype="bfloat16" if mode == "bf16" else "float32",
         stop_early=mode != "naive",
         memory_efficient_maps=mode != "naive",
+        upsample_queries=mode != "naive",
         gradient_checkpointing=mode == "checkpointing",
         compile_unet=mode == "compile",
         channels_last=device.type == "cuda" and mode != "naive",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightning as L
@@ -25,18 +24,6 @@ from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
 from callbacks.drawing import captioned, draw_comparison, draw_keypoints, grid, heatmap_overlay, save_png, to_pil
-from lightning_modules.metrics import (
-    InterOcularError,
-    NormalizedKeypointError,
-    OrientationInvariantError,
-    PercentageCorrectKeypoints,
-    SummedKeypointError,
-    inter_ocular_error,
-    normalized_keypoint_error,
-    orientation_invariant_error,
-    percentage_correct_keypoints,
-    summed_keypoint_error,
-)
 from lightning_modules.selection import argmax_pixels, select_tokens
 
 
@@ -164,25 +151,14 @@ def attention_grid(
     return grid(cells, columns=math.ceil(math.sqrt(len(cells))))
 
 
-#: The functional twin of each metric: metric, preds, target, visible -> (B,) values (NaN = skipped).
-PER_IMAGE: dict[type[Metric], Callable[[Metric, Tensor, Tensor, Tensor], Tensor]] = {
-    NormalizedKeypointError: lambda m, p, t, v: normalized_keypoint_error(p, t, v),
-    InterOcularError: lambda m, p, t, v: inter_ocular_error(p, t, v, m.left_eye, m.right_eye),
-    SummedKeypointError: lambda m, p, t, v: summed_keypoint_error(p, t, v, m.scale),
-    OrientationInvariantError: lambda m, p, t, v: orientation_invariant_error(p, t, v, m.scale, m.swap),
-    PercentageCorrectKeypoints: lambda m, p, t, v: percentage_correct_keypoints(p, t, v, m.scale, m.threshold_px),
-}
-
-
 def per_image_error(metric: Metric, preds: Tensor, target: Tensor, visible: Tensor) -> Tensor:
     """preds, target: (B, J, 2) normalized (x, y); visible: (B, J) -> (B,) ``metric`` per image."""
-    twin = PER_IMAGE.get(type(metric))
-    if twin is None:
+    if not hasattr(metric, "per_image"):
         raise TypeError(
-            f"TestResultsTable has no per-image form of {type(metric).__name__}: add its functional twin to "
-            "PER_IMAGE in callbacks/visualization.py."
+            f"TestResultsTable needs {type(metric).__name__}.per_image(preds, target, visible) -> (B,) values, "
+            "as the metrics of lightning_modules/metrics.py have."
         )
-    return twin(metric, preds, target, visible)
+    return metric.per_image(preds, target, visible)
 
 
 @dataclass
@@ -205,7 +181,7 @@ class TestResultsTable(Callback):
 
     Reads the test split's batches (dataloader 1) and the ``predictions`` (B, J, 2) that
     ``test_step`` returns for them, and scores each image with the functional twin of
-    ``pl_module.test_metric`` (``PER_IMAGE``; for PCK the value is a percentage, higher is better).
+    ``pl_module.test_metric`` (its ``per_image``; for PCK the value is a percentage, higher is better).
     At the end of the test it writes ``<run_dir>/test_examples/example_{i:03d}.png`` (blue disc:
     ground truth, orange square: prediction, white line: the error) and ``examples.csv``
     (path, image, ground_truth, prediction, error; points normalized (x, y), ``null`` = not

@@ -67,6 +67,8 @@ class KeypointDataModule(L.LightningDataModule):
         super().__init__()
         if image_size <= 0 or image_size % 8:
             raise ValueError(f"data.image_size={image_size}: use a positive multiple of 8 (the VAE downsamples by 8).")
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"data.path={path!r} does not exist: give a folder of images or one image file.")
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers

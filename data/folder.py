@@ -96,6 +96,7 @@ class ImageFolderDataModule(KeypointDataModule):
     def __init__(self, path: str, image_size: int = 512, batch_size: int = 4, num_workers: int = 2) -> None:
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
         self._train: ImageFolderDataset | None = None
+        self._plain: ImageFolderDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "test":
@@ -112,5 +113,8 @@ class ImageFolderDataModule(KeypointDataModule):
         return self._train
 
     def keypoint_index_dataloader(self) -> DataLoader:
-        # No labelled regression split here: rank the keypoint tokens on the unaugmented images.
-        return self._loader(ImageFolderDataset(self.path, self.image_size), shuffle=False)
+        # No labelled regression split here: rank the keypoint tokens on the unaugmented images
+        # (built once: the dataset checks every file when it is made).
+        if self._plain is None:
+            self._plain = ImageFolderDataset(self.path, self.image_size)
+        return self._loader(self._plain, shuffle=False)

@@ -30,59 +30,109 @@ class _StopForward(Exception):
 _BLOCK_BYTES = 4 << 20
 
 
+def bicubic_weights(side: int, resolution: int) -> Tensor:
+    """(R, side) float64: the 1-D weights of ``F.interpolate(mode="bicubic", align_corners=False)``.
+
+    PyTorch's bicubic upsampling is separable, so upsampling a side x side grid to R x R is
+    ``W @ grid @ W.T`` with this W.
+    """
+    eye = torch.eye(side, dtype=torch.float64).view(side, 1, 1, side)
+    return F.interpolate(eye, size=(1, resolution), mode="bicubic", align_corners=False).view(side, resolution).T
+
+
+class _Queries:
+    """The queries of HeadMeanAttention, block by block: given at full resolution, or as a
+    low-resolution grid that each block upsamples (so the (B, H, R*R, d) queries never exist)."""
+
+    def __init__(self, q: Tensor, weights: Tensor | None) -> None:
+        self.q, self.weights = q, weights
+        if weights is None:
+            self.length, self.row = q.shape[2], 1
+        else:
+            batch, heads, cells, dim = q.shape
+            side = weights.shape[1]
+            self.grid = q.transpose(-1, -2).reshape(batch, heads, dim, side, side)
+            self.length, self.row = weights.shape[0] ** 2, weights.shape[0]
+
+    def blocks(self, rows: int):
+        """Yields (start, stop) token ranges of about ``rows`` tokens, whole image rows when upsampling."""
+        step = max(self.row, rows // self.row * self.row)
+        for start in range(0, self.length, step):
+            yield start, min(start + step, self.length)
+
+    def block(self, start: int, stop: int) -> Tensor:
+        """-> (B, H, stop - start, d) queries of tokens start..stop."""
+        if self.weights is None:
+            return self.q[:, :, start:stop]
+        w = self.weights
+        upsampled = (w[start // self.row : stop // self.row] @ self.grid) @ w.T  # (B, H, d, rows, R)
+        return upsampled.flatten(-2).transpose(-1, -2)
+
+    def accumulate_grad(self, grad_q: Tensor, start: int, stop: int, block_grad: Tensor) -> None:
+        """Adds a block's query gradient (B, H, stop - start, d) into ``grad_q`` (shaped like q)."""
+        if self.weights is None:
+            grad_q[:, :, start:stop] = block_grad
+            return
+        w = self.weights
+        g = block_grad.transpose(-1, -2).unflatten(-1, (-1, self.row)) @ w  # (B, H, d, rows, side)
+        grid_grad = w[start // self.row : stop // self.row].T @ g  # (B, H, d, side, side)
+        grad_q += grid_grad.flatten(-2).transpose(-1, -2)
+
+
 class HeadMeanAttention(torch.autograd.Function):
     """softmax(q k^T * scale) over tokens, averaged over heads, computed block by block.
 
     Plain autograd keeps H per-head probability tensors of (B, N, T) for backward and streams each
     of them through memory several times. This function works on blocks of query rows small
-    enough to stay in cache, keeps only q and k for backward, and recomputes the probabilities
-    there. Its backward also uses that the loss reads only a few tokens' maps: with P = softmax(S),
-    upstream gradient G on P and c = sum_t G P, dS = P * G - c * P, where P * G is non-zero only in
-    G's non-zero columns, so dq = (P * G) k - c (P k) and dk = (P * G)^T q - P^T (c q) need the full
-    P only inside two matrix products.
+    enough to stay in cache, keeps only q and k for backward (q at low resolution when the
+    upsampling is folded in), and recomputes the probabilities there. Its backward also uses that
+    the loss reads only a few tokens' maps: with P = softmax(S), upstream gradient G on P and
+    c = sum_t G P, dS = P * G - c * P, where P * G is non-zero only in G's non-zero columns, so
+    dq = (P * G) k - c (P k) and dk = (P * G)^T q - P^T (c q) need the full P only inside two
+    matrix products.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, scale: float) -> Tensor:
-        # q: (B, H, N, d), k: (B, H, T, d) -> (B, N, T)
-        batch, heads, length, _ = q.shape
+    def forward(ctx, q: Tensor, k: Tensor, scale: float, weights: Tensor | None) -> Tensor:
+        # q: (B, H, N or side*side, d), k: (B, H, T, d), weights: None or (R, side) -> (B, N, T)
+        queries = _Queries(q, weights)
         k_t = k.transpose(-1, -2)
-        out = q.new_empty(batch, length, k.shape[2])
-        rows = _block_rows(q, k)
-        for start in range(0, length, rows):
-            block = torch.softmax(q[:, :, start : start + rows] @ k_t * scale, dim=-1)  # (B, H, n, T)
-            torch.mean(block, dim=1, out=out[:, start : start + rows])
-        ctx.save_for_backward(q, k)
+        out = q.new_empty(q.shape[0], queries.length, k.shape[2])
+        for start, stop in queries.blocks(_block_rows(q, k)):
+            block = torch.softmax(queries.block(start, stop) @ k_t * scale, dim=-1)  # (B, H, n, T)
+            torch.mean(block, dim=1, out=out[:, start:stop])
+        ctx.save_for_backward(q, k, weights)
         ctx.scale = scale
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        q, k = ctx.saved_tensors
-        scale, heads, length, tokens = ctx.scale, q.shape[1], q.shape[2], k.shape[2]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        q, k, weights = ctx.saved_tensors
+        scale, heads, tokens = ctx.scale, q.shape[1], k.shape[2]
+        queries = _Queries(q, weights)
         grad = grad / heads
         k_t = k.transpose(-1, -2)
         used = (grad != 0).any(dim=1).any(dim=0).nonzero().flatten()  # columns the loss reads
         sparse = len(used) <= tokens // 4
         k_used = k[:, :, used]
-        dq = torch.empty_like(q)
+        dq = torch.zeros_like(q)
         dk = torch.zeros_like(k)
-        rows = _block_rows(q, k)
-        for start in range(0, length, rows):
-            q_block = q[:, :, start : start + rows]
+        for start, stop in queries.blocks(_block_rows(q, k)):
+            q_block = queries.block(start, stop)
             p = torch.softmax(q_block @ k_t * scale, dim=-1)  # (B, H, n, T)
-            g = grad[:, None, start : start + rows]  # (B, 1, n, T)
+            g = grad[:, None, start:stop]  # (B, 1, n, T)
             if sparse:
                 pg = p[..., used] * g[..., used]  # (B, H, n, U)
                 c = pg.sum(dim=-1, keepdim=True)  # (B, H, n, 1)
-                dq[:, :, start : start + rows] = pg @ k_used - c * (p @ k)
+                dq_block = pg @ k_used - c * (p @ k)
                 dk -= p.transpose(-1, -2) @ (c * q_block)
                 dk[:, :, used] += pg.transpose(-1, -2) @ q_block
             else:
                 ds = p * (g - (g * p).sum(dim=-1, keepdim=True))
-                dq[:, :, start : start + rows] = ds @ k
+                dq_block = ds @ k
                 dk += ds.transpose(-1, -2) @ q_block
-        return dq.mul_(scale), dk.mul_(scale), None
+            queries.accumulate_grad(dq, start, stop, dq_block)
+        return dq.mul_(scale), dk.mul_(scale), None, None
 
 
 def _block_rows(q: Tensor, k: Tensor) -> int:
@@ -91,10 +141,20 @@ def _block_rows(q: Tensor, k: Tensor) -> int:
     return max(8, _BLOCK_BYTES // per_row)
 
 
-def head_mean_attention(q: Tensor, k: Tensor, scale: float, memory_efficient: bool = True) -> Tensor:
-    """q: (B, H, N, d), k: (B, H, T, d) -> (B, N, T) attention probabilities averaged over heads."""
+def head_mean_attention(
+    q: Tensor, k: Tensor, scale: float, memory_efficient: bool = True, weights: Tensor | None = None
+) -> Tensor:
+    """q: (B, H, N, d), k: (B, H, T, d) -> (B, N, T) attention probabilities averaged over heads.
+
+    With ``weights`` (R, side) from ``bicubic_weights``, q holds the queries of a side x side grid
+    (N = side * side) and is bicubically upsampled to R x R first: the result is (B, R*R, T).
+    """
     if memory_efficient:
-        return HeadMeanAttention.apply(q, k, scale)
+        return HeadMeanAttention.apply(q, k, scale, weights)
+    if weights is not None:
+        side = weights.shape[1]
+        grid = q.transpose(-1, -2).unflatten(-1, (side, side))  # (B, H, d, side, side)
+        q = ((weights.to(q.dtype) @ grid) @ weights.to(q.dtype).T).flatten(-2).transpose(-1, -2)
     return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1).mean(dim=1)
 
 
@@ -132,10 +192,15 @@ class CaptureProcessor:
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         res = capture.resolution
-        grid = hidden_states.transpose(1, 2).reshape(batch, channels, side, side)
-        upsampled = F.interpolate(grid, size=(res, res), mode="bicubic", align_corners=False)
-        upsampled = upsampled.flatten(2).transpose(1, 2)  # (B, R*R, C)
-        q = attn.to_q(upsampled)
+        weights = None
+        if capture.upsample_queries:
+            # to_q is affine per pixel and bicubic weights sum to 1, so upsampling the projected
+            # queries equals projecting the upsampled features (StableKeypoints' order) at
+            # (R / side)^2 fewer FLOPs; the upsampling itself happens inside the attention blocks.
+            q = attn.to_q(hidden_states)
+            weights = capture.bicubic_weights(side, q.device)
+        else:
+            q = attn.to_q(_upsample_tokens(hidden_states, side, res))
         k = attn.to_k(context)
         heads = attn.heads
         q = q.view(batch, -1, heads, q.shape[-1] // heads).transpose(1, 2)
@@ -144,11 +209,13 @@ class CaptureProcessor:
         q, k = q.float(), k.float()
         replaced = None
         if capture.replace_output:
+            if weights is not None:
+                q = _upsample_tokens(q.transpose(1, 2).flatten(2), side, res).unflatten(-1, (heads, -1)).transpose(1, 2)
             probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (B, H, R*R, T)
             maps = probs.mean(dim=1)
             replaced = self._replaced_output(attn, probs, context, side)
         else:
-            maps = head_mean_attention(q, k, attn.scale, capture.memory_efficient)
+            maps = head_mean_attention(q, k, attn.scale, capture.memory_efficient, weights)
         return maps, replaced
 
     def _replaced_output(self, attn: Attention, probs: Tensor, context: Tensor, side: int) -> Tensor:
@@ -167,6 +234,14 @@ class CaptureProcessor:
         return out / attn.rescale_output_factor
 
 
+def _upsample_tokens(tokens: Tensor, side: int, resolution: int) -> Tensor:
+    """(B, side*side, C) -> (B, R*R, C), bicubic over the token grid (align_corners=False)."""
+    batch, _, channels = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(batch, channels, side, side)
+    upsampled = F.interpolate(grid, size=(resolution, resolution), mode="bicubic", align_corners=False)
+    return upsampled.flatten(2).transpose(1, 2)
+
+
 def cross_attention_layers(unet: nn.Module) -> list[str]:
     """Names of every cross-attention (``attn2``) layer of a UNet, in module order."""
     return [name for name, module in unet.named_modules() if isinstance(module, Attention) and name.endswith("attn2")]
@@ -183,6 +258,8 @@ class AttentionCapture:
         memory_efficient: head-average inside the capture with per-head recomputation in backward.
         replace_output: replace the captured layers' outputs as StableXLKeypoints did (changes
             the network; off by default).
+        upsample_queries: project the layer's features to queries, then upsample the queries
+            (the same numbers as StableKeypoints' upsample-then-project, far fewer FLOPs).
     """
 
     def __init__(
@@ -192,6 +269,7 @@ class AttentionCapture:
         stop_early: bool = True,
         memory_efficient: bool = True,
         replace_output: bool = False,
+        upsample_queries: bool = True,
     ) -> None:
         valid = cross_attention_layers(unet)
         unknown = [name for name in layers if name not in valid]
@@ -206,9 +284,12 @@ class AttentionCapture:
         self.stop_early = stop_early
         self.memory_efficient = memory_efficient
         self.replace_output = replace_output
+        self.upsample_queries = upsample_queries
+        self._weights: dict[tuple[int, int, torch.device], Tensor] = {}
         self.recording = True
         self.resolution = 0
-        self._maps: dict[str, Tensor] = {}
+        self._sum: Tensor | None = None
+        self._recorded: list[str] = []
         self._seen: set[str] = set()
         modules = dict(unet.named_modules())
         self._originals = {name: modules[name].processor for name in self.layers}
@@ -221,8 +302,17 @@ class AttentionCapture:
         for name, module in self._modules.items():
             module.set_processor(self._originals[name])
 
+    def bicubic_weights(self, side: int, device: torch.device) -> Tensor:
+        """(R, side) fp32 upsampling weights at the current resolution, cached."""
+        key = (side, self.resolution, device)
+        if key not in self._weights:
+            self._weights[key] = bicubic_weights(side, self.resolution).float().to(device)
+        return self._weights[key]
+
     def _record(self, name: str, maps: Tensor) -> None:
-        self._maps[name] = maps
+        # A running sum: one (B, R*R, T) tensor alive instead of one per layer.
+        self._recorded.append(name)
+        self._sum = maps if self._sum is None else self._sum + maps
 
     def _is_last(self, name: str) -> bool:
         return len(self._seen | {name}) == len(self.layers)
@@ -256,9 +346,13 @@ class AttentionCapture:
     def maps(self, forward: Callable[[], object], resolution: int) -> Tensor:
         """Runs one UNet call and returns maps (B, T, R, R): probabilities over tokens, layer-averaged."""
         self.resolution = resolution
-        self._maps = {}
-        self.run_unet(forward)
-        stacked = torch.stack([self._maps[name] for name in self.layers]).mean(dim=0)  # (B, R*R, T)
-        self._maps = {}
-        batch, _, tokens = stacked.shape
-        return stacked.transpose(1, 2).reshape(batch, tokens, resolution, resolution)
+        self._sum, self._recorded = None, []
+        try:
+            self.run_unet(forward)
+            if sorted(self._recorded) != sorted(self.layers):
+                raise RuntimeError(f"Captured {self._recorded}, expected each of {self.layers} once.")
+            mean = self._sum / len(self.layers)  # (B, R*R, T)
+        finally:
+            self._sum, self._recorded = None, []
+        batch, _, tokens = mean.shape
+        return mean.transpose(1, 2).reshape(batch, tokens, resolution, resolution)

@@ -204,6 +204,10 @@ class _PerImageMean(Metric):
         """-> (B,) values and (B,) bool: which images count."""
         raise NotImplementedError
 
+    def per_image(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> Tensor:
+        """preds, target: (B, J, 2) normalized (x, y) -> (B,) this metric per image (NaN: skipped)."""
+        return _skipped_as_nan(*self._per_image(preds, target, visible))
+
     def update(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> None:
         """preds, target: (B, J, 2) normalized (x, y); visible: (B, J) bool or None."""
         values, counted = self._per_image(preds, target, visible)
@@ -298,6 +302,10 @@ class PercentageCorrectKeypoints(Metric):
         self.threshold_px = threshold_px
         self.add_state("num_correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("num_visible", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def per_image(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> Tensor:
+        """preds, target: (B, J, 2) normalized (x, y) -> (B,) percentage correct per image (NaN: none visible)."""
+        return percentage_correct_keypoints(preds, target, visible, self.scale, self.threshold_px)
 
     def update(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> None:
         """preds, target: (B, J, 2) normalized (x, y); visible: (B, J) bool or None."""

@@ -374,6 +374,12 @@ class StableKeypoints(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.trainer.datamodule is not None and not self.keypoint_tokens.numel():
             self.choose_keypoint_tokens()
+            # The last checkpoint was written before the tokens existed: refresh it so that test and
+            # predict from it need not rank them again.
+            callback = self.trainer.checkpoint_callback
+            last = getattr(callback, "last_model_path", "")
+            if last and Path(last).exists():
+                self.trainer.save_checkpoint(last)
         if self.trainer.is_global_zero:
             path = self.export_embedding(self.run_dir() / EMBEDDING_FILE)
             rank_zero_info(f"Context exported to {path}")

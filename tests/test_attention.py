@@ -141,3 +141,68 @@ def test_head_mean_backward_is_exact_when_the_loss_reads_few_tokens(monkeypatch)
         grads.append((q.grad.clone(), k.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_sd_path, images):
+    from lightning_modules.stable_keypoints import StableKeypoints
+
+    grads = []
+    for checkpointing in (False, True):
+        module = StableKeypoints(StableDiffusion(str(tiny_sd_path), gradient_checkpointing=checkpointing),
+                                 num_tokens=30, feature_upsample_res=16, top_k=3, furthest_point_num_samples=6)
+        module.configure_model()
+        theta = module.augmentation.sample(2, torch.Generator().manual_seed(0))
+        maps = module.maps_of(torch.cat([images, images]), torch.Generator().manual_seed(0))
+        module.losses(maps[:2], maps[2:], theta)["loss"].backward()
+        grads.append(module.context.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(OSError, match="local folder in diffusers layout or a hub id"):
+        StableDiffusion(str(tmp_path / "no-such-model"), local_files_only=True).load()
+
+
+def test_upsampling_queries_equals_upsampling_features(tiny_sd_path, images):
+    """Projecting then upsampling (the default) gives StableKeypoints' upsample-then-project maps."""
+    maps = []
+    for upsample_queries in (True, False):
+        backbone = StableDiffusion(str(tiny_sd_path), upsample_queries=upsample_queries)
+        backbone.load()
+        latents = backbone.encode(images)
+        noise = backbone.sample_noise(latents, torch.Generator().manual_seed(0))
+        context = torch.randn(40, 32, generator=torch.Generator().manual_seed(3))
+        maps.append(backbone.attention_maps(latents, noise, context, 24))
+    torch.testing.assert_close(maps[0], maps[1], atol=1e-6, rtol=1e-5)
+
+
+def test_bicubic_weights_reproduce_interpolate():
+    from lightning_modules.attention import bicubic_weights
+
+    grid = torch.randn(3, 5, 7, 7, dtype=torch.float64)
+    w = bicubic_weights(7, 20)
+    expected = torch.nn.functional.interpolate(grid, size=(20, 20), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(w @ grid @ w.T, expected)
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(20, dtype=torch.float64))  # why projecting first is exact
+
+
+def test_folded_upsampling_matches_autograd_over_several_blocks(monkeypatch):
+    import lightning_modules.attention as attention
+    from lightning_modules.attention import bicubic_weights
+
+    monkeypatch.setattr(attention, "_BLOCK_BYTES", 2 * 3 * 30 * 8 * 40)  # 40 token rows = 2 image rows
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 36, 4, generator=gen, dtype=torch.float64, requires_grad=True)  # a 6 x 6 grid
+    k = torch.randn(2, 3, 30, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = bicubic_weights(6, 20)
+    for columns in ([2, 5], list(range(30))):  # the sparse and the dense backward
+        weight = torch.zeros(2, 400, 30, dtype=torch.float64)
+        weight[..., columns] = torch.randn(2, 400, len(columns), generator=gen, dtype=torch.float64)
+        results = []
+        for efficient in (True, False):
+            q.grad = k.grad = None
+            out = head_mean_attention(q, k, 0.4, memory_efficient=efficient, weights=w)
+            (out * weight).sum().backward()
+            results.append((out.detach(), q.grad.clone(), k.grad.clone()))
+        for fast, slow in zip(*results):
+            torch.testing.assert_close(fast, slow)

@@ -366,5 +366,5 @@ def test_test_results_table_explains_a_missing_prediction(tmp_path):
 
 def test_per_image_error_needs_a_known_metric():
     points = torch.zeros(1, 2, 2)
-    with pytest.raises(TypeError, match="PER_IMAGE"):
+    with pytest.raises(TypeError, match="per_image"):
         per_image_error(torch.nn.Identity(), points, points, torch.ones(1, 2, dtype=torch.bool))

@@ -271,3 +271,23 @@ def test_nan_prediction_shows_in_the_result_unless_invisible() -> None:
     at_visible = NormalizedKeypointError()
     at_visible.update(preds, target, visible)
     assert at_visible.compute().isnan()
+
+
+def test_per_image_method_matches_the_functional_twin():
+    from lightning_modules.metrics import (
+        InterOcularError,
+        NormalizedKeypointError,
+        PercentageCorrectKeypoints,
+        inter_ocular_error,
+        normalized_keypoint_error,
+        percentage_correct_keypoints,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    preds, target = torch.rand(4, 5, 2, generator=gen), torch.rand(4, 5, 2, generator=gen)
+    visible = torch.rand(4, 5, generator=gen) > 0.3
+    torch.testing.assert_close(NormalizedKeypointError().per_image(preds, target, visible),
+                               normalized_keypoint_error(preds, target, visible), equal_nan=True)
+    torch.testing.assert_close(InterOcularError().per_image(preds, target), inter_ocular_error(preds, target))
+    torch.testing.assert_close(PercentageCorrectKeypoints().per_image(preds, target, visible),
+                               percentage_correct_keypoints(preds, target, visible), equal_nan=True)

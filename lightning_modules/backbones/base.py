@@ -45,6 +45,8 @@ class Backbone(nn.Module):
             losses stay fp32 either way. float16 is refused: it does not converge (SPEC section 8).
         stop_early: end the UNet forward after the last captured layer (same maps, less work).
         memory_efficient_maps: average heads inside the capture and recompute per head in backward.
+        upsample_queries: upsample the layer's queries rather than its features before ``to_q``
+            (equal numbers, up to float rounding; far fewer FLOPs). ``False`` is StableKeypoints' order.
         replace_output: replace the captured layers' outputs with the downsampled high-resolution
             attention, as StableXLKeypoints did (changes the network; for reproduction only).
         gradient_checkpointing: trade compute for memory in the UNet's backward pass.
@@ -69,6 +71,7 @@ class Backbone(nn.Module):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         stop_early: bool = True,
         memory_efficient_maps: bool = True,
+        upsample_queries: bool = True,
         replace_output: bool = False,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
@@ -94,6 +97,7 @@ class Backbone(nn.Module):
         self.dtype = DTYPES[dtype]
         self.stop_early = stop_early
         self.memory_efficient_maps = memory_efficient_maps
+        self.upsample_queries = upsample_queries
         self.replace_output = replace_output
         self.gradient_checkpointing = gradient_checkpointing
         self.channels_last = channels_last
@@ -119,14 +123,17 @@ class Backbone(nn.Module):
             tmp.rename(path)
 
     def _from_pretrained(self, cls: type, subfolder: str, **kwargs) -> nn.Module:
-        return cls.from_pretrained(
-            self.pretrained_model_name_or_path,
-            subfolder=subfolder,
-            revision=self.revision,
-            variant=self.variant,
-            local_files_only=self.local_files_only,
-            **kwargs,
-        )
+        options = dict(revision=self.revision, local_files_only=self.local_files_only, **kwargs)
+        if cls is not DDIMScheduler:
+            options["variant"] = self.variant
+        try:
+            return cls.from_pretrained(self.pretrained_model_name_or_path, subfolder=subfolder, **options)
+        except OSError as error:
+            raise OSError(
+                f"Cannot load {subfolder}/ of pretrained_model_name_or_path={self.pretrained_model_name_or_path!r}: "
+                "it must be a local folder in diffusers layout or a hub id you can reach (HF_HUB_OFFLINE=1 "
+                "allows only what is cached; gated models need `hf auth login`)."
+            ) from error
 
     @property
     def is_loaded(self) -> bool:
@@ -136,12 +143,7 @@ class Backbone(nn.Module):
         """Loads the UNet, VAE and scheduler from ``pretrained_model_name_or_path``, then ``attach``es them."""
         if self.is_loaded:
             return
-        scheduler = DDIMScheduler.from_pretrained(
-            self.pretrained_model_name_or_path,
-            subfolder="scheduler",
-            revision=self.revision,
-            local_files_only=self.local_files_only,
-        )
+        scheduler = self._from_pretrained(DDIMScheduler, "scheduler")
         self.attach(
             self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=self.dtype),
             self._from_pretrained(AutoencoderKL, "vae", torch_dtype=self.vae_dtype),
@@ -154,8 +156,8 @@ class Backbone(nn.Module):
         ``load`` calls it; benchmarks call it directly with randomly initialized real-size models.
         ``scheduler``'s config gives the noise schedule, run as a 50-step DDIM grid (SPEC section 2).
         """
-        self.unet = unet.to(self.dtype)
-        self.vae = vae.to(self.vae_dtype)
+        self.unet = unet if unet.dtype == self.dtype else unet.to(self.dtype)
+        self.vae = vae if vae.dtype == self.vae_dtype else vae.to(self.vae_dtype)
         scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
         scheduler.set_timesteps(self.num_inference_steps)
         if not -len(scheduler.timesteps) <= self.noise_level < len(scheduler.timesteps):
@@ -177,6 +179,7 @@ class Backbone(nn.Module):
             stop_early=self.stop_early,
             memory_efficient=self.memory_efficient_maps,
             replace_output=self.replace_output,
+            upsample_queries=self.upsample_queries,
         )
         if self.compile_unet:
             # Blocks, not the whole UNet: the early stop raises out of the forward, which a
