@@ -45,7 +45,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa
 from lightning_modules.augmentation import warp  # noqa: E402
 from lightning_modules.backbones import StableDiffusion, StableDiffusionXL  # noqa: E402
 from lightning_modules.backbones.sd import TINY_VAE, sd_scheduler, tiny_sd_unet  # noqa: E402
-from lightning_modules.stable_keypoints import StableKeypoints  # noqa: E402
+from lightning_modules.stable_keypoints import StableKeypoints, release_freed_host_memory  # noqa: E402
 
 MODES = ("optimized", "naive", "bf16", "checkpointing", "compile")
 SD_VAE = dict(
@@ -154,7 +154,10 @@ def training_step(module: StableKeypoints, images: torch.Tensor, theta: torch.Te
     losses["loss"].backward()
     phases.mark("backward")
     module.context.grad = None
-    return maps.detach(), {k: v.detach() for k, v in losses.items()}
+    maps, losses = maps.detach(), {k: v.detach() for k, v in losses.items()}
+    if images.device.type == "cpu":
+        release_freed_host_memory()  # as StableKeypoints.on_train_batch_end does
+    return maps, losses
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import re
 from pathlib import Path
@@ -228,6 +230,10 @@ class StableKeypoints(L.LightningModule):
             self.log(f"train/{name}", out[name], prog_bar=name == "loss", batch_size=batch_size)
         return out["loss"]
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.device.type == "cpu":
+            release_freed_host_memory()
+
     # ------------------------------------------------------------------ keypoints
     @torch.no_grad()
     def choose_keypoint_tokens(self, dataloader=None) -> Tensor:
@@ -383,6 +389,26 @@ class StableKeypoints(L.LightningModule):
         if self.trainer.is_global_zero:
             path = self.export_embedding(self.run_dir() / EMBEDDING_FILE)
             rank_zero_info(f"Context exported to {path}")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_host_memory() -> None:
+    """Hands memory freed by tensors back to the OS (glibc only; a no-op elsewhere).
+
+    glibc keeps freed heap memory for reuse, and a training step's mix of tensor sizes fragments
+    it: on CPU the peak RSS of SD 1.5 at 512 px grew from 5.7 to 6.4 GiB over three steps without
+    this, and stays at 5.75 GiB with it, at no measurable cost (``benchmarks/bench.py``).
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def metric_name(metric) -> str:

@@ -131,3 +131,43 @@ def test_half_precision_trainer_is_refused_with_the_reason(precision, tiny_sd_pa
     module.trainer = L.Trainer(precision=precision, accelerator="cpu", logger=False)
     with pytest.raises(ValueError, match="does not converge.*bfloat16"):
         module.setup("fit")
+
+
+@pytest.mark.slow
+def test_test_and_predict_through_the_cli_write_their_files(demo_run, tiny_sd_path, cub_root, tmp_path):
+    import json
+
+    from PIL import Image
+
+    (ckpt,) = checkpoints(demo_run)
+    run_cli("test", *demo_args(tmp_path / "test", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt)))
+    (metrics_file,) = list((tmp_path / "test").rglob("metrics.json"))
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["metric"] == "normalized_keypoint_error" and 0 <= metrics["value"] < 100
+    assert (metrics_file.parent / "regressor.safetensors").is_file()
+    assert list((metrics_file.parent / "test_examples").glob("*.png"))
+
+    images = cub_root / "images" / "001.Synthetic_Bird_1"
+    run_cli("predict", *demo_args(tmp_path / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+                                  "--data.init_args.path", str(images)))
+    (index_file,) = list((tmp_path / "predict").rglob("keypoints.json"))
+    index = json.loads(index_file.read_text())
+    assert "x, y in pixels of the original image" in index["convention"]
+    sources = sorted(images.glob("*.jpg"))
+    assert len(index["images"]) == len(sources)
+    first = index["images"][0]
+    with Image.open(first["path"]) as source:
+        assert (first["width"], first["height"]) == source.size
+    assert len(first["keypoints"]) == 10
+    overlays = sorted((index_file.parent / "overlays").glob("*.png"))
+    assert len(overlays) == len(sources)
+    with Image.open(overlays[0]) as overlay:
+        assert overlay.format == "PNG" and overlay.size == (first["width"], first["height"])
+
+
+def test_a_missing_predict_path_fails_before_any_model_loads(capsys):
+    from run import main
+
+    with pytest.raises((SystemExit, ValueError)) as error:
+        main(["predict", "--config", DEMO, "--data.init_args.path", "/no/such/folder"])
+    assert "data.path='/no/such/folder' does not exist" in str(error.value) + capsys.readouterr().err

@@ -158,6 +158,8 @@ class Backbone(nn.Module):
         """
         self.unet = unet if unet.dtype == self.dtype else unet.to(self.dtype)
         self.vae = vae if vae.dtype == self.vae_dtype else vae.to(self.vae_dtype)
+        # Images are only ever encoded: the decoder (about 40 % of the VAE) would only hold memory.
+        self.vae.decoder = self.vae.post_quant_conv = None
         scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
         scheduler.set_timesteps(self.num_inference_steps)
         if not -len(scheduler.timesteps) <= self.noise_level < len(scheduler.timesteps):
