@@ -187,9 +187,9 @@ class Backbone(nn.Module):
             # Blocks, not the whole UNet: the early stop raises out of the forward, which a
             # whole-model graph would not allow.
             for block in [*self.unet.down_blocks, *self.unet.up_blocks]:
-                block.compile()
+                block.compile(dynamic=False)
             if self.unet.mid_block is not None:
-                self.unet.mid_block.compile()
+                self.unet.mid_block.compile(dynamic=False)
 
     def _load_extra(self) -> None:
         """Hook for families that need more than UNet + VAE + scheduler."""
