@@ -283,20 +283,6 @@ def test_keypoint_writer_csv(tmp_path, image_folder):
     assert not (tmp_path / "out" / "overlays").exists()
 
 
-@pytest.mark.slow
-def test_keypoint_writer_gathers_one_index_from_two_ddp_processes(tmp_path, image_folder):
-    Image.new("RGB", (32, 32), DARK).save(image_folder / "square.png")
-    model = StubKeypointModel(str(tmp_path / "run"))
-    data = ImageFolderDataModule(str(image_folder), image_size=32, batch_size=1, num_workers=0)
-    writer = KeypointWriter(output_dir=str(tmp_path / "out"))
-    ddp = trainer(tmp_path, [writer], strategy="ddp_spawn", devices=2)
-    ddp.predict(model, datamodule=data, return_predictions=False)
-    index = json.loads((tmp_path / "out" / "keypoints.json").read_text())
-    # Three images split over two ranks (0, 2 and 1), back in dataset order in one file.
-    assert [Path(e["path"]).name for e in index["images"]] == ["square.png", "tall.jpg", "wide.png"]
-    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 3
-
-
 def test_keypoint_writer_rejects_unknown_format():
     with pytest.raises(ValueError, match="'json' or 'csv'"):
         KeypointWriter(format="xml")

@@ -171,3 +171,17 @@ def test_a_missing_predict_path_fails_before_any_model_loads(capsys):
     with pytest.raises((SystemExit, ValueError)) as error:
         main(["predict", "--config", DEMO, "--data.init_args.path", "/no/such/folder"])
     assert "data.path='/no/such/folder' does not exist" in str(error.value) + capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_under_ddp_writes_one_index_in_dataset_order(demo_run, tiny_sd_path, cub_root, tmp_path):
+    import json
+
+    (ckpt,) = checkpoints(demo_run)
+    images = cub_root / "images" / "002.Synthetic_Bird_2"
+    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), "--data.init_args.path",
+                                  str(images), "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    (index_file,) = list(tmp_path.rglob("keypoints.json"))
+    paths = [entry["path"] for entry in json.loads(index_file.read_text())["images"]]
+    assert paths == [str(p) for p in sorted(images.glob("*.jpg"))]  # each image once, rows from both ranks merged
+    assert len(list((index_file.parent / "overlays").glob("*.png"))) == len(paths)

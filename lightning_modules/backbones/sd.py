@@ -15,27 +15,27 @@ SD_UP_LAYERS = tuple(
     for block, index in ((1, 0), (1, 1), (1, 2), (2, 0))
 )
 
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
+#: The public configs of stable-diffusion-v1-5 (``unet/`` and ``vae/config.json``), reduced to the
+#: keys that differ from diffusers' defaults: what the benchmarks build with random weights.
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+SD_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 8, 16, 16),
-    layers_per_block=1,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
     latent_channels=4,
-    norm_num_groups=4,
-    sample_size=128,
+    sample_size=512,
 )
+#: The same VAE shape (x8 downsampling, 4 latent channels) with few channels, for tests and the demo.
+TINY_VAE = {**SD_VAE, "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 128}
 
 
 def tiny_sd_unet(cross_attention_dim: int = 32, **overrides) -> UNet2DConditionModel:
     """An SD 1.5-shaped UNet (same block layout and module names), 2.4 M parameters."""
     config = dict(
+        SD15_UNET,
         sample_size=16,
-        layers_per_block=2,
         block_out_channels=(32, 32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=2,
         norm_num_groups=8,

@@ -15,6 +15,21 @@ from lightning_modules.backbones.base import Backbone
 from lightning_modules.backbones.sd import TINY_VAE
 
 SDXL_LAYERS = tuple(f"up_blocks.0.attentions.0.transformer_blocks.{i}.attn2" for i in range(3))
+#: The public config of stable-diffusion-xl-base-1.0 (``unet/config.json``), reduced to the keys that
+#: differ from diffusers' defaults: what the benchmarks build with random weights.
+SDXL_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    cross_attention_dim=2048,
+)
 
 
 def byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
@@ -116,19 +131,17 @@ class StableDiffusionXL(Backbone):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             UNet2DConditionModel(
-                sample_size=16,
-                layers_per_block=2,
-                block_out_channels=(32, 64, 64),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 3),
-                attention_head_dim=(2, 4, 8),
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=time_dim,
-                projection_class_embeddings_input_dim=6 * time_dim + projection,
-                cross_attention_dim=2 * hidden,
-                norm_num_groups=8,
+                **{
+                    **SDXL_UNET,
+                    "sample_size": 16,
+                    "block_out_channels": (32, 64, 64),
+                    "transformer_layers_per_block": (1, 2, 3),
+                    "attention_head_dim": (2, 4, 8),
+                    "addition_time_embed_dim": time_dim,
+                    "projection_class_embeddings_input_dim": 6 * time_dim + projection,
+                    "cross_attention_dim": 2 * hidden,
+                    "norm_num_groups": 8,
+                }
             ).save_pretrained(folder / "unet")
             AutoencoderKL(**{**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}).save_pretrained(folder / "vae")
             text = dict(hidden_size=hidden, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
