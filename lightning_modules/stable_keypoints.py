@@ -185,11 +185,14 @@ class StableKeypoints(L.LightningModule):
         self.keypoint_tokens = torch.empty_like(state.get("keypoint_tokens", self.keypoint_tokens))
 
     # ------------------------------------------------------------------ training
+    def _generator(self, *entropy: int) -> torch.Generator:
+        """A generator on this device seeded from ``noise_seed`` and ``entropy``."""
+        sequence = np.random.SeedSequence([self.hparams.noise_seed, *entropy])
+        return torch.Generator(device=self.device).manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """A generator for one step's noise and transforms, reproducible from (seed, rank, step, batch)."""
-        entropy = [self.hparams.noise_seed, self.global_rank, self.global_step, batch_idx]
-        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return self._generator(self.global_rank, self.global_step, batch_idx)
 
     def maps_of(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """images: (B, 3, S, S) in [0, 1] -> maps (B, T, R, R) with fresh noise."""
@@ -288,9 +291,7 @@ class StableKeypoints(L.LightningModule):
         )
 
     def _eval_generator(self, batch_idx: int, dataloader_idx: int = 0) -> torch.Generator:
-        entropy = [self.hparams.noise_seed, 1 + dataloader_idx, self.global_rank, batch_idx]
-        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return self._generator(1 + dataloader_idx, self.global_rank, batch_idx)
 
     # ------------------------------------------------------------------ test: regressor + metric
     def on_test_start(self) -> None:
