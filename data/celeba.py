@@ -127,7 +127,7 @@ class CelebADataModule(SplitsDataModule):
         variant: ``"aligned"`` or ``"wild"`` (see ``CelebADataset``).
         mafl_dir: folder of the MAFL ``training.txt`` / ``testing.txt``; default ``root/MAFL``.
         min_face_area_frac: wild only: minimum face-box fraction of the image area (SK: 0.3).
-        image_size, batch_size, num_workers, path: see ``KeypointDataModule``.
+        kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
     """
 
     keypoint_names = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
@@ -138,12 +138,9 @@ class CelebADataModule(SplitsDataModule):
         variant: Literal["aligned", "wild"] = "aligned",
         mafl_dir: str | None = None,
         min_face_area_frac: float = 0.3,
-        image_size: int = 512,
-        batch_size: int = 4,
-        num_workers: int = 2,
-        path: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        super().__init__(**kwargs)
         self.root = root
         self.variant = variant
         self.mafl_dir = mafl_dir

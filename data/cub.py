@@ -399,10 +399,6 @@ class CUBDataModule(KeypointDataModule):
     Args:
         root: the ``CUB_200_2011/`` folder.
         subset: ``cub_all``, ``cub_001``, ``cub_002``, ``cub_003`` or ``cub_aligned`` (see ``CUBDataset``).
-        image_size: side S of the square images fed to the model, in pixels.
-        batch_size: images per device and step.
-        num_workers: DataLoader worker processes.
-        path: images for ``predict`` (a folder or one file); default: the test split.
         images_dir: a folder mirroring ``root/images`` to read instead (e.g. the gray-background tree
             of ``python -m data.cub_preprocess``).
         fill_rgb: 0-255 colour of crop regions outside the image; (127, 127, 127) suits ``images_dir``
@@ -410,6 +406,7 @@ class CUBDataModule(KeypointDataModule):
         download: fetch and extract the official archive (about 1.1 GB) into ``root`` if missing.
         generate_synthetic: demo only: if ``root`` is missing, write the small synthetic dataset of
             ``data.demo`` there.
+        kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
     """
 
     keypoint_names = PART_NAMES
@@ -418,16 +415,13 @@ class CUBDataModule(KeypointDataModule):
         self,
         root: str,
         subset: Subset = "cub_all",
-        image_size: int = 512,
-        batch_size: int = 4,
-        num_workers: int = 2,
-        path: str | None = None,
         images_dir: str | None = None,
         fill_rgb: tuple[int, int, int] = (0, 0, 0),
         download: bool = False,
         generate_synthetic: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        super().__init__(**kwargs)
         if subset not in get_args(Subset):
             raise ValueError(f"data.subset={subset!r}: choose one of {get_args(Subset)}.")
         if download and generate_synthetic:

@@ -86,18 +86,15 @@ class DeepFashionDataModule(SplitsDataModule):
 
     Args:
         root: folder holding the csv/json files and ``img/``.
-        image_size, batch_size, num_workers, path: see ``KeypointDataModule``.
+        kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
     """
 
     def __init__(
         self,
         root: str,
-        image_size: int = 512,
-        batch_size: int = 4,
-        num_workers: int = 2,
-        path: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        super().__init__(**kwargs)
         self.root = root
 
     def _build(self, split: Literal["train", "regression", "test"]) -> Dataset:

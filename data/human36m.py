@@ -132,7 +132,7 @@ class Human36MDataModule(SplitsDataModule):
         train_subjects: subjects of the train and regression splits.
         test_subjects: subjects of the test split.
         actions: action-folder name prefixes to keep.
-        image_size, batch_size, num_workers, path: see ``KeypointDataModule``.
+        kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
     """
 
     # Numbered: the release stores the 32 joints of the Human3.6M skeleton without names.
@@ -144,12 +144,9 @@ class Human36MDataModule(SplitsDataModule):
         train_subjects: tuple[int, ...] = (1, 5, 6, 7, 8, 9),
         test_subjects: tuple[int, ...] = (11,),
         actions: tuple[str, ...] = H36M_ACTIONS,
-        image_size: int = 512,
-        batch_size: int = 4,
-        num_workers: int = 2,
-        path: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        super().__init__(**kwargs)
         self.root = root
         self.train_subjects = train_subjects
         self.test_subjects = test_subjects

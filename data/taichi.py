@@ -89,7 +89,7 @@ class TaiChiDataModule(SplitsDataModule):
     Args:
         root: the Tai-Chi-HD folder.
         train_flip_prob: probability of mirroring a training frame.
-        image_size, batch_size, num_workers, path: see ``KeypointDataModule``.
+        kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
     """
 
     # The release does not name its 18 keypoints.
@@ -99,12 +99,9 @@ class TaiChiDataModule(SplitsDataModule):
         self,
         root: str,
         train_flip_prob: float = 0.5,
-        image_size: int = 512,
-        batch_size: int = 4,
-        num_workers: int = 2,
-        path: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+        super().__init__(**kwargs)
         self.root = root
         self.train_flip_prob = train_flip_prob
 

@@ -66,8 +66,8 @@ class SplitsDataModule(KeypointDataModule):
 
     _STAGE_SPLITS = {"fit": ("train", "regression"), "test": ("regression", "test"), "predict": ("test",)}
 
-    def __init__(self, image_size: int, batch_size: int, num_workers: int, path: str | None) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self._datasets: dict[str, Dataset] = {}
 
     def _build(self, split: Literal["train", "regression", "test"]) -> Dataset:
