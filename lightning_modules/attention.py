@@ -151,11 +151,13 @@ def head_mean_attention(
     """
     if memory_efficient:
         return HeadMeanAttention.apply(q, k, scale, weights)
-    if weights is not None:
-        side = weights.shape[1]
-        grid = q.transpose(-1, -2).unflatten(-1, (side, side))  # (B, H, d, side, side)
-        q = ((weights.to(q.dtype) @ grid) @ weights.to(q.dtype).T).flatten(-2).transpose(-1, -2)
-    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1).mean(dim=1)
+    return torch.softmax(upsampled_queries(q, weights) @ k.transpose(-1, -2) * scale, dim=-1).mean(dim=1)
+
+
+def upsampled_queries(q: Tensor, weights: Tensor | None) -> Tensor:
+    """q: (B, H, side*side, d) -> (B, H, R*R, d) upsampled by ``weights`` (R, side); q itself when None."""
+    queries = _Queries(q, weights)
+    return queries.block(0, queries.length)
 
 
 class CaptureProcessor:
@@ -209,9 +211,7 @@ class CaptureProcessor:
         q, k = q.float(), k.float()
         replaced = None
         if capture.replace_output:
-            if weights is not None:
-                q = _upsample_tokens(q.transpose(1, 2).flatten(2), side, res).unflatten(-1, (heads, -1)).transpose(1, 2)
-            probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (B, H, R*R, T)
+            probs = torch.softmax(upsampled_queries(q, weights) @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (B, H, R*R, T)
             maps = probs.mean(dim=1)
             replaced = self._replaced_output(attn, probs, context, side)
         else:
