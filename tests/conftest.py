@@ -15,13 +15,18 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _tiny_model(tmp_path_factory, family: str, name: str) -> Path:
+    """Writes the tiny random model of ``lightning_modules.backbones.<family>`` into a session folder."""
+    import lightning_modules.backbones as backbones
+
+    path = tmp_path_factory.mktemp("models") / name
+    getattr(backbones, family).write_tiny(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
-    from lightning_modules.backbones import StableDiffusion
-
-    path = tmp_path_factory.mktemp("models") / "sd15-tiny"
-    StableDiffusion.write_tiny(path)
-    return path
+    return _tiny_model(tmp_path_factory, "StableDiffusion", "sd15-tiny")
 
 
 @pytest.fixture(scope="session")
@@ -43,20 +48,12 @@ def images() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory) -> Path:
-    from lightning_modules.backbones import StableDiffusionXL
-
-    path = tmp_path_factory.mktemp("models") / "sdxl-tiny"
-    StableDiffusionXL.write_tiny(path)
-    return path
+    return _tiny_model(tmp_path_factory, "StableDiffusionXL", "sdxl-tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_zero123plus_path(tmp_path_factory) -> Path:
-    from lightning_modules.backbones import Zero123Plus
-
-    path = tmp_path_factory.mktemp("models") / "zero123plus-tiny"
-    Zero123Plus.write_tiny(path)
-    return path
+    return _tiny_model(tmp_path_factory, "Zero123Plus", "zero123plus-tiny")
 
 
 @pytest.fixture(scope="session")
