@@ -116,6 +116,7 @@ class StableKeypoints(L.LightningModule):
         self.test_metric = None
         self.regressor: LinearKeypointRegressor | None = None
         self._regression: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._num_regression_images = 0
 
     # ------------------------------------------------------------------ set-up
     def prepare_data(self) -> None:
