@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,6 +22,7 @@ from lightning_modules.concentration import attention_concentration
 from lightning_modules.keypoints import augmented_keypoints, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
 from lightning_modules.regressor import LinearKeypointRegressor
+from lightning_modules.seeding import seeded_generator
 from lightning_modules.selection import RankingMethod, select_tokens
 
 EMBEDDING_FILE = "embedding.safetensors"
@@ -188,8 +188,7 @@ class StableKeypoints(L.LightningModule):
     # ------------------------------------------------------------------ training
     def _generator(self, *entropy: int) -> torch.Generator:
         """A generator on this device seeded from ``noise_seed`` and ``entropy``."""
-        sequence = np.random.SeedSequence([self.hparams.noise_seed, *entropy])
-        return torch.Generator(device=self.device).manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+        return seeded_generator(self.hparams.noise_seed, *entropy, device=self.device)
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """A generator for one step's noise and transforms, reproducible from (seed, rank, step, batch)."""
