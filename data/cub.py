@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from data.base import KeypointDataModule
 from data.folder import crop_resize
+from lightning_modules.errors import ConfigError
 
 #: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
@@ -404,8 +405,9 @@ class CUBDataModule(KeypointDataModule):
         fill_rgb: 0-255 colour of crop regions outside the image; (127, 127, 127) suits ``images_dir``
             trees composited on gray.
         download: fetch and extract the official archive (about 1.1 GB) into ``root`` if missing.
-        generate_synthetic: demo only: if ``root`` is missing, write the small synthetic dataset of
-            ``data.demo`` there.
+        generate_synthetic: demo only: if ``root`` is missing and is the demo's folder
+            (``data.demo.DEMO_CUB_ROOT``, ``.demo/CUB_200_2011``), write the small synthetic dataset
+            of ``data.demo`` there (and say so); a missing ``root`` anywhere else is an error.
         kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
     """
 
@@ -423,9 +425,13 @@ class CUBDataModule(KeypointDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if subset not in get_args(Subset):
-            raise ValueError(f"data.subset={subset!r}: choose one of {get_args(Subset)}.")
+            raise ConfigError(f"data.subset={subset!r}: choose one of {get_args(Subset)}.")
         if download and generate_synthetic:
-            raise ValueError("data.download and data.generate_synthetic are exclusive: download the real dataset or write the demo one.")
+            raise ConfigError("data.download and data.generate_synthetic are exclusive: download the real dataset or write the demo one.")
+        if generate_synthetic and not Path(root).exists():
+            from data.demo import require_demo_root
+
+            require_demo_root(root)  # before anything runs: a mistyped root must not become a made-up dataset
         self.root = root
         self.subset = subset
         self.images_dir = images_dir
@@ -437,9 +443,10 @@ class CUBDataModule(KeypointDataModule):
     def prepare_data(self) -> None:
         if self.download:
             download_cub(self.root)
-        elif self.generate_synthetic:
-            from data.demo import DEMO_SIZE, ensure_synthetic_cub
+        elif self.generate_synthetic and not Path(self.root).exists():
+            from data.demo import DEMO_SIZE, ensure_synthetic_cub, require_demo_root
 
+            require_demo_root(self.root)
             ensure_synthetic_cub(self.root, **DEMO_SIZE)
 
     def setup(self, stage: str | None = None) -> None:
