@@ -111,3 +111,20 @@ def test_an_imported_context_of_another_token_count_is_refused(tiny_sd_path, tmp
     module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), **SMALL, pretrained_context=path)
     with pytest.raises(CheckpointMismatchError, match="holds 30 tokens but model.num_tokens=40"):
         module.configure_model()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(degrees=-1.0), r"model.augmentation.degrees=-1.0: it must be finite and >= 0"),
+        (dict(degrees=math.nan), r"model.augmentation.degrees=nan"),
+        (dict(translate_frac=-0.1), r"model.augmentation.translate_frac=-0.1"),
+        (dict(scale=(0.0, 1.0)), r"model.augmentation.scale=\(0.0, 1.0\): need 0 < low <= high"),
+        (dict(scale=(1.0, 0.8)), r"model.augmentation.scale=\(1.0, 0.8\)"),
+    ],
+)
+def test_a_bad_augmentation_range_is_a_config_error(options, message) -> None:
+    from lightning_modules.augmentation import AffineAugmentation
+
+    with pytest.raises(ConfigError, match=message):
+        AffineAugmentation(**options)
