@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data.base import KeypointDataModule
 from data.folder import crop_resize
-from lightning_modules.errors import ConfigError
+from lightning_modules.errors import ConfigError, MissingFileError
 
 #: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
@@ -72,7 +72,7 @@ def _read_rows(root: Path, name: str, num_fields: int) -> list[list[str]]:
     """Whitespace-separated rows of ``root/name``, each with exactly ``num_fields`` fields."""
     path = root / name
     if not path.is_file():
-        raise FileNotFoundError(_missing_message(path))
+        raise MissingFileError(_missing_message(path))
     rows = []
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -259,9 +259,9 @@ class CUBDataset(Dataset):
         annotations: CUBAnnotations | None = None,
     ) -> None:
         if subset not in get_args(Subset):
-            raise ValueError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
+            raise ConfigError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
         if split not in get_args(Split):
-            raise ValueError(f"split={split!r}: choose 'train' or 'test'.")
+            raise ConfigError(f"split={split!r}: choose 'train' or 'test'.")
         self.annotations = load_annotations(root) if annotations is None else annotations
         self.images_dir = Path(root) / "images" if images_dir is None else Path(images_dir)
         self.rows = select_rows(self.annotations, subset, split)
@@ -462,12 +462,12 @@ class CUBDataModule(KeypointDataModule):
         for dataset in (self._datasets["train"], self._datasets["test"]):
             missing = [dataset.image_path(i) for i in range(len(dataset)) if not dataset.image_path(i).is_file()]
             if missing and self.images_dir:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"data.images_dir={self.images_dir!r} lacks {len(missing)} images of {self.subset}, e.g. {str(missing[0])!r}: "
                     f"rerun `python -m data.cub_preprocess --root {self.root} --output {self.images_dir}` (it resumes)."
                 )
             if missing:
-                raise FileNotFoundError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
+                raise MissingFileError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
 
     def _dataset(self, name: str) -> CUBDataset:
         if not self._datasets:
