@@ -66,14 +66,14 @@ def augmented_keypoints(
     ``maps_of`` (images -> (N, T, R, R), fresh noise inside) together, ``chunk_size`` at a time.
     """
     batch, _, height, width = images.shape
-    theta = augmentation.sample(batch * iterations, generator, images.device)
-    warped = warp(images.repeat_interleave(iterations, dim=0), theta)
+    transform = augmentation.sample(batch * iterations, generator, images.device)
+    warped = warp(images.repeat_interleave(iterations, dim=0), transform)
     chunks = [warped] if not chunk_size else warped.split(chunk_size)
     maps = torch.cat([maps_of(chunk)[:, tokens] for chunk in chunks])  # (B*I, K, R, R)
     maps = F.interpolate(maps.float(), size=(height, width), mode="bilinear", align_corners=False)
-    back = unwarp(maps, theta).view(batch, iterations, len(tokens), height, width).sum(1)
+    back = unwarp(maps, transform).view(batch, iterations, len(tokens), height, width).sum(1)
     ones = torch.ones(batch * iterations, 1, height, width, device=images.device)
-    coverage = unwarp(ones, theta).view(batch, iterations, 1, height, width).sum(1)
+    coverage = unwarp(ones, transform).view(batch, iterations, 1, height, width).sum(1)
     mean = torch.where(coverage > 0, back / coverage.clamp_min(1e-12), torch.zeros_like(back))
     return locate_peaks(mean, soft_argmax_window_px)
 

@@ -200,8 +200,8 @@ class StableKeypoints(L.LightningModule):
         noise = self.backbone.sample_noise(latents, generator)
         return self.backbone.attention_maps(latents, noise, self.context, self.hparams.feature_upsample_res)
 
-    def losses(self, maps: Tensor, maps_transformed: Tensor, theta: Tensor) -> dict[str, Tensor]:
-        """maps, maps_transformed: (B, T, R, R); theta: (B, 3, 3) -> the loss terms of one step."""
+    def losses(self, maps: Tensor, maps_transformed: Tensor, transform: Tensor) -> dict[str, Tensor]:
+        """maps, maps_transformed: (B, T, R, R); transform: (B, 3, 3) -> the loss terms of one step."""
         hp = self.hparams
         with torch.no_grad():
             fps_source = maps_transformed if hp.fps_maps == "transformed" else None
@@ -216,7 +216,7 @@ class StableKeypoints(L.LightningModule):
         rows = torch.arange(maps.shape[0], device=maps.device)[:, None]
         selected, selected_transformed = maps[rows, tokens], maps_transformed[rows, tokens]  # (B, K, R, R)
         loss_loc = localization_loss(selected, hp.sigma_px)
-        loss_equiv = equivariance_loss(selected, selected_transformed, theta, mask=hp.equivariance_mask)
+        loss_equiv = equivariance_loss(selected, selected_transformed, transform, mask=hp.equivariance_mask)
         mass, entropy = attention_concentration(selected, hp.sigma_px)
         return {
             "loss": hp.localization_weight * loss_loc + hp.equivariance_weight * loss_equiv,
@@ -227,14 +227,18 @@ class StableKeypoints(L.LightningModule):
             "tokens": tokens,
         }
 
+    def equivariance_pair(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """images: (B, 3, S, S) -> (maps (2B, T, R, R) of the images then of their transformed copies,
+        transforms (B, 3, 3) normalized, see ``augmentation.py``)."""
+        transform = self.augmentation.sample(images.shape[0], generator, self.device)
+        # The image and its transformed copy share one VAE call and one UNet call.
+        return self.maps_of(torch.cat([images, warp(images, transform)]), generator), transform
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
         batch_size = images.shape[0]
-        generator = self.step_generator(batch_idx)
-        theta = self.augmentation.sample(batch_size, generator, self.device)
-        # The image and its transformed copy share one VAE call and one UNet call.
-        maps = self.maps_of(torch.cat([images, warp(images, theta)]), generator)
-        out = self.losses(maps[:batch_size], maps[batch_size:], theta)
+        maps, transform = self.equivariance_pair(images, self.step_generator(batch_idx))
+        out = self.losses(maps[:batch_size], maps[batch_size:], transform)
         for name in ("loss", "loss_loc", "loss_equiv", "concentration", "spatial_entropy"):
             self.log(f"train/{name}", out[name], prog_bar=name == "loss", batch_size=batch_size)
         return out["loss"]
