@@ -15,7 +15,7 @@ def localization_loss(maps: Tensor, sigma_px: float) -> Tensor:
     The target has no gradient: it only says where each map should concentrate.
     """
     with torch.no_grad():
-        target = gaussian_maps(argmax_pixels(maps) + 0.5, maps.shape[-1], sigma_px)
+        target = gaussian_maps(argmax_pixels(maps), maps.shape[-1], sigma_px)
     return (maps - target).pow(2).mean()
 
 
