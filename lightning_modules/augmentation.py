@@ -20,6 +20,7 @@ converts them between frames (``normalize_homography``/``denormalize_homography`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,3 +112,77 @@ def transform_points(points: Tensor, transform: Tensor) -> Tensor:
     """
     moved = kornia_transform_points(transform.double(), points.double() * 2 - 1)
     return ((moved + 1) / 2).to(points.dtype)
+
+
+@dataclass
+class PhotometricAugmentation:
+    """Colour changes of the equivariance pair's transformed copy (opt-in; no reference trains with them).
+
+    The tokens then have to find the same point under other colours, blur or none, as well as
+    under the affine transform. kornia's ``ColorJitter``, ``RandomGrayscale`` and
+    ``RandomGaussianBlur`` apply them, in that order, each to a random subset of the batch.
+    All zeros (the default) is off.
+
+    Args:
+        brightness: ColorJitter's brightness factor drawn from U(1 - b, 1 + b).
+        contrast: ColorJitter's contrast factor drawn from U(1 - c, 1 + c).
+        saturation: ColorJitter's saturation factor drawn from U(1 - s, 1 + s).
+        hue: ColorJitter's hue shift drawn from U(-h, h) turns (at most 0.5).
+        jitter_p: probability that an image is colour-jittered (when any of the four is non-zero).
+        grayscale_p: probability that an image is made gray.
+        blur_p: probability that an image is blurred.
+        blur_sigma_px: ``(low, high)`` of the blur's sigma, in pixels of the image.
+    """
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma_px: tuple[float, float] = (0.1, 2.0)
+
+    def __post_init__(self) -> None:
+        for name in ("jitter_p", "grayscale_p", "blur_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"photometric.{name}={getattr(self, name)}: a probability is in [0, 1].")
+        if min(self.brightness, self.contrast, self.saturation, self.hue) < 0 or self.hue > 0.5:
+            raise ValueError("photometric.brightness/contrast/saturation must be >= 0 and photometric.hue in [0, 0.5].")
+        low, high = self.blur_sigma_px
+        if not 0 < low <= high:
+            raise ValueError(f"photometric.blur_sigma_px={self.blur_sigma_px}: need 0 < low <= high.")
+
+    def kornia_steps(self) -> list:
+        """The kornia augmentations this configuration applies, in order (empty: off)."""
+        import kornia.augmentation as K
+
+        steps = []
+        if self.jitter_p and max(self.brightness, self.contrast, self.saturation, self.hue) > 0:
+            steps.append(K.ColorJitter(self.brightness, self.contrast, self.saturation, self.hue, p=self.jitter_p))
+        if self.grayscale_p:
+            steps.append(K.RandomGrayscale(p=self.grayscale_p))
+        if self.blur_p:
+            low, high = self.blur_sigma_px
+            kernel = 2 * math.ceil(3 * high) + 1  # covers +-3 sigma of the widest blur
+            steps.append(K.RandomGaussianBlur((kernel, kernel), (low, high), p=self.blur_p))
+        return steps
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """images: (B, 3, H, W) in [0, 1] -> the same, colour-augmented; nothing drawn when off.
+
+        kornia's augmentations draw their parameters from the global CPU RNG. To keep every draw
+        a function of the step's generator (and leave the global RNG alone), one seed is drawn
+        from ``generator``, kornia's own samplers run under it in a forked CPU RNG
+        (``forward_parameters``), and each augmentation is applied with those ``params=``.
+        """
+        steps = self.kornia_steps()
+        if not steps:
+            return images
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            params = [step.forward_parameters(images.shape) for step in steps]
+        for step, step_params in zip(steps, params):
+            images = step(images, params={k: v.to(images.device) if torch.is_tensor(v) else v for k, v in step_params.items()})
+        return images

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_modules.augmentation import AffineAugmentation, warp
+from lightning_modules.augmentation import AffineAugmentation, PhotometricAugmentation, warp
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.concentration import attention_concentration
 from lightning_modules.keypoints import augmented_keypoints, rank_keypoint_tokens, to_source_pixels
@@ -58,6 +58,8 @@ class StableKeypoints(L.LightningModule):
         equivariance_mask: average the equivariance loss over pixels the warp covers only
             (off = StableKeypoints: uncovered pixels count as zeros).
         augmentation: ranges of the random affine transform.
+        photometric: opt-in colour jitter, grayscale and blur of the transformed copy in training
+            (kornia; ``None`` or all zeros = off, StableKeypoints). Extraction never uses it.
         optimizer: the optimizer of the context; ``None`` = Adam(lr=5e-3), StableKeypoints' choice.
         num_indices: training images whose selections rank the global keypoint tokens.
         augmentation_iterations: random transforms averaged per image when extracting keypoints.
@@ -88,6 +90,7 @@ class StableKeypoints(L.LightningModule):
         equivariance_weight: float = 1000.0,
         equivariance_mask: bool = False,
         augmentation: AffineAugmentation = AffineAugmentation(),
+        photometric: PhotometricAugmentation | None = None,
         optimizer: OptimizerCallable | None = None,
         num_indices: int = 100,
         augmentation_iterations: int = 10,
@@ -106,6 +109,7 @@ class StableKeypoints(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
         self.augmentation = augmentation
+        self.photometric = photometric
         self.optimizer_factory = optimizer
         # Created in configure_model, once the backbone says how wide a token is.
         self.context: nn.Parameter | None = None
@@ -231,8 +235,11 @@ class StableKeypoints(L.LightningModule):
         """images: (B, 3, S, S) -> (maps (2B, T, R, R) of the images then of their transformed copies,
         transforms (B, 3, 3) normalized, see ``augmentation.py``)."""
         transform = self.augmentation.sample(images.shape[0], generator, self.device)
+        transformed = warp(images, transform)
+        if self.photometric is not None:
+            transformed = self.photometric(transformed, generator)
         # The image and its transformed copy share one VAE call and one UNet call.
-        return self.maps_of(torch.cat([images, warp(images, transform)]), generator), transform
+        return self.maps_of(torch.cat([images, transformed]), generator), transform
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]

@@ -9,7 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.augmentation import AffineAugmentation, affine_matrix, invert, pixel_matrix, transform_points, unwarp, warp
+from lightning_modules.augmentation import (
+    AffineAugmentation,
+    PhotometricAugmentation,
+    affine_matrix,
+    invert,
+    pixel_matrix,
+    transform_points,
+    unwarp,
+    warp,
+)
 from lightning_modules.selection import argmax_pixels
 
 
@@ -93,3 +102,55 @@ def test_one_transform_serves_every_resolution():
     torch.testing.assert_close(to_small @ big, small @ to_small, rtol=0, atol=1e-12)
     again = kornia.geometry.conversions.normalize_homography(small, (128, 128), (128, 128), align_corners=False)
     torch.testing.assert_close(again, transform, rtol=0, atol=1e-14)
+
+
+def test_photometric_is_off_by_default_and_draws_nothing_then():
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    off = PhotometricAugmentation()
+    assert off.kornia_steps() == []
+    assert off(images, generator) is images
+    assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=torch.Generator().manual_seed(1)))
+
+
+def test_photometric_is_reproducible_from_the_generator_and_leaves_the_global_rng_alone():
+    images = torch.rand(8, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    augment = PhotometricAugmentation(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.3, blur_p=0.5)
+    assert [type(step).__name__ for step in augment.kornia_steps()] == ["ColorJitter", "RandomGrayscale", "RandomGaussianBlur"]
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = augment(images, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(77)  # another global state: same result
+    assert torch.equal(augment(images, torch.Generator().manual_seed(3)), first)
+    assert not torch.equal(augment(images, torch.Generator().manual_seed(4)), first)
+    assert ((first - images).abs().amax(dim=(1, 2, 3)) > 0.01).sum() >= 6  # each step hits a random subset
+    assert 0 <= first.min() and first.max() <= 1
+
+
+def test_photometric_grayscale_only_makes_gray_images():
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = PhotometricAugmentation(grayscale_p=1.0)(images, torch.Generator().manual_seed(0))
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+    with pytest.raises(ValueError, match="blur_p"):
+        PhotometricAugmentation(blur_p=1.5)
+
+
+@pytest.mark.parametrize("photometric", [None, PhotometricAugmentation(), PhotometricAugmentation(brightness=0.5, blur_p=1.0)])
+def test_equivariance_pair_changes_only_the_transformed_copy(tiny_sd_path, photometric):
+    from lightning_modules.backbones import StableDiffusion
+    from lightning_modules.stable_keypoints import StableKeypoints
+
+    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=20, top_k=2, furthest_point_num_samples=4,
+                             photometric=photometric)
+    seen = []
+    module.maps_of = lambda x, generator: seen.append(x) or x
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _, transform = module.equivariance_pair(images, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(transform, AffineAugmentation().sample(2, torch.Generator().manual_seed(9)))
+    assert torch.equal(seen[0][:2], images)
+    plain = warp(images, transform)
+    if photometric is None or not photometric.kornia_steps():
+        assert torch.equal(seen[0][2:], plain)
+    else:
+        assert (seen[0][2:] - plain).abs().max() > 0.05

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_modules.augmentation import unwarp
+from lightning_modules.augmentation import PhotometricAugmentation, unwarp
 from lightning_modules.keypoints import augmented_keypoints
 from lightning_modules.seeding import seeded_generator
 
@@ -48,8 +48,10 @@ def _samples(values: torch.Tensor, seed: int) -> list[float]:
 
 
 @torch.no_grad()
-def test_demo_step_maps_and_losses_match_the_affine_grid_code(demo):
+@pytest.mark.parametrize("photometric", [None, PhotometricAugmentation()])
+def test_demo_step_maps_and_losses_match_the_affine_grid_code(demo, photometric):
     module, images = demo
+    module.photometric = photometric  # off either way: no draw, no change
     maps, transform = module.equivariance_pair(images, seeded_generator(0, 0, 0, 0))
     out = module.losses(maps[:2], maps[2:], transform)
     assert out["tokens"].tolist() == TOKENS
@@ -58,6 +60,17 @@ def test_demo_step_maps_and_losses_match_the_affine_grid_code(demo):
     torch.testing.assert_close(torch.tensor(_samples(back, 6)), torch.tensor(UNWARPED_SELECTED), rtol=0, atol=1e-6)
     for name, expected in (("loss", LOSS), ("loss_loc", LOSS_LOC), ("loss_equiv", LOSS_EQUIV)):
         assert abs(out[name].item() - expected) <= 1e-6, name
+
+
+@torch.no_grad()
+def test_demo_step_with_photometric_moves_the_transformed_maps(demo):
+    module, images = demo
+    module.photometric = PhotometricAugmentation(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2, blur_p=0.5)
+    try:
+        maps, transform = module.equivariance_pair(images, seeded_generator(0, 0, 0, 0))
+    finally:
+        module.photometric = None
+    assert (torch.tensor(_samples(maps[2:], 5)) - torch.tensor(TRANSFORMED_MAPS)).abs().max() > 1e-6
 
 
 @torch.no_grad()
