@@ -118,6 +118,9 @@ class StableKeypoints(L.LightningModule):
             soft_argmax_window_px=soft_argmax_window_px,
             extraction_chunk_size=extraction_chunk_size,
         )
+        for key, file in (("pretrained_context", pretrained_context), ("pretrained_keypoint_tokens", pretrained_keypoint_tokens)):
+            if file is not None and not Path(file).is_file():
+                raise MissingFileError(f"model.{key}={file!r} does not exist: give the file a trained context was saved to.")
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
         self.augmentation = augmentation
