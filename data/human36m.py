@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 
 from data.base import crop_resize, require_file
+from data.images import read_image
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
 
@@ -101,9 +102,9 @@ class Human36MDataset(WholeImageDataset):
 
     def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
         image, size = super()._load(index)
-        with Image.open(self._sibling(index, "BackgroudMask", ".png")) as mask:
-            # Binarized first: the masks are bilevel, stored as 0/1 or 0/255 depending on the writer.
-            mask = Image.fromarray(np.where(np.array(mask.convert("L")) > 0, 255, 0).astype(np.uint8))
+        mask = read_image(self._sibling(index, "BackgroudMask", ".png"))
+        # Binarized first: the masks are bilevel, stored as 0/1 or 0/255 depending on the writer.
+        mask = Image.fromarray(np.where(np.array(mask.convert("L")) > 0, 255, 0).astype(np.uint8))
         # Resized like the image so its edge is as soft as SK's bilinear-upsampled mask.
         return image * crop_resize(mask.convert("RGB"), (0, 0, *mask.size), self.image_size, (0, 0, 0)), size
 

@@ -36,9 +36,12 @@ def draw(path: Path, width: int, height: int, dot_xy: tuple[int, int], backgroun
 
 def check_sample(sample: dict, num_keypoints: int | None) -> None:
     """The ``data.base`` contract: keys, shapes, dtypes, ranges, invisible keypoints at (0, 0)."""
-    expected = {"image", "index", "path", "crop_box", "flipped"}
+    expected = {"image", "index", "path", "crop_box", "flipped", "source_size", "image_region"}
     expected |= {"keypoints", "visible"} if num_keypoints else set()
     assert set(sample) == expected
+    # Whole images: the crop is the source image, all of the model's image shows it.
+    assert sample["crop_box"][2:].tolist() == sample["source_size"].tolist()
+    assert sample["image_region"].tolist() == [0.0, 0.0, 1.0, 1.0]
     assert sample["image"].shape == (3, S, S) and sample["image"].dtype == torch.float32
     assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
     assert sample["crop_box"].shape == (4,) and sample["crop_box"].dtype == torch.float32
