@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from lightning_modules.augmentation import AffineAugmentation
-from lightning_modules.keypoints import augmented_keypoints, locate_peaks, rank_keypoint_tokens, to_source_pixels
+from lightning_modules.keypoints import (
+    augmented_keypoints,
+    inside_region,
+    locate_peaks,
+    rank_keypoint_tokens,
+    region_mask,
+    to_source_pixels,
+)
 from lightning_modules.stable_keypoints import load_context
 
 
@@ -74,6 +81,53 @@ def test_locate_peaks_argmax_and_soft_argmax():
     torch.testing.assert_close(locate_peaks(maps)[0, 0], torch.tensor([6.5 / 10, 4.5 / 10]))
     soft = locate_peaks(maps, soft_argmax_window_px=5)[0, 0]
     torch.testing.assert_close(soft, torch.tensor([7.0 / 10, 4.5 / 10]))
+
+
+def test_region_mask_keeps_pixel_centres_inside():
+    mask = region_mask(torch.tensor([[0.0, 0.25, 1.0, 0.75], [0.45, 0.0, 0.46, 1.0]]), 4, 10)
+    assert mask.shape == (2, 1, 4, 10)
+    assert mask[0, 0, :, 0].tolist() == [False, True, True, False]  # row centres 0.125, 0.375, 0.625, 0.875
+    assert mask[0, 0, 1:3].all() and not mask[0, 0, [0, 3]].any()
+    # Thinner than a pixel: the pixel at its centre (0.455 -> column 4) is kept.
+    assert mask[1, 0, 0].nonzero().flatten().tolist() == [4]
+
+
+def test_locate_peaks_restricted_to_the_valid_region():
+    maps = torch.zeros(1, 2, 10, 10)
+    maps[0, :, 0, 5] = 2.0  # the strongest peak, in the padding (row 0)
+    maps[0, 0, 3, 2] = 1.0  # a weaker one on the photo
+    maps[0, 1, 2, 7] = 1.0  # next to the border: the soft-argmax window reaches the padding
+    maps[0, 1, 1, 7] = 1.0
+    valid = region_mask(torch.tensor([[0.0, 0.2, 1.0, 0.8]]), 10, 10)  # rows 2..7
+    torch.testing.assert_close(locate_peaks(maps)[0, 0], torch.tensor([0.55, 0.05]))
+    torch.testing.assert_close(locate_peaks(maps, valid=valid)[0, 0], torch.tensor([0.25, 0.35]))
+    # Soft-argmax: without the mask, row 1 (padding) pulls the point up to y = 2.0 px.
+    torch.testing.assert_close(locate_peaks(maps, 3, valid)[0, 1], torch.tensor([0.75, 0.25]))
+
+
+def test_panorama_keypoints_stay_on_the_photo():
+    """A 1200 x 300 panorama padded to a square: 3/8 of the square above and below is padding.
+
+    The model's maps peak in the padding for most tokens; restricted, every point is inside."""
+    size = 32
+    region = torch.tensor([[0.0, 0.375, 1.0, 0.625]])  # image_region of 1200 x 300 in its square
+    peaks = [(0.1, 0.1), (0.5, 0.9), (0.8, 0.2), (0.3, 0.5), (0.6, 0.05)]  # 4 of 5 in the padding
+
+    def maps_of(images: torch.Tensor) -> torch.Tensor:
+        ys, xs = torch.meshgrid(torch.arange(16) + 0.5, torch.arange(16) + 0.5, indexing="ij")
+        blobs = [torch.exp(-((xs - 16 * x) ** 2 + (ys - 16 * y) ** 2) / 8) for x, y in peaks]
+        # A faint ramp keeps the photo's rows distinguishable where every blob is far.
+        return (torch.stack(blobs) + 1e-3 * ys / 16).expand(len(images), -1, -1, -1)
+
+    images = torch.zeros(1, 3, size, size)
+    tokens = torch.arange(len(peaks))
+    common = dict(augmentation=AffineAugmentation(degrees=0, translate_frac=0, scale=(1.0, 1.0)), iterations=2,
+                  generator=torch.Generator().manual_seed(0))
+    free = augmented_keypoints(maps_of, images, tokens, **common)
+    restricted = augmented_keypoints(maps_of, images, tokens, regions=region, **common)
+    assert inside_region(free, region)[0].tolist() == [False, False, False, True, False]
+    assert inside_region(restricted, region).all()
+    assert restricted[0, 3].tolist() == free[0, 3].tolist()  # the point already inside does not move
 
 
 def test_to_source_pixels_with_crop_box_and_flip():
