@@ -209,6 +209,17 @@ def test_draw_keypoints_colours_each_point_and_leaves_the_input_alone():
         draw_keypoints(image, points, labels=["0"])
 
 
+def test_labels_at_the_border_stay_on_the_picture():
+    image = Image.new("RGB", (100, 80), DARK)
+    # A point in the top-right corner: its label goes below and to the left instead of off the picture.
+    out = np.asarray(draw_keypoints(image, np.array([[97.5, 6.5]]), labels=["88"], radius=6)).astype(int)
+    label = np.abs(out - PALETTE[0]).sum(-1) < 60
+    label[:13, 91:] = False  # the disc itself (y 0..12, x 91..99)
+    rows, cols = label.nonzero()
+    # Above-right would put the text at y < 0 and x > 100; it sits below (y >= 13), left of the disc.
+    assert len(rows) > 20 and rows.min() >= 13 and cols.max() < 91
+
+
 def test_heatmap_overlay_is_resized_and_peaks_in_the_top_colour():
     image = Image.new("RGB", (64, 48), DARK)
     heat = np.zeros((8, 8), dtype=np.float32)
