@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from tqdm import tqdm
 
 from data import images
@@ -91,7 +91,8 @@ def find_unreadable(files: Sequence[str | Path], description: str = "Checking im
         threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1, len(todo)))
         with ThreadPoolExecutor(threads) as pool:
             results = pool.map(lambda job: images.decode_error(job[0]), todo)
-            for (_, key, stamp), reason in zip(todo, tqdm(results, total=len(todo), desc=description, unit="img")):
+            bar = tqdm(results, total=len(todo), desc=description, unit="img", disable=rank_zero_only.rank != 0)
+            for (_, key, stamp), reason in zip(todo, bar):
                 verdicts[key] = reason
                 entries[key] = [*stamp, reason]
         _save_cache(cache_path, entries)
