@@ -160,13 +160,14 @@ class AttentionVisualizer(Callback):
         tokens = tokens.cpu()
         peaks = (argmax_pixels(selected).double() + 0.5) * self.cell_px / maps.shape[-1]  # (N, k, 2) cell pixels
         if final:
-            heading = f"keypoint tokens · step {step}"
+            heading, note = f"keypoint tokens · step {step}", "the final keypoint tokens"
             captions = [f"keypoint {k} · token {t} · step {step}" for k, t in enumerate(tokens[0].tolist())]
         else:
-            heading = f"tokens selected for this image · step {step} (keypoints are ranked after fit)"
-            captions = None
+            heading, captions = f"selected tokens · step {step}", None
+            note = "tokens selected for this image; the keypoint tokens are ranked after fit"
         pictures = [
-            attention_grid(image, heat, image_tokens.tolist(), points.numpy(), step, self.cell_px, heading, captions)
+            attention_grid(image, heat, image_tokens.tolist(), points.numpy(), step, self.cell_px, heading, captions,
+                           note)
             for image, heat, image_tokens, points in zip(self._images, selected, tokens, peaks)
         ]
         folder = pl_module.run_dir() / "visualizations" / folder_name
@@ -187,11 +188,13 @@ def attention_grid(
     cell_px: int,
     heading: str | None = None,
     captions: list[str] | None = None,
+    note: str | None = None,
 ) -> Image.Image:
     """image (3, S, S), maps (k, R, R) of ``tokens`` (k,), their peaks points_px (k, 2) in pixels of a
     cell_px picture -> one grid: the peaks on the image, then each token's heat-map overlay, on one
     colour scale shown by a colour bar below. ``heading``/``captions`` title the first cell and the
-    maps (default ``selected tokens · step s`` and ``token t · step s``)."""
+    maps (default ``selected tokens · step s`` and ``token t · step s``); ``note`` is added to the
+    colour bar's title (what the tokens are)."""
     base = to_pil(image).resize((cell_px, cell_px), Image.Resampling.BILINEAR)
     labels = [str(t) for t in tokens]
     heading = f"selected tokens · step {step}" if heading is None else heading
@@ -203,7 +206,8 @@ def attention_grid(
         cells.append(captioned(draw_keypoints(heat, points_px[j : j + 1], labels[j : j + 1], color_ids=[token]),
                                captions[j]))
     picture = grid(cells, columns=math.ceil(math.sqrt(len(cells))))
-    return with_legend(picture, colorbar(picture.width, low, high, "attention probability (one scale for every map)"))
+    title = "attention probability, one scale for every map" + (f" · {note}" if note else "")
+    return with_legend(picture, colorbar(picture.width, low, high, title))
 
 
 def per_image_error(metric: Metric, preds: Tensor, target: Tensor, visible: Tensor) -> Tensor:

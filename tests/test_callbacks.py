@@ -322,7 +322,7 @@ def test_attention_visualizer_writes_pngs_at_start_and_every_n_steps(tmp_path, m
     drawn = []
     original = visualization.attention_grid
     monkeypatch.setattr(visualization, "attention_grid",
-                        lambda *args: drawn.append((args[2], args[6], args[7])) or original(*args))
+                        lambda *args: drawn.append((args[2], args[7], args[8])) or original(*args))
     model = RanksTokensAfterFit(str(tmp_path / "run"))
     visualizer = AttentionVisualizer(every_n_steps=2, num_images=3, max_tokens=2, cell_px=48)
     logger = CSVLogger(tmp_path / "logs")
@@ -330,9 +330,11 @@ def test_attention_visualizer_writes_pngs_at_start_and_every_n_steps(tmp_path, m
     folder = tmp_path / "run" / "visualizations"
     assert sorted(p.name for p in folder.iterdir()) == ["final", "step_000000", "step_000002", "step_000004"]
     # During training: each image's selected tokens, labelled as such; at the end the final keypoint tokens.
-    assert all("selected for this image" in heading and captions is None for _, heading, captions in drawn[:-3])
+    assert all("keypoint tokens are ranked after fit" in note for _, _, note in drawn[:-3])
     assert [tokens for tokens, _, _ in drawn[-3:]] == [TOKENS[:2]] * 3
-    assert drawn[-1][2] == ["keypoint 0 · token 3 · step 4", "keypoint 1 · token 0 · step 4"]
+    assert all(note == "the final keypoint tokens" for _, _, note in drawn[-3:])
+    assert all(captions is None for _, captions, _ in drawn[:-3])
+    assert drawn[-1][1] == ["keypoint 0 · token 3 · step 4", "keypoint 1 · token 0 · step 4"]
     assert len(list((folder / "final").glob("image_*.png"))) == 3
     pictures = sorted((folder / "step_000004").glob("*.png"))
     assert [p.name for p in pictures] == ["image_0.png", "image_1.png", "image_2.png"]
