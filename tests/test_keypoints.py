@@ -148,3 +148,29 @@ def test_load_context_from_stablekeypoints_files(tmp_path):
     save_file({"context": context[0], "keypoint_tokens": torch.tensor([1, 0])}, str(tmp_path / "e.safetensors"))
     loaded, tokens = load_context(str(tmp_path / "e.safetensors"))
     assert tokens.tolist() == [1, 0] and loaded.shape == (20, 32)
+
+
+def test_predict_step_restricts_to_the_photo_unless_told_not_to(tiny_sd_module, monkeypatch):
+    """The module's predict_within_image flag, both ways, on a 1200 x 300 panorama's square."""
+    from data.base import image_region
+
+    module = tiny_sd_module
+    monkeypatch.setattr(module, "keypoint_tokens", torch.tensor([0, 1, 2, 3]))
+    box = (0.0, -450.0, 1200.0, 750.0)  # the panorama centred in its 1200 x 1200 square
+    batch = {
+        "image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+        "path": ["panorama.jpg"],
+        "crop_box": torch.tensor([box]),
+        "flipped": torch.tensor([False]),
+        "image_region": image_region(box, 1200, 300)[None],
+    }
+    monkeypatch.setitem(module.hparams, "augmentation_iterations", 2)
+    monkeypatch.setitem(module.hparams, "predict_within_image", False)
+    free = module.predict_step(batch, 0)
+    monkeypatch.setitem(module.hparams, "predict_within_image", True)
+    restricted = module.predict_step(batch, 0)
+    assert not free["inside"].all()  # the tiny random model's peaks fall in the padding
+    assert restricted["inside"].all()
+    y = restricted["keypoints_px"][0, :, 1]
+    assert ((y >= 0) & (y <= 300)).all()  # pixels of the photo
+    torch.testing.assert_close(inside_region(free["keypoints"], batch["image_region"]), free["inside"])
