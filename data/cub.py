@@ -27,12 +27,12 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 from tqdm import tqdm
 
-from data.base import KeypointDataModule, crop_matrix, crop_points, crop_resize, image_tensor
+from data.base import STAGE_SPLITS, KeypointDataModule, crop_matrix, crop_points, crop_resize, image_region, image_tensor
+from data.images import GRAY_RGB, read_image
 from lightning_modules.errors import ConfigError, MissingFileError
 
 #: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
@@ -231,6 +231,7 @@ class CUBDataset(Dataset):
             gray-background tree written by ``data.cub_preprocess``.
         fill_rgb: 0-255 colour of crop regions outside the image.
         annotations: already parsed annotations of ``root`` (saves re-reading the files).
+        background_rgb: 0-255 colour under transparent pixels (``images_dir`` trees may hold RGBA PNGs).
     """
 
     def __init__(
@@ -243,6 +244,7 @@ class CUBDataset(Dataset):
         images_dir: str | Path | None = None,
         fill_rgb: tuple[int, int, int] = (0, 0, 0),
         annotations: CUBAnnotations | None = None,
+        background_rgb: tuple[int, int, int] = GRAY_RGB,
     ) -> None:
         if subset not in get_args(Subset):
             raise ConfigError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
@@ -253,6 +255,7 @@ class CUBDataset(Dataset):
         self.rows = select_rows(self.annotations, subset, split)
         self.image_size = image_size
         self.fill_rgb = fill_rgb
+        self.background_rgb = background_rgb
         aligned = subset == "cub_aligned"
         self.pad_frac = 0.0 if aligned else PAD_FRAC
         self.jitter_frac = JITTER_FRAC if augment and not aligned else 0.0
@@ -268,8 +271,8 @@ class CUBDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         path = self.image_path(index)
-        with Image.open(path) as source:
-            image = image_tensor(source)  # a few CUB images are grayscale
+        image = image_tensor(read_image(path, self.background_rgb))  # a few CUB images are grayscale
+        height, width = image.shape[-2:]
         outward = [self.pad_frac] * 4
         if self.jitter_frac:  # evaluation samples leave the global RNG untouched
             outward = (self.pad_frac + self.jitter_frac * (2 * torch.rand(4, dtype=torch.float64) - 1)).tolist()
@@ -290,6 +293,8 @@ class CUBDataset(Dataset):
             "path": str(path),
             "crop_box": torch.tensor(box, dtype=torch.float32),
             "flipped": flipped,
+            "source_size": torch.tensor([width, height]),
+            "image_region": image_region(box, width, height, flipped),
         }
 
 
@@ -437,10 +442,18 @@ class CUBDataModule(KeypointDataModule):
             ensure_synthetic_cub(self.root, **DEMO_SIZE)
 
     def setup(self, stage: str | None = None) -> None:
+        self._build_datasets()
+        if stage == "predict" and self.path is not None:
+            self.path_dataset()
+            return
+        for split in ("train", "regression", "test") if stage is None else STAGE_SPLITS.get(stage, ()):
+            self._datasets[split] = self.checked(self._datasets[split], split)
+
+    def _build_datasets(self) -> None:
         if self._datasets:
             return
         annotations = load_annotations(self.root)
-        common = dict(root=self.root, subset=self.subset, image_size=self.image_size, images_dir=self.images_dir, fill_rgb=self.fill_rgb, annotations=annotations)
+        common = dict(root=self.root, subset=self.subset, image_size=self.image_size, images_dir=self.images_dir, fill_rgb=self.fill_rgb, annotations=annotations, background_rgb=self.background_rgb)
         self._datasets = {
             "train": CUBDataset(split="train", augment=True, **common),
             "regression": CUBDataset(split="train", augment=False, **common),
@@ -456,9 +469,10 @@ class CUBDataModule(KeypointDataModule):
             if missing:
                 raise MissingFileError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
 
-    def _dataset(self, name: str) -> CUBDataset:
+    def _dataset(self, name: str) -> Dataset:
         if not self._datasets:
-            self.setup()
+            self._build_datasets()
+        self._datasets[name] = self.checked(self._datasets[name], name)
         return self._datasets[name]
 
     def train_dataset(self) -> Dataset:

@@ -31,11 +31,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
 from data.base import crop_resize, require_file
+from data.images import read_image
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
 
@@ -101,9 +101,9 @@ class Human36MDataset(WholeImageDataset):
 
     def _load(self, index: int, mirror: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
         image, size = super()._load(index, mirror)
-        with Image.open(self._sibling(index, "BackgroudMask", ".png")) as mask:
-            # Binarized first: the masks are bilevel, stored as 0/1 or 0/255 depending on the writer.
-            mask = torch.from_numpy(np.array(mask.convert("L")) > 0).float().expand(3, -1, -1)
+        mask = read_image(self._sibling(index, "BackgroudMask", ".png"))
+        # Binarized first: the masks are bilevel, stored as 0/1 or 0/255 depending on the writer.
+        mask = torch.from_numpy(np.array(mask.convert("L")) > 0).float().expand(3, -1, -1)
         # Resized like the image so its edge is as soft as SK's bilinear-upsampled mask.
         height, width = mask.shape[-2:]
         return image * crop_resize(mask, (0, 0, width, height), self.image_size, (0, 0, 0), mirror=mirror), size

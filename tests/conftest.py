@@ -24,6 +24,14 @@ def _tiny_model(tmp_path_factory, family: str, name: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def image_check_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's decode-check cache (data.decode_check) in its own folder, never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder / "stable_keypoints"
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
     return _tiny_model(tmp_path_factory, "StableDiffusion", "sd15-tiny")

@@ -158,11 +158,14 @@ def test_test_and_predict_through_the_cli_write_their_files(demo_run, tiny_sd_pa
     first = index["images"][0]
     with Image.open(first["path"]) as source:
         assert (first["width"], first["height"]) == source.size
-    assert len(first["keypoints"]) == 10
+    assert len(first["keypoints"]) == 10 and first["inside"] == [True] * 10  # predict_within_image by default
     overlays = sorted((index_file.parent / "overlays").glob("*.png"))
     assert len(overlays) == len(sources)
-    with Image.open(overlays[0]) as overlay:
-        assert overlay.format == "PNG" and overlay.size == (first["width"], first["height"])
+    from callbacks.drawing import display_scale
+
+    with Image.open(overlays[0]) as overlay:  # at display size, the legend below
+        shown = round(first["width"] * display_scale(first["width"], first["height"]))
+        assert overlay.format == "PNG" and overlay.width == shown and overlay.height > first["height"] * shown / first["width"]
 
 
 def test_a_missing_predict_path_fails_before_any_model_loads(capsys):
