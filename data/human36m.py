@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from torchmetrics import Metric
 
 from data.base import crop_resize, require_file
 from data.whole_image import SplitsDataModule, WholeImageDataset
+
+if TYPE_CHECKING:
+    from lightning_modules.regressor import LinearKeypointRegressor
 
 
 H36M_SOURCE = (
@@ -160,3 +163,11 @@ class Human36MDataModule(SplitsDataModule):
         from lightning_modules.metrics import H36M_LEFT_RIGHT_SWAP, OrientationInvariantError
 
         return OrientationInvariantError(scale=128, swap=H36M_LEFT_RIGHT_SWAP)
+
+    def fit_regressor(self, keypoints: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor) -> LinearKeypointRegressor:
+        """StableKeypoints' orientation-invariant fit (``regressor.fit_orientation_invariant_regressor``)."""
+        from lightning_modules.metrics import H36M_LEFT_RIGHT_SWAP, swap_permutation
+        from lightning_modules.regressor import LinearKeypointRegressor
+
+        swap = swap_permutation(targets.shape[1], H36M_LEFT_RIGHT_SWAP)
+        return LinearKeypointRegressor.fit_orientation_invariant(keypoints, targets, visible, swap=swap)
