@@ -41,8 +41,7 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 from tqdm import tqdm
 
-from data.base import KeypointDataModule
-from data.folder import crop_resize
+from data.base import KeypointDataModule, crop_matrix, crop_points, crop_resize, image_tensor
 from lightning_modules.errors import ConfigError, MissingFileError
 
 #: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
@@ -281,24 +280,11 @@ def square_crop_box(box_xywh: Sequence[float], outward_frac: Sequence[float] = (
     return cx - half, cy - half, cx + half, cy + half
 
 
-def normalize_parts(parts_px: np.ndarray, visible: np.ndarray, crop_box: Sequence[float]) -> np.ndarray:
-    """(J, 2) float32 (x, y) in [0, 1] over ``crop_box`` from (J, 2) pixel indices; invisible -> (0, 0)."""
-    x0, y0, x1, y1 = crop_box
-    centres = np.asarray(parts_px, dtype=np.float64) + 0.5
-    normalized = (centres - (x0, y0)) / (x1 - x0, y1 - y0)
-    return np.where(np.asarray(visible)[:, None], normalized, 0.0).astype(np.float32)
-
-
-def mirror_keypoints(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keypoints (J, 2) normalized and visible (J,) of the horizontally mirrored image.
-
-    x becomes 1 - x and left/right parts trade places; invisible parts stay (0, 0).
-    """
+def mirror_parts(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keypoints (J, 2) and visible (J,) of a mirrored image, whose points already moved: the
+    bird's left parts are now on the image's right, so left and right parts trade names."""
     permutation = list(FLIP_PERMUTATION)
-    mirrored = keypoints[permutation].clone()
-    visible = visible[permutation]
-    mirrored[:, 0] = torch.where(visible, 1 - mirrored[:, 0], mirrored[:, 0])
-    return mirrored, visible
+    return keypoints[permutation], visible[permutation]
 
 
 class CUBDataset(Dataset):
@@ -360,18 +346,19 @@ class CUBDataset(Dataset):
         row = self.rows[index]
         path = self.image_path(index)
         with Image.open(path) as source:
-            image = source.convert("RGB")  # a few CUB images are grayscale
+            image = image_tensor(source)  # a few CUB images are grayscale
         outward = [self.pad_frac] * 4
         if self.jitter_frac:  # evaluation samples leave the global RNG untouched
             outward = (self.pad_frac + self.jitter_frac * (2 * torch.rand(4, dtype=torch.float64) - 1)).tolist()
         box = square_crop_box(self.annotations.boxes_xywh[row], outward)
-        visible = torch.from_numpy(self.annotations.visible[row].copy())
-        keypoints = torch.from_numpy(normalize_parts(self.annotations.parts_px[row], self.annotations.visible[row], box))
-        pixels = crop_resize(image, box, self.image_size, self.fill_rgb)
         flipped = self.mirror and bool(torch.rand(()) < 0.5)
+        # The crop, the resize and the mirror are one matrix, for the pixels and the parts alike.
+        pixels = crop_resize(image, box, self.image_size, self.fill_rgb, mirror=flipped)
+        visible = torch.from_numpy(self.annotations.visible[row].copy())
+        keypoints = crop_points(self.annotations.parts_px[row], crop_matrix(box, self.image_size, flipped), self.image_size)
         if flipped:
-            pixels = pixels.flip(-1)
-            keypoints, visible = mirror_keypoints(keypoints, visible)
+            keypoints, visible = mirror_parts(keypoints, visible)
+        keypoints = keypoints.masked_fill(~visible[:, None], 0.0)
         return {
             "image": pixels,
             "keypoints": keypoints,

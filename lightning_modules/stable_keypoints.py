@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_modules.augmentation import AffineAugmentation, warp
+from lightning_modules.augmentation import AffineAugmentation, PhotometricAugmentation, warp
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_fits, checkpoint_record
 from lightning_modules.concentration import attention_concentration
@@ -62,6 +62,8 @@ class StableKeypoints(L.LightningModule):
         equivariance_mask: average the equivariance loss over pixels the warp covers only
             (off = StableKeypoints: uncovered pixels count as zeros).
         augmentation: ranges of the random affine transform.
+        photometric: opt-in colour jitter, grayscale and blur of the transformed copy in training
+            (kornia; ``None`` or all zeros = off, StableKeypoints). Extraction never uses it.
         optimizer: the optimizer of the context; ``None`` = Adam(lr=5e-3), StableKeypoints' choice.
         num_indices: training images whose selections rank the global keypoint tokens.
         augmentation_iterations: random transforms averaged per image when extracting keypoints.
@@ -92,6 +94,7 @@ class StableKeypoints(L.LightningModule):
         equivariance_weight: float = 1000.0,
         equivariance_mask: bool = False,
         augmentation: AffineAugmentation = AffineAugmentation(),
+        photometric: PhotometricAugmentation | None = None,
         optimizer: OptimizerCallable | None = None,
         num_indices: int = 100,
         augmentation_iterations: int = 10,
@@ -118,6 +121,7 @@ class StableKeypoints(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
         self.augmentation = augmentation
+        self.photometric = photometric
         self.optimizer_factory = optimizer
         # Created in configure_model, once the backbone says how wide a token is.
         self.context: nn.Parameter | None = None
@@ -245,8 +249,8 @@ class StableKeypoints(L.LightningModule):
         noise = self.backbone.sample_noise(latents, generator)
         return self.backbone.attention_maps(latents, noise, self.context, self.hparams.feature_upsample_res)
 
-    def losses(self, maps: Tensor, maps_transformed: Tensor, theta: Tensor) -> dict[str, Tensor]:
-        """maps, maps_transformed: (B, T, R, R); theta: (B, 3, 3) -> the loss terms of one step."""
+    def losses(self, maps: Tensor, maps_transformed: Tensor, transform: Tensor) -> dict[str, Tensor]:
+        """maps, maps_transformed: (B, T, R, R); transform: (B, 3, 3) -> the loss terms of one step."""
         hp = self.hparams
         with torch.no_grad():
             fps_source = maps_transformed if hp.fps_maps == "transformed" else None
@@ -261,7 +265,7 @@ class StableKeypoints(L.LightningModule):
         rows = torch.arange(maps.shape[0], device=maps.device)[:, None]
         selected, selected_transformed = maps[rows, tokens], maps_transformed[rows, tokens]  # (B, K, R, R)
         loss_loc = localization_loss(selected, hp.sigma_px)
-        loss_equiv = equivariance_loss(selected, selected_transformed, theta, mask=hp.equivariance_mask)
+        loss_equiv = equivariance_loss(selected, selected_transformed, transform, mask=hp.equivariance_mask)
         mass, entropy = attention_concentration(selected, hp.sigma_px)
         return {
             "loss": hp.localization_weight * loss_loc + hp.equivariance_weight * loss_equiv,
@@ -272,14 +276,21 @@ class StableKeypoints(L.LightningModule):
             "tokens": tokens,
         }
 
+    def equivariance_pair(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """images: (B, 3, S, S) -> (maps (2B, T, R, R) of the images then of their transformed copies,
+        transforms (B, 3, 3) normalized, see ``augmentation.py``)."""
+        transform = self.augmentation.sample(images.shape[0], generator, self.device)
+        transformed = warp(images, transform)
+        if self.photometric is not None:
+            transformed = self.photometric(transformed, generator)
+        # The image and its transformed copy share one VAE call and one UNet call.
+        return self.maps_of(torch.cat([images, transformed]), generator), transform
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
         batch_size = images.shape[0]
-        generator = self.step_generator(batch_idx)
-        theta = self.augmentation.sample(batch_size, generator, self.device)
-        # The image and its transformed copy share one VAE call and one UNet call.
-        maps = self.maps_of(torch.cat([images, warp(images, theta)]), generator)
-        out = self.losses(maps[:batch_size], maps[batch_size:], theta)
+        maps, transform = self.equivariance_pair(images, self.step_generator(batch_idx))
+        out = self.losses(maps[:batch_size], maps[batch_size:], transform)
         if not torch.isfinite(out["loss"]):
             raise NonFiniteError(
                 f"Training stopped at step {self.global_step}: the loss is {out['loss'].item()} "
