@@ -19,8 +19,8 @@ regression loader of the same files maps them with ``2k - 1`` to [-1, 1] and rea
 Here the columns are swapped to (x, y). A file holding pixel
 values instead fails loudly (see ``Human36MDataset``). All joints are visible, as in SK.
 
-Reading the ``.mat`` files needs scipy, which the project does not require: it is imported only
-when a labelled split is built.
+Reading the ``.mat`` files needs scipy (pinned in ``requirements.txt`` for the tests, but optional):
+it is imported only when a labelled split is built.
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ class Human36MDataModule(SplitsDataModule):
     """Human3.6M, background masked (SK's ``human3.6m``).
 
     Splits: train (unlabelled) and regression are the frames of ``train_subjects``, test those of
-    ``test_subjects``. Metric: mean joint error x128, the smaller of the plain and the
-    left/right-swapped ground truth.
+    ``test_subjects``. Regressor: StableKeypoints' orientation-invariant fit (``fit_regressor``).
+    Metric: mean joint error x128, the smaller of the plain and the left/right-swapped ground truth.
 
     Args:
         root: the folder holding ``S1/``, ``S5/``, ...

@@ -196,3 +196,27 @@ def test_human36m_datamodule_fits_the_orientation_invariant_regressor_with_sk_pa
     plain = CUBDataModule(root="unused").fit_regressor(keypoints, labels, visible)
     torch.testing.assert_close(plain.weight, fit_regressor(keypoints, labels, visible), rtol=0, atol=0)
     assert (plain.weight - weight).abs().max() > 0.1
+
+
+@pytest.mark.slow
+def test_the_test_stage_fits_the_regressor_the_datamodule_chooses(tiny_sd_path, cub_root, tmp_path) -> None:
+    import lightning as L
+
+    from data.cub import CUBDataModule
+    from lightning_modules.backbones import StableDiffusion
+    from lightning_modules.stable_keypoints import StableKeypoints
+
+    calls = []
+
+    class Recording(CUBDataModule):
+        def fit_regressor(self, keypoints, targets, visible):
+            calls.append((keypoints.shape, targets.shape, visible.shape))
+            return super().fit_regressor(keypoints, targets, visible)
+
+    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=40, feature_upsample_res=16, top_k=4,
+                             furthest_point_num_samples=8, sigma_px=1.0, num_indices=4, augmentation_iterations=2)
+    data = Recording(str(cub_root), subset="cub_001", image_size=64, batch_size=4, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.test(module, datamodule=data)
+    assert calls == [((8, 4, 2), (8, 15, 2), (8, 15))]  # once, on the 8 training images of class 001
