@@ -160,19 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", required=True, help=f"names of conf/paper/*.yaml: {', '.join(PUBLISHED)}")
     parser.add_argument("--output", required=True, type=Path, help="folder of the runs and the table")
-    parser.add_argument("--config-dir", type=Path, default=PAPER_CONFIGS, help="where <name>.yaml lives")
     args = parser.parse_args(own)
     unknown = [name for name in args.configs if name not in PUBLISHED]
     if unknown:
         parser.error(f"no published number for {unknown}: choose among {', '.join(PUBLISHED)}.")
-    missing = [str(args.config_dir / f"{name}.yaml") for name in args.configs if not (args.config_dir / f"{name}.yaml").is_file()]
-    if missing:
-        parser.error(f"config file(s) {missing} do not exist.")
     args.output.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.configs:
         print(f"[paper_table] {name}: running (logs in {args.output / name})", flush=True)
-        rows.append(run_config(name, args.config_dir / f"{name}.yaml", args.output, extra))
+        rows.append(run_config(name, PAPER_CONFIGS / f"{name}.yaml", args.output, extra))
         print(f"[paper_table] {name}: {rows[-1].status}", flush=True)
     table = markdown(rows)
     (args.output / "paper_table.md").write_text(table)
