@@ -409,7 +409,7 @@ class StableKeypoints(L.LightningModule):
             keypoints, targets, visible = (self.all_gather(t).flatten(0, 1) for t in (keypoints, targets, visible))
         self._regression = []
         self._num_regression_images = len(keypoints)
-        return LinearKeypointRegressor.fit(keypoints, targets, visible.bool()).to(self.device)
+        return self.trainer.datamodule.fit_regressor(keypoints, targets, visible.bool()).to(self.device)
 
     def on_test_epoch_end(self) -> None:
         if self.regressor is None:
