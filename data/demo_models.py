@@ -19,15 +19,16 @@ from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscr
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from data.demo import DEMO_DIR, is_demo_path
 from lightning_modules.backbones.sd import SD15_UNET, SD_VAE
 from lightning_modules.backbones.sdxl import SDXL_UNET
 from lightning_modules.errors import MissingFileError
 
 #: The demo's own model folder per family (relative to the working directory, as in conf/demo.yaml).
 DEMO_MODELS = {
-    "StableDiffusion": Path(".demo/models/sd15-tiny"),
-    "StableDiffusionXL": Path(".demo/models/sdxl-tiny"),
-    "Zero123Plus": Path(".demo/models/zero123plus-tiny"),
+    "StableDiffusion": DEMO_DIR / "models" / "sd15-tiny",
+    "StableDiffusionXL": DEMO_DIR / "models" / "sdxl-tiny",
+    "Zero123Plus": DEMO_DIR / "models" / "zero123plus-tiny",
 }
 
 #: The SD VAE shape (x8 downsampling, 4 latent channels) with few channels.
@@ -175,7 +176,7 @@ def ensure_demo_model(family: str, path: str | Path) -> None:
     if path.exists():
         return
     demo = DEMO_MODELS.get(family)
-    if demo is not None and path.resolve() == demo.resolve():
+    if demo is not None and is_demo_path(path, demo):
         write_tiny(family, path)
         rank_zero_info(f"Wrote a tiny random {family} model to {path} (the demo's own folder; random weights, "
                        "so its keypoints mean nothing).")

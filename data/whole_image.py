@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.base import KeypointDataModule, crop_resize, require_file
+from data.base import KeypointDataModule, crop_resize, image_tensor, require_file
 
 
 class WholeImageDataset(Dataset):
@@ -31,20 +31,22 @@ class WholeImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(image (3, S, S) in [0, 1], (W, H) of the source image in pixels)."""
+    def _load(self, index: int, mirror: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(image (3, S, S) in [0, 1], mirrored when ``mirror``; (W, H) of the source image in pixels)."""
         with Image.open(require_file(self.files[index], self.source)) as image:
-            return crop_resize(image.convert("RGB"), (0, 0, *image.size), self.image_size, (0, 0, 0)), image.size
+            pixels = image_tensor(image)
+        height, width = pixels.shape[-2:]
+        return crop_resize(pixels, (0, 0, width, height), self.image_size, (0, 0, 0), mirror=mirror), (width, height)
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(keypoints (J, 2) (x, y) in [0, 1], visible (J,) bool) of sample ``index``; None when unlabelled."""
         return None
 
     def __getitem__(self, index: int) -> dict:
-        image, (width, height) = self._load(index)
         flipped = bool(self.flip_prob > 0 and torch.rand(()) < self.flip_prob)
+        image, (width, height) = self._load(index, mirror=flipped)
         sample = {
-            "image": image.flip(-1) if flipped else image,
+            "image": image,
             "index": index,
             "path": str(self.files[index]),
             "crop_box": torch.tensor([0.0, 0.0, width, height]),
