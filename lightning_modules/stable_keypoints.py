@@ -493,7 +493,7 @@ def check_trainer_precision(precision: str | int | None) -> None:
     raise ConfigError(
         f"trainer.precision={str(precision)!r} is refused: fp16 does not converge for this method and "
         "mixed precision would also cast the context, maps and losses. Keep trainer.precision at 32 and "
-        "set model.backbone.init_args.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
+        "set model.backbone.init_args.engine.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
     )
 
 
