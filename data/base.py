@@ -10,6 +10,10 @@ One sample is a dict:
   normalized (x, y) of ``image`` lies at ``(x0 + x * (x1 - x0), y0 + y * (y1 - y0))`` in the source,
   or at ``x0 + (1 - x) * (x1 - x0)`` horizontally when ``flipped``.
 - ``flipped``: bool, the sample was mirrored horizontally (training augmentation only).
+- ``source_size``: int64 (2,) ``(width, height)`` of the source image in pixels, upright (EXIF
+  orientation applied, see ``data.images``): the frame of ``crop_box``.
+- ``image_region``: float32 (4,) ``(x0, y0, x1, y1)`` normalized to [0, 1] over ``image``: the part of
+  it that shows the source image (the rest is fill); ``(0, 0, 1, 1)`` when the crop lies inside.
 - labelled datasets add ``keypoints``: float32 (J, 2) in (x, y) order, normalized to [0, 1] over
   the width and height of ``image`` (continuous coordinates: pixel i spans [i/S, (i+1)/S)), and
   ``visible``: bool (J,). Invisible keypoints hold (0, 0).
@@ -23,16 +27,28 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import kornia
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import Metric
 
+from data.decode_check import find_unreadable
+from data.images import GRAY_RGB
 from lightning_modules.errors import ConfigError, MissingFileError
+
+if TYPE_CHECKING:
+    from lightning_modules.regressor import LinearKeypointRegressor
+
+#: The splits each stage reads (``predict`` without ``path`` reads the test split).
+STAGE_SPLITS = {"fit": ("train", "regression"), "test": ("regression", "test"), "predict": ("test",)}
+#: Unreadable files listed in full in an error or warning; the rest are counted.
+_LISTED_FILES = 20
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -55,6 +71,12 @@ class KeypointDataModule(L.LightningDataModule):
             ``batch_size x devices x accumulate_grad_batches``.
         num_workers: DataLoader worker processes.
         path: images for ``predict``: a folder (searched recursively) or one image file.
+        background_rgb: 0-255 colour that transparent pixels (RGBA, LA, palette transparency) are
+            composited on; gray (127, 127, 127) suits zero123plus and is neutral for SD.
+        skip_unreadable: files of a split that cannot be decoded (truncated, corrupt, empty) are
+            left out and listed in a warning (and in ``unreadable``), instead of stopping the run
+            at set-up with their list. Every image of the splits a stage reads is decode-checked at
+            set-up either way (cached, see ``data.decode_check``).
     """
 
     #: Names of the J ground-truth keypoints, in the order of ``keypoints``; empty when unlabelled.
@@ -66,6 +88,8 @@ class KeypointDataModule(L.LightningDataModule):
         batch_size: int = 4,
         num_workers: int = 2,
         path: str | None = None,
+        background_rgb: tuple[int, int, int] = GRAY_RGB,
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         if image_size <= 0 or image_size % 8:
@@ -80,6 +104,12 @@ class KeypointDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.path = path
+        self.background_rgb = tuple(background_rgb)
+        self.skip_unreadable = skip_unreadable
+        #: (path, reason) of every file left out because it could not be decoded.
+        self.unreadable: list[tuple[Path, str]] = []
+        self._checked: list[Dataset] = []
+        self._path_dataset: Dataset | None = None
 
     # Subclasses build these three datasets in ``setup``.
     def train_dataset(self) -> Dataset:
@@ -94,6 +124,16 @@ class KeypointDataModule(L.LightningDataModule):
     def make_metric(self) -> Metric:
         """The dataset's evaluation metric (a torchmetrics ``Metric``: update(pred, target, visible))."""
         raise NotImplementedError(f"{type(self).__name__} defines no evaluation metric.")
+
+    def fit_regressor(self, keypoints: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor) -> LinearKeypointRegressor:
+        """keypoints (N, K, 2), targets (N, J, 2), visible (N, J) of the regression split -> the fitted regressor.
+
+        The dataset's regression protocol (SPEC section 7): least squares on the visible rows of
+        each keypoint; Human3.6M overrides it with the orientation-invariant fit.
+        """
+        from lightning_modules.regressor import LinearKeypointRegressor
+
+        return LinearKeypointRegressor.fit(keypoints, targets, visible)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(
@@ -118,9 +158,45 @@ class KeypointDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.path is None:
             return self._loader(self.test_dataset(), shuffle=False)
-        from data.folder import ImageFolderDataset
+        return self._loader(self.path_dataset(), shuffle=False)
 
-        return self._loader(ImageFolderDataset(self.path, self.image_size), shuffle=False)
+    def path_dataset(self) -> Dataset:
+        """The images of ``path`` for ``predict`` (built and checked once)."""
+        if self._path_dataset is None:
+            from data.folder import ImageFolderDataset
+
+            self._path_dataset = self.checked(
+                ImageFolderDataset(self.path, self.image_size, background_rgb=self.background_rgb), "predict"
+            )
+        return self._path_dataset
+
+    def checked(self, dataset: Dataset, split: str) -> Dataset:
+        """``dataset`` if all its images decode, else (``skip_unreadable``) the Subset of those that do.
+
+        ``dataset`` must offer ``image_path(index)``. Without ``skip_unreadable`` an unreadable
+        file is a ``ConfigError`` listing them, raised at set-up, before any weights load.
+        """
+        if any(dataset is done for done in self._checked):
+            return dataset
+        files = [dataset.image_path(i) for i in range(len(dataset))]
+        bad = find_unreadable(files, f"Checking {split} images")
+        if bad:
+            listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:_LISTED_FILES])
+            if len(bad) > _LISTED_FILES:
+                listing += f"\n  ... and {len(bad) - _LISTED_FILES} more"
+            if len(bad) == len(files) or not self.skip_unreadable:
+                raise ConfigError(
+                    f"{len(bad)} of the {len(files)} images of the {split} split cannot be decoded:\n{listing}\n"
+                    "Replace or delete them"
+                    + ("." if len(bad) == len(files) else ", or set data.init_args.skip_unreadable=true to leave them out.")
+                )
+            rank_zero_warn(f"Skipping {len(bad)} unreadable images of the {split} split (skip_unreadable):\n{listing}")
+            known = {path for path, _ in self.unreadable}
+            self.unreadable += [(path, reason) for path, reason in bad if path not in known]
+            bad_paths = {path for path, _ in bad}
+            dataset = Subset(dataset, [i for i, path in enumerate(files) if path not in bad_paths])
+        self._checked.append(dataset)
+        return dataset
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -141,6 +217,20 @@ def require_file(path: Path, source: str) -> Path:
     if not path.exists():
         raise MissingFileError(f"{path} does not exist. {source}")
     return path
+
+
+def image_region(box: Sequence[float], width: int, height: int, flipped: bool = False) -> torch.Tensor:
+    """(4,) float32 ``(x0, y0, x1, y1)`` in [0, 1]: where a ``width`` x ``height`` image lies in the crop.
+
+    ``box`` is the crop ``(x0, y0, x1, y1)`` in source pixels (``crop_resize``); the result is in
+    normalized coordinates of the resized crop, mirrored when the sample was ``flipped``.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    u0, u1 = (max(0.0, x0) - x0) / (x1 - x0), (min(float(width), x1) - x0) / (x1 - x0)
+    v0, v1 = (max(0.0, y0) - y0) / (y1 - y0), (min(float(height), y1) - y0) / (y1 - y0)
+    if flipped:
+        u0, u1 = 1 - u1, 1 - u0
+    return torch.tensor([u0, v0, u1, v1], dtype=torch.float32).clamp(0, 1)
 
 
 def pixels_to_unit(xy_px: np.ndarray, width: int, height: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from lightning_modules.backbones.base import Backbone
 from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_fits, checkpoint_record
 from lightning_modules.concentration import attention_concentration
 from lightning_modules.errors import CheckpointMismatchError, ConfigError, MissingFileError, NonFiniteError
-from lightning_modules.keypoints import augmented_keypoints, rank_keypoint_tokens, to_source_pixels
+from lightning_modules.keypoints import augmented_keypoints, inside_region, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
 from lightning_modules.regressor import LinearKeypointRegressor
 from lightning_modules.seeding import seeded_generator
@@ -71,6 +71,10 @@ class StableKeypoints(L.LightningModule):
             the image); ``None`` = plain argmax.
         extraction_chunk_size: warped images per UNet call during extraction (``None`` = all
             ``batch_size x augmentation_iterations`` at once; lower it to save memory).
+        predict_within_image: ``predict`` places keypoints on the photo only, never in the padding
+            that makes a non-square image square (the batch's ``image_region``); ``False`` searches
+            the whole square, as ``test`` does (StableKeypoints). Either way each point says
+            whether it is ``inside`` the photo.
         pretrained_context: start from a trained context instead of a random one: this project's
             ``embedding.safetensors`` (with its keypoint tokens) or StableKeypoints' ``embedding.pt``.
         pretrained_keypoint_tokens: StableKeypoints' ``indices.pt`` (the K keypoint tokens).
@@ -100,6 +104,7 @@ class StableKeypoints(L.LightningModule):
         augmentation_iterations: int = 10,
         soft_argmax_window_px: int | None = None,
         extraction_chunk_size: int | None = None,
+        predict_within_image: bool = True,
         pretrained_context: str | None = None,
         pretrained_keypoint_tokens: str | None = None,
         allow_tf32: bool = True,
@@ -351,8 +356,13 @@ class StableKeypoints(L.LightningModule):
         return self.keypoint_tokens
 
     @torch.no_grad()
-    def keypoints(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """images: (B, 3, S, S) in [0, 1] -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2)."""
+    def keypoints(
+        self, images: Tensor, generator: torch.Generator | None = None, regions: Tensor | None = None
+    ) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2).
+
+        ``regions`` (B, 4) normalized (x0, y0, x1, y1): search each image's keypoints there only.
+        """
         hp = self.hparams
         return augmented_keypoints(
             lambda x: self.maps_of(x, generator),
@@ -363,6 +373,7 @@ class StableKeypoints(L.LightningModule):
             generator,
             hp.soft_argmax_window_px,
             hp.extraction_chunk_size,
+            regions,
         )
 
     def _eval_generator(self, batch_idx: int, dataloader_idx: int = 0) -> torch.Generator:
@@ -401,7 +412,7 @@ class StableKeypoints(L.LightningModule):
             keypoints, targets, visible = (self.all_gather(t).flatten(0, 1) for t in (keypoints, targets, visible))
         self._regression = []
         self._num_regression_images = len(keypoints)
-        return LinearKeypointRegressor.fit(keypoints, targets, visible.bool()).to(self.device)
+        return self.trainer.datamodule.fit_regressor(keypoints, targets, visible.bool()).to(self.device)
 
     def on_test_epoch_end(self) -> None:
         if self.regressor is None:
@@ -429,10 +440,14 @@ class StableKeypoints(L.LightningModule):
         self.ensure_keypoint_tokens()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """-> keypoints (B, K, 2): normalized in the model's image, and (x, y) pixels of the source image."""
-        keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx))
+        """-> keypoints (B, K, 2): normalized in the model's image, and (x, y) pixels of the source image;
+        ``inside`` (B, K) bool: the point lies on the photo (not the padding of its square crop)."""
+        regions = batch.get("image_region")
+        restrict = regions if self.hparams.predict_within_image else None
+        keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx), restrict)
         pixels = to_source_pixels(keypoints, batch["crop_box"], batch.get("flipped"))
-        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels}
+        inside = inside_region(keypoints, regions) if regions is not None else torch.ones_like(keypoints[..., 0]).bool()
+        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels, "inside": inside}
 
     # ------------------------------------------------------------------ export
     def run_dir(self) -> Path:
@@ -481,7 +496,7 @@ def check_trainer_precision(precision: str | int | None) -> None:
     raise ConfigError(
         f"trainer.precision={str(precision)!r} is refused: fp16 does not converge for this method and "
         "mixed precision would also cast the context, maps and losses. Keep trainer.precision at 32 and "
-        "set model.backbone.init_args.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
+        "set model.backbone.init_args.engine.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
     )
 
 
