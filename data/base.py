@@ -21,14 +21,15 @@ project: datasets, keypoint extraction, the regressor, metrics and the files ``p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import Metric
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -73,6 +74,9 @@ class KeypointDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.path = path
+        #: Set by ``callbacks.prediction_writer.KeypointWriter``: returns the source paths that already
+        #: have keypoints (a resumed ``predict``); called once when the predict loader is built.
+        self.exclude_from_predict: Callable[[], Collection[str]] | None = None
 
     # Subclasses build these three datasets in ``setup``.
     def train_dataset(self) -> Dataset:
@@ -110,10 +114,31 @@ class KeypointDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         if self.path is None:
-            return self._loader(self.test_dataset(), shuffle=False)
-        from data.folder import ImageFolderDataset
+            dataset = self.test_dataset()
+        else:
+            from data.folder import ImageFolderDataset
 
-        return self._loader(ImageFolderDataset(self.path, self.image_size), shuffle=False)
+            dataset = ImageFolderDataset(self.path, self.image_size)
+        if self.exclude_from_predict is not None:
+            # Before Lightning's distributed sampler splits the dataset: the ranks share out only what is left.
+            dataset = without_paths(dataset, set(self.exclude_from_predict()))
+        return self._loader(dataset, shuffle=False)
+
+
+def without_paths(dataset: Dataset, paths: Collection[str]) -> Dataset:
+    """``dataset`` without the samples whose source file is in ``paths`` (by ``dataset.image_path(i)``).
+
+    The samples keep their ``index`` in ``dataset``. A dataset that cannot name a sample's file
+    without loading it (no ``image_path``) is returned whole, with a warning.
+    """
+    if not paths:
+        return dataset
+    image_path = getattr(dataset, "image_path", None)
+    if image_path is None:
+        rank_zero_warn(f"{type(dataset).__name__} has no image_path(index): the {len(paths)} images predicted "
+                       "earlier are predicted again (the merged file still lists each once).")
+        return dataset
+    return Subset(dataset, [i for i in range(len(dataset)) if str(image_path(i)) not in paths])
 
 
 def list_images(path: str | Path) -> list[Path]:

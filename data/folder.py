@@ -63,8 +63,12 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def image_path(self, index: int) -> Path:
+        """Source image file of sample ``index``."""
+        return self.files[index]
+
     def __getitem__(self, index: int) -> dict:
-        path = self.files[index]
+        path = self.image_path(index)
         with Image.open(path) as source:
             image = source.convert("RGB")
         width, height = image.size
