@@ -176,3 +176,112 @@ def test_a_damaged_middle_line_is_an_error_naming_the_shard(tmp_path):
     shard.write_text('{"shard": {}}\n{not json\n{"path": "a"}\n')
     with pytest.raises(ValueError, match="rank-00000.jsonl:2 is not a JSON line"):
         read_shard(shard)
+
+
+# ------------------------------------------------------------------ 14.2 and 14.3 through the CLI, several processes
+#: Small and quick: the tiny model at 64 px, a few steps, one bird class.
+SMALL = ["--data.init_args.image_size", "64", "--data.init_args.subset", "cub_001", "--data.init_args.batch_size", "1",
+         "--model.feature_upsample_res", "16", "--model.num_indices", "4", "--model.augmentation_iterations", "2",
+         "--trainer.logger", "false"]
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(cwd: Path, *args: str, **env: str) -> subprocess.Popen:
+    """run.py in ``cwd`` (its own process group, so a hung or killed job can be ended whole)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           **env}
+    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(*processes: subprocess.Popen, timeout: float = TIMEOUT_S) -> list[tuple[int, str]]:
+    """-> (returncode, output) of each; a job still running after ``timeout`` is a hang: killed and failed."""
+    deadline, results = time.monotonic() + timeout, []
+    for process in processes:
+        try:
+            output, _ = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+            pytest.fail(f"run.py {' '.join(process.args[2:4])} hung for {timeout} s:\n{process.communicate()[0][-4000:]}")
+        results.append((process.returncode, output))
+    return results
+
+
+def two_nodes(stage: str, nodes: list[Path], model: Path, data: Path, *extra: str, expect: int = 0) -> list[str]:
+    """One job of 2 'nodes' on this machine: NODE_RANK 0 and 1, one CPU process each, each in its own folder.
+
+    Outputs are relative paths, so each node writes under its own folder as on node-local disks.
+    """
+    port = str(free_port())
+    args = ["--config", DEMO, "--model.backbone.init_args.pretrained_model_name_or_path", str(model),
+            "--data.init_args.root", str(data), "--trainer.default_root_dir", "out", *SMALL,
+            "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
+            "--trainer.accelerator", "cpu", *extra]
+    jobs = [launch(node, stage, *args, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank))
+            for rank, node in enumerate(nodes)]
+    outputs = []
+    for rank, (code, output) in enumerate(finish(*jobs)):
+        assert code == expect, f"node {rank} of `{stage}` ended with {code}:\n{output[-6000:]}"
+        outputs.append(output)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def two_node_fit(tmp_path_factory, tiny_sd_path, cub_root):
+    root = tmp_path_factory.mktemp("two_nodes")
+    nodes, probe = [root / "node0", root / "node1"], root / "probe"
+    two_nodes("fit", nodes, tiny_sd_path, cub_root, "--trainer.max_steps", "3",
+              "--trainer.callbacks+=tests.ddp_probe.RecordDDPSync", f"--trainer.callbacks.directory={probe}")
+    return nodes, probe
+
+
+@pytest.mark.slow
+def test_a_two_node_job_fits_tests_and_predicts_with_one_set_of_outputs(two_node_fit, tiny_sd_path, cub_root):
+    (node0, node1), probe = two_node_fit
+    # fit: the same context on both nodes, only it synchronized by DDP, the logged loss the mean of both.
+    rank0, rank1 = (torch.load(probe / f"context_rank{r}.pt") for r in (0, 1))
+    torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
+    assert not torch.equal(rank0, torch.randn(100, 32, generator=torch.Generator().manual_seed(0)))  # it trained
+    for rank in (0, 1):
+        ddp = json.loads((probe / f"ddp_rank{rank}.json").read_text())
+        assert ddp["synced_parameters"] == ["context"] and ddp["synced_buffers"] == []
+        assert ddp["synced_bytes"] == 100 * 32 * 4
+        assert set(ddp["ignored"]) == set(ddp["all_names"]) - {"context"}
+    losses = [json.loads((probe / f"losses_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]  # sync_dist: rank 0 alone would log its own images
+    (ckpt,) = list(node0.rglob("last.ckpt"))
+    assert len(torch.load(ckpt, weights_only=False)["state_dict"]["keypoint_tokens"]) == 10  # refreshed at fit end
+    assert len(list(node0.rglob("embedding.safetensors"))) == 1
+    assert not list(node1.rglob("*.ckpt")) and not list(node1.rglob("embedding.safetensors"))
+
+    two_nodes("test", [node0, node1], tiny_sd_path, cub_root, "--ckpt_path", str(ckpt))
+    assert len(list(node0.rglob("metrics.json"))) == 1 and not list(node1.rglob("metrics.json"))
+
+    # predict, killed on both nodes after two batches each, then resumed: each image exactly once.
+    images = cub_root / "images" / "001.Synthetic_Bird_1"
+    predict = ["--ckpt_path", str(ckpt), "--data.init_args.path", str(images)]
+    killed = two_nodes("predict", [node0, node1], tiny_sd_path, cub_root, *predict, "--trainer.callbacks+=tests.ddp_probe.KillAfterBatches",
+                       "--trainer.callbacks.batches=2", expect=-signal.SIGKILL)
+    assert not list(node0.rglob("keypoints.json"))
+    (shard0,), (shard1,) = list(node0.rglob("rank-00000.jsonl")), list(node1.rglob("rank-00001.jsonl"))
+    first = [r["path"] for shard in (shard0, shard1) for r in read_shard(shard)[1]]
+    assert len(first) == 4 and len(set(first)) == 4, killed[0][-3000:]
+    outputs = two_nodes("predict", [node0, node1], tiny_sd_path, cub_root, *predict)
+    assert "4 images already have keypoints" in outputs[0] and "images/s" in outputs[0]
+    sources = [str(p) for p in sorted(images.glob("*.jpg"))]
+    (merged,) = list(node0.rglob("keypoints.json"))
+    assert [entry["path"] for entry in json.loads(merged.read_text())["images"]] == sources  # node 1's rows were sent
+    predicted = [r["path"] for shard in (shard0, shard1) for r in read_shard(shard)[1]]
+    assert sorted(predicted) == sources  # over both runs, every image predicted exactly once
+    assert not list(node1.rglob("keypoints.json"))
+    assert [p.name for p in node0.rglob("rank-*.jsonl")] == ["rank-00000.jsonl"]  # node-local shards
+    assert len(list(node0.rglob("overlays/*.png"))) + len(list(node1.rglob("overlays/*.png"))) == len(sources)
