@@ -31,6 +31,7 @@ class RecordDDPSync(Callback):
         synced = {id(p) for p in ddp._module_parameters}
         synced_buffers = {id(b) for b in ddp.modules_buffers}
         record = {
+            "backend": torch.distributed.get_backend(),
             "ignored": sorted(ddp.parameters_to_ignore),
             "synced_parameters": [n for n, p in pl_module.named_parameters() if id(p) in synced],
             "synced_buffers": [n for n, b in pl_module.named_buffers() if id(b) in synced_buffers],
