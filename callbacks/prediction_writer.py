@@ -19,13 +19,28 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
-from callbacks.drawing import captioned, draw_keypoints, grid, heatmap_overlay, save_png, to_pil
+from callbacks.drawing import (
+    PALETTE,
+    captioned,
+    colorbar,
+    draw_keypoints,
+    fit_for_display,
+    grid,
+    heatmap_overlay,
+    legend,
+    save_png,
+    to_pil,
+    with_legend,
+)
+from data.images import GRAY_RGB, read_image, upright_size
 from lightning_modules.errors import ConfigError
 
 CONVENTION = (
     "x, y in pixels of the original image; origin at the top-left corner of the top-left pixel; "
     "x to the right, y down"
 )
+#: Side of each heat-map cell in pixels, whatever the model's input size S.
+HEATMAP_CELL_PX = 256
 #: Decimals kept for pixel coordinates in the index: a thousandth of a pixel is far below the error.
 PIXEL_DECIMALS = 3
 #: Folder of the per-rank JSON-lines shards, under the writer's output folder.
@@ -49,18 +64,25 @@ class KeypointWriter(BasePredictionWriter):
       (same checkpoint, same ``data.path``) skips every image already in a shard (the DataModule
       drops them before the distributed sampler splits the rest), and a shard of another model or
       context is an error instead of being mixed in.
-    - ``keypoints.json``: at the end, every shard merged (each image once, in dataset order):
-      ``{"convention", "keypoint_tokens", "model", "checkpoint", "skipped", "images": [{"path",
-      "width", "height", "keypoints": [[x, y], ...], "overlay"}]}``; ``overlay`` (the PNG's path
-      relative to ``output_dir``) only with ``overlays``; ``skipped`` lists the files the dataset
-      could not decode (``path``, ``reason``). Or ``keypoints.csv``: rows ``path,width,height,k,x,y``
-      after ``#`` comment lines (the convention, the tokens, the model and the skipped files).
-    - ``overlays/<index>_<stem>.png``: the original image at its own size with keypoint k drawn and
-      numbered in colour k (the same colour in every image).
+    - ``keypoints.json``: at the end, every shard merged (each image once):
+      ``{"convention", "keypoint_tokens", "model", "checkpoint", "skipped",
+      "images": [{"path", "width", "height", "keypoints": [[x, y], ...], "inside": [bool, ...],
+      "overlay"}]}``, images in dataset order. ``width``/``height`` and the points refer to the
+      upright image (EXIF orientation applied, as a viewer shows it); ``inside[k]`` says whether
+      point k lies on the photo rather than in the padding that made it square (always true unless
+      ``model.predict_within_image`` is off). ``overlay`` (the PNG's path relative to
+      ``output_dir``) only with ``overlays``; ``skipped`` lists the files left out because they
+      could not be decoded (``path``, ``reason``; ``data.skip_unreadable``).
+      Or ``keypoints.csv``: rows ``path,width,height,k,x,y,inside`` after ``#`` comment lines (the
+      convention, the tokens, the model and the skipped files).
+    - ``overlays/<index>_<stem>.png``: the upright original with keypoint k drawn and numbered in
+      colour k (the same colour in every image), shown with its longer side in [256, 1024] px
+      (``callbacks.drawing.fit_for_display``), above a legend of each number's token.
     - ``heatmaps/<index>_<stem>.png`` (``heatmaps=True``): per keypoint, its attention map over the
-      model's S x S input, with the predicted point. The maps come from one extra pass of the model
-      without augmentation (noise seeded by the batch index), while the points average
-      ``augmentation_iterations`` augmented passes, so a map's peak can sit slightly off its point.
+      model's S x S input, with the predicted point, all on one colour scale shown by a colour bar.
+      The maps come from one extra pass of the model without augmentation (noise seeded by the
+      batch index), while the points average ``augmentation_iterations`` augmented passes, so a
+      map's peak can sit slightly off its point.
 
     Under DDP each rank writes its own shard and pictures; at the end each rank reads its own shard
     and rank 0 gathers the records (no shared filesystem needed) and writes the merged file. Every
@@ -180,17 +202,23 @@ class KeypointWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         pixels = prediction["keypoints_px"].detach().cpu().double().numpy()  # (B, K, 2)
+        inside = prediction.get("inside")
+        inside = np.ones(pixels.shape[:2], bool) if inside is None else inside.detach().cpu().numpy()
+        sizes = batch.get("source_size")
+        tokens = pl_module.keypoint_tokens.tolist()
+        background = getattr(trainer.datamodule, "background_rgb", GRAY_RGB)
         names = [overlay_name(int(index), path) for index, path in zip(batch["index"], batch["path"])]
         lines = []
-        for name, index, path, points in zip(names, batch["index"], batch["path"], pixels):
-            with Image.open(path) as source:
-                width, height = source.size  # header only: no decoding unless we draw
-                overlay = None
-                if self.overlays:
-                    # Same decoding as the datasets (no EXIF rotation): the pixels the points refer to.
-                    drawn = draw_keypoints(source.convert("RGB"), points)
-                    overlay = save_png(drawn, self._dir / "overlays" / name).relative_to(self._dir).as_posix()
-            lines.append(json.dumps(image_record(int(index), str(path), width, height, points, overlay)) + "\n")
+        for b, (name, index, path, points) in enumerate(zip(names, batch["index"], batch["path"], pixels)):
+            # The upright frame the dataset cropped from (EXIF orientation applied).
+            width, height = (int(v) for v in sizes[b]) if sizes is not None else upright_size(path)
+            overlay = None
+            if self.overlays:
+                # read_image decodes as the datasets do: the pixels the points refer to.
+                drawn = keypoint_overlay(read_image(path, background), points, tokens, inside[b])
+                overlay = save_png(drawn, self._dir / "overlays" / name).relative_to(self._dir).as_posix()
+            record = image_record(int(index), str(path), width, height, points, inside[b], overlay)
+            lines.append(json.dumps(record) + "\n")
         if self.heatmaps:
             self._write_heatmaps(pl_module, batch["image"], prediction["keypoints"], names, batch_idx)
         # One write per batch, flushed: a kill loses at most the batch in flight (a torn last line is
@@ -223,15 +251,21 @@ class KeypointWriter(BasePredictionWriter):
         tokens = pl_module.keypoint_tokens
         generator = torch.Generator(device=pl_module.device).manual_seed(batch_idx)
         maps = pl_module.maps_of(images.to(pl_module.device), generator)[:, tokens].float().cpu()  # (B, K, R, R)
-        size = images.shape[-1]
-        for name, image, heat, points in zip(names, images, maps, keypoints.detach().cpu().double().numpy() * size):
-            base = to_pil(image)
+        for name, image, heat, points in zip(names, images, maps, keypoints.detach().cpu().double().numpy()):
+            base, _ = fit_for_display(to_pil(image), HEATMAP_CELL_PX, HEATMAP_CELL_PX)
+            points = points * base.width
+            low, high = float(heat.min()), float(heat.max())
             cells = [
-                captioned(draw_keypoints(heatmap_overlay(base, heat[k]), points[k : k + 1], [str(k)], color_ids=[k]),
-                          f"keypoint {k} · token {int(tokens[k])}")
+                captioned(
+                    draw_keypoints(heatmap_overlay(base, heat[k], low=low, high=high), points[k : k + 1], [str(k)],
+                                   color_ids=[k]),
+                    f"keypoint {k} · token {int(tokens[k])}",
+                )
                 for k in range(len(tokens))
             ]
-            save_png(grid(cells, columns=5), self._dir / "heatmaps" / name)
+            picture = grid(cells, columns=5)
+            bar = colorbar(picture.width, low, high, "attention probability (one scale for every map)")
+            save_png(with_legend(picture, bar), self._dir / "heatmaps" / name)
 
     # ------------------------------------------------------------------ merge
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -294,21 +328,24 @@ class KeypointWriter(BasePredictionWriter):
         for skipped in header["skipped"]:
             text.write(f"# skipped: {skipped['path']} ({skipped['reason']})\n")
         writer = csv.writer(text)
-        writer.writerow(["path", "width", "height", "k", "x", "y"])
+        writer.writerow(["path", "width", "height", "k", "x", "y", "inside"])
         for row in rows:
-            for k, (x, y) in enumerate(row["keypoints"]):
-                writer.writerow([row["path"], row["width"], row["height"], k, x, y])
+            for k, ((x, y), inside) in enumerate(zip(row["keypoints"], row["inside"])):
+                writer.writerow([row["path"], row["width"], row["height"], k, x, y, str(inside).lower()])
         return write_atomically(self._dir / "keypoints.csv", text.getvalue())
 
 
-def image_record(index: int, path: str, width: int, height: int, points_px: np.ndarray, overlay: str | None) -> dict:
-    """points_px: (K, 2) (x, y) source pixels -> the record of one image, as shards and the merged file hold it.
+def image_record(
+    index: int, path: str, width: int, height: int, points_px: np.ndarray, inside: np.ndarray, overlay: str | None
+) -> dict:
+    """points_px: (K, 2) (x, y) upright source pixels, inside: (K,) bool -> the record of one image.
 
-    ``index`` is the image's position in the dataset (it orders the merged file and is left out of
-    it); ``overlay`` the overlay PNG relative to the output folder, or None when none is drawn.
+    The one place a record is built: shards and the merged file hold exactly this. ``index`` is the
+    image's position in the dataset (it orders the merged file and is left out of it); ``overlay``
+    the overlay PNG relative to the output folder, or None when none is drawn.
     """
     record = {"index": index, "path": path, "width": width, "height": height,
-              "keypoints": np.round(points_px, PIXEL_DECIMALS).tolist()}
+              "keypoints": np.round(points_px, PIXEL_DECIMALS).tolist(), "inside": np.asarray(inside, bool).tolist()}
     if overlay is not None:
         record["overlay"] = overlay
     return record
@@ -383,6 +420,24 @@ def write_atomically(path: Path, text: str) -> Path:
     return path
 
 
+def keypoint_overlay(
+    image: Image.Image, points_px: np.ndarray, tokens: list[int], inside: np.ndarray | None = None
+) -> Image.Image:
+    """The image at display size (``fit_for_display``) with points_px (K, 2) drawn, above their legend.
+
+    points_px are continuous (x, y) pixels of ``image``; the legend names each number's token and
+    marks the points outside the photo (in the padding of its square crop, so not drawn).
+    """
+    display, scale = fit_for_display(image)
+    inside = np.ones(len(points_px), bool) if inside is None else np.asarray(inside, bool)
+    drawn = draw_keypoints(display, np.asarray(points_px, dtype=np.float64) * scale)
+    entries = [
+        (PALETTE[k % len(PALETTE)], f"{k}: token {token}" + ("" if inside[k] else " (outside the photo)"))
+        for k, token in enumerate(tokens[: len(points_px)])
+    ]
+    return with_legend(drawn, legend(entries, drawn.width))
+
+
 def overlay_name(index: int, path: str) -> str:
     """``<index>_<stem>.png``: the dataset index keeps equal file names in different folders apart."""
     stem = re.sub(r"[^\w.-]+", "_", Path(path).stem)[:80]
@@ -405,9 +460,5 @@ def gather_objects(trainer: L.Trainer, obj: Any, to_all: bool = False) -> list[A
 
 
 def skipped_files(trainer: L.Trainer) -> list[dict[str, str]]:
-    """Files the predict datasets could not decode (``ImageFolderDataset.skipped``), else []."""
-    loaders = trainer.predict_dataloaders
-    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    # A resumed run reads a Subset of the dataset (data.base.without_paths): the list is the dataset's.
-    datasets = [getattr(loader.dataset, "dataset", loader.dataset) for loader in loaders]
-    return [{"path": str(path), "reason": reason} for dataset in datasets for path, reason in getattr(dataset, "skipped", ())]
+    """Files the DataModule left out because they could not be decoded (``KeypointDataModule.unreadable``)."""
+    return [{"path": str(path), "reason": reason} for path, reason in getattr(trainer.datamodule, "unreadable", ())]

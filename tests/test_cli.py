@@ -101,7 +101,7 @@ def test_missing_dataset_error_names_the_file_and_the_fix(tiny_sd_path, tmp_path
 def test_print_config_is_instant_and_loads_no_weights(capsys):
     from run import main
 
-    for name in ("sd15", "sdxl", "zero123plus", "demo"):
+    for name in ("sd15", "sdxl", "sdxl_reproduce", "zero123plus", "demo"):
         start = time.perf_counter()
         with pytest.raises(SystemExit) as exit_:
             main(["fit", "--config", str(REPO / "conf" / f"{name}.yaml"), "--print_config"])
@@ -158,11 +158,14 @@ def test_test_and_predict_through_the_cli_write_their_files(demo_run, tiny_sd_pa
     first = index["images"][0]
     with Image.open(first["path"]) as source:
         assert (first["width"], first["height"]) == source.size
-    assert len(first["keypoints"]) == 10
+    assert len(first["keypoints"]) == 10 and first["inside"] == [True] * 10  # predict_within_image by default
     overlays = sorted((index_file.parent / "overlays").glob("*.png"))
     assert len(overlays) == len(sources)
-    with Image.open(overlays[0]) as overlay:
-        assert overlay.format == "PNG" and overlay.size == (first["width"], first["height"])
+    from callbacks.drawing import display_scale
+
+    with Image.open(overlays[0]) as overlay:  # at display size, the legend below
+        shown = round(first["width"] * display_scale(first["width"], first["height"]))
+        assert overlay.format == "PNG" and overlay.width == shown and overlay.height > first["height"] * shown / first["width"]
 
 
 def test_a_missing_predict_path_fails_before_any_model_loads(capsys):
@@ -185,3 +188,72 @@ def test_predict_under_ddp_writes_one_index_in_dataset_order(demo_run, tiny_sd_p
     paths = [entry["path"] for entry in json.loads(index_file.read_text())["images"]]
     assert paths == [str(p) for p in sorted(images.glob("*.jpg"))]  # each image once, rows from both ranks merged
     assert len(list((index_file.parent / "overlays").glob("*.png"))) == len(paths)
+
+
+def test_sdxl_reproduce_holds_stablexlkeypoints_settings_and_sdxl_the_right_ones(capsys):
+    import yaml
+
+    from run import main
+
+    configs = {}
+    for name in ("sdxl_reproduce", "sdxl"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(REPO / "conf" / f"{name}.yaml"), "--print_config"])
+        configs[name] = yaml.safe_load(capsys.readouterr().out)
+    config = configs["sdxl_reproduce"]
+    backbone = config["model"]["backbone"]["init_args"]
+    assert backbone["layers"] == [f"up_blocks.0.attentions.0.transformer_blocks.{i}.attn2" for i in range(3)]
+    assert backbone["latent_scaling_factor"] == 0.18215 and backbone["engine"]["replace_output"] is True
+    assert config["model"]["optimizer"] == {"class_path": "torch.optim.AdamW",
+                                            "init_args": {**config["model"]["optimizer"]["init_args"], "lr": 0.005,
+                                                          "weight_decay": 0.0001}}
+    assert config["trainer"]["max_steps"] == 200
+    assert (config["data"]["init_args"]["batch_size"], config["data"]["init_args"]["image_size"]) == (4, 512)
+    right = configs["sdxl"]["model"]["backbone"]["init_args"]
+    assert right["latent_scaling_factor"] is None and right["engine"]["replace_output"] is False
+
+
+@pytest.mark.slow
+def test_a_user_error_is_one_message_and_exit_2_with_the_traceback_on_request(tmp_path):
+    args = ["fit", "--config", DEMO, "--model.sigma_px", "0", "--trainer.default_root_dir", str(tmp_path)]
+    result = run_cli(*args, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "error: model.sigma_px=0.0: it must be > 0." in lines and len(lines) <= 4  # (and Lightning's "Seed set")
+    os.environ["STABLE_KEYPOINTS_TRACEBACK"] = "1"
+    try:
+        result = run_cli(*args, check=False)
+    finally:
+        del os.environ["STABLE_KEYPOINTS_TRACEBACK"]
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import run
+
+    def bug(args=None):
+        raise ZeroDivisionError("a real bug")
+
+    monkeypatch.setattr(run, "main", bug)
+    with pytest.raises(ZeroDivisionError):
+        run.run([])
+
+
+@pytest.mark.slow
+def test_ckpt_path_honours_evaluation_settings_and_refuses_another_token_count(demo_run, tiny_sd_path, cub_root, tmp_path):
+    import yaml
+
+    (ckpt,) = checkpoints(demo_run)
+    images = cub_root / "images" / "001.Synthetic_Bird_1"
+    run_cli("predict", *demo_args(tmp_path / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+                                  "--data.init_args.path", str(images), "--model.soft_argmax_window_px", "5",
+                                  "--model.augmentation_iterations", "2"))
+    (config_file,) = list((tmp_path / "predict").rglob("config.yaml"))
+    saved = yaml.safe_load(config_file.read_text())["model"]
+    assert (saved["soft_argmax_window_px"], saved["augmentation_iterations"]) == (5, 2)  # not the checkpoint's null, 10
+
+    result = run_cli("predict", *demo_args(tmp_path / "other", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+                                           "--data.init_args.path", str(images), "--model.num_tokens", "50"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds a context of 100 tokens, but model.num_tokens=50: set --model.num_tokens 100" in result.stderr

@@ -166,9 +166,11 @@ def test_shard_identity_names_model_context_and_settings(tmp_path):
 def test_image_record_rounds_pixels_and_names_the_overlay_only_when_drawn():
     import numpy as np
 
-    record = image_record(3, "a/b.png", 40, 30, np.array([[1.23456, 2.0]]), None)
-    assert record == {"index": 3, "path": "a/b.png", "width": 40, "height": 30, "keypoints": [[1.235, 2.0]]}
-    assert image_record(3, "a/b.png", 40, 30, np.zeros((1, 2)), "overlays/x.png")["overlay"] == "overlays/x.png"
+    record = image_record(3, "a/b.png", 40, 30, np.array([[1.23456, 2.0], [5, 6]]), np.array([True, False]), None)
+    assert record == {"index": 3, "path": "a/b.png", "width": 40, "height": 30, "keypoints": [[1.235, 2.0], [5.0, 6.0]],
+                      "inside": [True, False]}
+    drawn = image_record(3, "a/b.png", 40, 30, np.zeros((1, 2)), np.ones(1, bool), "overlays/x.png")
+    assert drawn["overlay"] == "overlays/x.png"
 
 
 def test_a_damaged_middle_line_is_an_error_naming_the_shard(tmp_path):
@@ -285,3 +287,17 @@ def test_a_two_node_job_fits_tests_and_predicts_with_one_set_of_outputs(two_node
     assert not list(node1.rglob("keypoints.json"))
     assert [p.name for p in node0.rglob("rank-*.jsonl")] == ["rank-00000.jsonl"]  # node-local shards
     assert len(list(node0.rglob("overlays/*.png"))) + len(list(node1.rglob("overlays/*.png"))) == len(sources)
+
+
+def test_finished_images_are_dropped_from_a_subset_of_readable_images_too(five_images):
+    from torch.utils.data import Subset
+
+    from data.base import without_paths
+    from data.folder import ImageFolderDataset
+
+    dataset = ImageFolderDataset(five_images, 32)
+    readable = Subset(dataset, [0, 2, 3, 4])  # as KeypointDataModule.checked leaves it with skip_unreadable
+    left = without_paths(readable, {str(five_images / "img2.png"), str(five_images / "img4.png")})
+    assert left.indices == [0, 3] and left.dataset is dataset
+    assert [left[i]["index"] for i in range(len(left))] == [0, 3]  # each keeps its index in the dataset
+    assert without_paths(readable, set()) is readable

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from callbacks.prediction_writer import KeypointWriter
 from data.cub import CUBDataModule
 from lightning_modules.backbones import StableDiffusion
+from lightning_modules.backbones import Engine
 from lightning_modules.stable_keypoints import StableKeypoints
 
 pytestmark = pytest.mark.gpu
@@ -36,8 +37,8 @@ def device() -> str:
     pytest.skip("needs a CUDA GPU (benchmarks/gpu_check.sh; GPU_TESTS_ON_CPU=1 runs it on the CPU)")
 
 
-def small_module(model_path, **backbone) -> StableKeypoints:
-    return StableKeypoints(StableDiffusion(str(model_path), **backbone), num_tokens=40, feature_upsample_res=16,
+def small_module(model_path, **engine) -> StableKeypoints:
+    return StableKeypoints(StableDiffusion(str(model_path), engine=Engine(**engine)), num_tokens=40, feature_upsample_res=16,
                            top_k=4, furthest_point_num_samples=8, sigma_px=1.0, num_indices=4, augmentation_iterations=2)
 
 

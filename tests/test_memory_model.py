@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import memory_model
 from benchmarks.memory_model import Setting, count_unet, estimate, fits
-from lightning_modules.backbones.sd import TINY_VAE, tiny_sd_unet
+from data.demo_models import TINY_VAE, tiny_sd_unet
 
 TINY = Setting(model="tiny", image_size=64, batch_size=2, num_tokens=40, feature_upsample_res=16,
                augmentation_iterations=3)
