@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.base import KeypointDataModule, crop_resize, image_region, list_images
+from data.base import KeypointDataModule, crop_resize, image_region, image_tensor, list_images
 from data.images import GRAY_RGB, read_image
 
 PAD_RGB = GRAY_RGB
@@ -48,14 +48,12 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path = self.files[index]
-        image = read_image(path, self.background_rgb)
-        width, height = image.size
+        image = image_tensor(read_image(path, self.background_rgb))
+        height, width = image.shape[-2:]
         side = max(width, height)
         box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-        pixels = crop_resize(image, box, self.image_size, PAD_RGB)
         flipped = self.mirror and bool(torch.rand(()) < 0.5)
-        if flipped:
-            pixels = pixels.flip(-1)
+        pixels = crop_resize(image, box, self.image_size, PAD_RGB, mirror=flipped)
         return {
             "image": pixels,
             "index": index,

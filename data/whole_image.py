@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
-from data.base import STAGE_SPLITS, KeypointDataModule, crop_resize, image_region, require_file
+from data.base import STAGE_SPLITS, KeypointDataModule, crop_resize, image_region, image_tensor, require_file
 from data.images import GRAY_RGB, read_image
 
 
@@ -42,20 +42,21 @@ class WholeImageDataset(Dataset):
     def image_path(self, index: int) -> Path:
         return self.files[index]
 
-    def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(image (3, S, S) in [0, 1], (W, H) of the upright source image in pixels)."""
-        image = read_image(require_file(self.files[index], self.source), self.background_rgb)
-        return crop_resize(image, (0, 0, *image.size), self.image_size, (0, 0, 0)), image.size
+    def _load(self, index: int, mirror: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(image (3, S, S) in [0, 1], mirrored when ``mirror``; (W, H) of the upright source image in pixels)."""
+        pixels = image_tensor(read_image(require_file(self.files[index], self.source), self.background_rgb))
+        height, width = pixels.shape[-2:]
+        return crop_resize(pixels, (0, 0, width, height), self.image_size, (0, 0, 0), mirror=mirror), (width, height)
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(keypoints (J, 2) (x, y) in [0, 1], visible (J,) bool) of sample ``index``; None when unlabelled."""
         return None
 
     def __getitem__(self, index: int) -> dict:
-        image, (width, height) = self._load(index)
         flipped = bool(self.flip_prob > 0 and torch.rand(()) < self.flip_prob)
+        image, (width, height) = self._load(index, mirror=flipped)
         sample = {
-            "image": image.flip(-1) if flipped else image,
+            "image": image,
             "index": index,
             "path": str(self.files[index]),
             "crop_box": torch.tensor([0.0, 0.0, width, height]),
