@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import kornia
 import lightning as L
@@ -40,6 +41,9 @@ from torchmetrics import Metric
 from data.decode_check import find_unreadable
 from data.images import GRAY_RGB
 from lightning_modules.errors import ConfigError, MissingFileError
+
+if TYPE_CHECKING:
+    from lightning_modules.regressor import LinearKeypointRegressor
 
 #: The splits each stage reads (``predict`` without ``path`` reads the test split).
 STAGE_SPLITS = {"fit": ("train", "regression"), "test": ("regression", "test"), "predict": ("test",)}
@@ -122,6 +126,16 @@ class KeypointDataModule(L.LightningDataModule):
     def make_metric(self) -> Metric:
         """The dataset's evaluation metric (a torchmetrics ``Metric``: update(pred, target, visible))."""
         raise NotImplementedError(f"{type(self).__name__} defines no evaluation metric.")
+
+    def fit_regressor(self, keypoints: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor) -> LinearKeypointRegressor:
+        """keypoints (N, K, 2), targets (N, J, 2), visible (N, J) of the regression split -> the fitted regressor.
+
+        The dataset's regression protocol (SPEC section 7): least squares on the visible rows of
+        each keypoint; Human3.6M overrides it with the orientation-invariant fit.
+        """
+        from lightning_modules.regressor import LinearKeypointRegressor
+
+        return LinearKeypointRegressor.fit(keypoints, targets, visible)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(

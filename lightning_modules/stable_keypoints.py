@@ -409,7 +409,7 @@ class StableKeypoints(L.LightningModule):
             keypoints, targets, visible = (self.all_gather(t).flatten(0, 1) for t in (keypoints, targets, visible))
         self._regression = []
         self._num_regression_images = len(keypoints)
-        return LinearKeypointRegressor.fit(keypoints, targets, visible.bool()).to(self.device)
+        return self.trainer.datamodule.fit_regressor(keypoints, targets, visible.bool()).to(self.device)
 
     def on_test_epoch_end(self) -> None:
         if self.regressor is None:
@@ -493,7 +493,7 @@ def check_trainer_precision(precision: str | int | None) -> None:
     raise ConfigError(
         f"trainer.precision={str(precision)!r} is refused: fp16 does not converge for this method and "
         "mixed precision would also cast the context, maps and losses. Keep trainer.precision at 32 and "
-        "set model.backbone.init_args.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
+        "set model.backbone.init_args.engine.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
     )
 
 

@@ -17,11 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _tiny_model(tmp_path_factory, family: str, name: str) -> Path:
     """Writes the tiny random model of ``lightning_modules.backbones.<family>`` into a session folder."""
-    import lightning_modules.backbones as backbones
+    from data.demo_models import write_tiny
 
-    path = tmp_path_factory.mktemp("models") / name
-    getattr(backbones, family).write_tiny(path)
-    return path
+    return write_tiny(family, tmp_path_factory.mktemp("models") / name)
 
 
 @pytest.fixture(autouse=True)

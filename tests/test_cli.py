@@ -101,7 +101,7 @@ def test_missing_dataset_error_names_the_file_and_the_fix(tiny_sd_path, tmp_path
 def test_print_config_is_instant_and_loads_no_weights(capsys):
     from run import main
 
-    for name in ("sd15", "sdxl", "zero123plus", "demo"):
+    for name in ("sd15", "sdxl", "sdxl_reproduce", "zero123plus", "demo"):
         start = time.perf_counter()
         with pytest.raises(SystemExit) as exit_:
             main(["fit", "--config", str(REPO / "conf" / f"{name}.yaml"), "--print_config"])
@@ -188,6 +188,29 @@ def test_predict_under_ddp_writes_one_index_in_dataset_order(demo_run, tiny_sd_p
     paths = [entry["path"] for entry in json.loads(index_file.read_text())["images"]]
     assert paths == [str(p) for p in sorted(images.glob("*.jpg"))]  # each image once, rows from both ranks merged
     assert len(list((index_file.parent / "overlays").glob("*.png"))) == len(paths)
+
+
+def test_sdxl_reproduce_holds_stablexlkeypoints_settings_and_sdxl_the_right_ones(capsys):
+    import yaml
+
+    from run import main
+
+    configs = {}
+    for name in ("sdxl_reproduce", "sdxl"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(REPO / "conf" / f"{name}.yaml"), "--print_config"])
+        configs[name] = yaml.safe_load(capsys.readouterr().out)
+    config = configs["sdxl_reproduce"]
+    backbone = config["model"]["backbone"]["init_args"]
+    assert backbone["layers"] == [f"up_blocks.0.attentions.0.transformer_blocks.{i}.attn2" for i in range(3)]
+    assert backbone["latent_scaling_factor"] == 0.18215 and backbone["engine"]["replace_output"] is True
+    assert config["model"]["optimizer"] == {"class_path": "torch.optim.AdamW",
+                                            "init_args": {**config["model"]["optimizer"]["init_args"], "lr": 0.005,
+                                                          "weight_decay": 0.0001}}
+    assert config["trainer"]["max_steps"] == 200
+    assert (config["data"]["init_args"]["batch_size"], config["data"]["init_args"]["image_size"]) == (4, 512)
+    right = configs["sdxl"]["model"]["backbone"]["init_args"]
+    assert right["latent_scaling_factor"] is None and right["engine"]["replace_output"] is False
 
 
 @pytest.mark.slow

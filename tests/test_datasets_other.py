@@ -2,7 +2,7 @@
 
 Each fixture draws a red dot on the pixel of one annotated keypoint, so a test checks both the
 label convention (normalized (x, y), pixel centres) and that the image agrees with it.
-Tai-Chi needs pandas and Human3.6M scipy to read their labels (neither is a project requirement):
+Tai-Chi needs pandas and Human3.6M scipy to read their labels (optional; requirements.txt pins scipy):
 those tests skip without them.
 """
 
