@@ -100,6 +100,8 @@ class KeypointDataModule(L.LightningDataModule):
             raise ConfigError(f"data.num_workers={num_workers}: it must be >= 0 (0 loads in the main process).")
         if path is not None and not Path(path).exists():
             raise MissingFileError(f"data.path={path!r} does not exist: give a folder of images or one image file.")
+        if len(background_rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in background_rgb):
+            raise ConfigError(f"data.background_rgb={list(background_rgb)}: give three 0-255 integers, e.g. [127, 127, 127].")
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
