@@ -29,6 +29,8 @@ from kornia.geometry.linalg import transform_points as kornia_transform_points
 from kornia.geometry.transform import get_affine_matrix2d, get_translation_matrix2d, warp_affine
 from torch import Tensor
 
+from lightning_modules.errors import ConfigError
+
 
 @dataclass
 class AffineAugmentation:
@@ -48,10 +50,12 @@ class AffineAugmentation:
 
     def __post_init__(self) -> None:
         low, high = self.scale
-        if not 0 < low <= high:
-            raise ValueError(f"augmentation.scale={self.scale}: need 0 < low <= high.")
-        if self.degrees < 0 or self.translate_frac < 0:
-            raise ValueError("augmentation.degrees and augmentation.translate_frac must be >= 0.")
+        if not (math.isfinite(high) and 0 < low <= high):
+            raise ConfigError(f"model.augmentation.scale={self.scale}: need 0 < low <= high.")
+        for key in ("degrees", "translate_frac"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"model.augmentation.{key}={value}: it must be finite and >= 0.")
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
         """-> (B, 3, 3) float64 normalized forward transforms, one per image (see the module docstring)."""
