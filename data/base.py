@@ -336,6 +336,8 @@ def crop_resize(
     512 px, 0.011 (max 0.10) vs 0.042; a 300 px box upsampled to 512 px (CUB's usual case, no
     smoothing), 0.0004 (max 0.004, PIL's 8-bit rounding). Sources differ in size, so this runs
     per sample in the Dataset; the mirror costs nothing extra, being part of the matrix.
+    In float32 on the CPU it is slower than PIL's 8-bit resize (a 500 x 375 image to 512 px: 27 vs
+    15 ms; a 2000 x 1500 photo: 0.6 vs 0.09 s, mostly the full-resolution smoothing).
     """
     x0, y0, x1, y1 = (float(v) for v in box)
     # PIL's canvas: the box's whole pixels, the image pasted on the fill colour; the smoothing and
