@@ -7,14 +7,15 @@ the padded square in source pixels, so predicted keypoints map back to the origi
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data.base import KeypointDataModule, crop_resize, list_images
+from data.base import KeypointDataModule, SampleKey, crop_resize, list_images, sample_draws
 
 PAD_RGB = (127, 127, 127)
 # JPEG draft decoding at 1/8 scale reads the whole stream (so truncation is caught) for little cost.
@@ -32,6 +33,15 @@ def _unreadable_reason(path: Path) -> str | None:
     return None
 
 
+def content_key(path: Path) -> int:
+    """A 56-bit identity of the file's bytes (BLAKE2b; fits int64 once batched): seeds its keypoint extraction.
+
+    The bytes rather than the path: a copy, a renamed file and the same file in another folder are
+    one image and get one set of keypoints; reading a file twice costs far less than one UNet call.
+    """
+    return int.from_bytes(hashlib.blake2b(Path(path).read_bytes(), digest_size=7).digest(), "little")
+
+
 class ImageFolderDataset(Dataset):
     """Unlabelled images of ``path`` (a folder searched recursively, or one image file).
 
@@ -41,8 +51,11 @@ class ImageFolderDataset(Dataset):
     Args:
         path: folder or image file.
         image_size: side S of the returned images, in pixels.
-        mirror: randomly mirror half of the samples (training augmentation; torch's RNG, so
-            seeding and DataLoader worker seeds apply).
+        mirror: randomly mirror half of the samples (training augmentation, drawn per sample from
+            its ``SampleKey``).
+
+    A sample's ``sample_key`` is ``content_key`` of its file: the same file gets the same keypoints
+    wherever it lies in the folder and whatever it is called.
     """
 
     def __init__(self, path: str | Path, image_size: int, mirror: bool = False) -> None:
@@ -63,7 +76,12 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict:
+    def sample_flip(self, generator: torch.Generator) -> bool:
+        """One sample's random mirror (half of them when ``mirror``)."""
+        return self.mirror and bool(torch.rand((), generator=generator) < 0.5)
+
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        index, generator = sample_draws(key)
         path = self.files[index]
         with Image.open(path) as source:
             image = source.convert("RGB")
@@ -71,12 +89,13 @@ class ImageFolderDataset(Dataset):
         side = max(width, height)
         box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
         pixels = crop_resize(image, box, self.image_size, PAD_RGB)
-        flipped = self.mirror and bool(torch.rand(()) < 0.5)
+        flipped = self.sample_flip(generator)
         if flipped:
             pixels = pixels.flip(-1)
         return {
             "image": pixels,
             "index": index,
+            "sample_key": content_key(path),
             "path": str(path),
             "crop_box": torch.tensor(box, dtype=torch.float32),
             "flipped": flipped,
@@ -91,10 +110,11 @@ class ImageFolderDataModule(KeypointDataModule):
         image_size: side S of the square images fed to the model, in pixels.
         batch_size: images per device and step.
         num_workers: DataLoader worker processes.
+        seed: seed of the training order and of the per-sample mirror draws.
     """
 
-    def __init__(self, path: str, image_size: int = 512, batch_size: int = 4, num_workers: int = 2) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
+    def __init__(self, path: str, image_size: int = 512, batch_size: int = 4, num_workers: int = 2, seed: int = 0) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path, seed=seed)
         self._train: ImageFolderDataset | None = None
         self._plain: ImageFolderDataset | None = None
 
@@ -112,9 +132,9 @@ class ImageFolderDataModule(KeypointDataModule):
             self.setup("fit")
         return self._train
 
-    def keypoint_index_dataloader(self) -> DataLoader:
-        # No labelled regression split here: rank the keypoint tokens on the unaugmented images
-        # (built once: the dataset checks every file when it is made).
+    def ranking_dataset(self) -> Dataset:
+        # No labelled regression split here: the unaugmented images (built once: the dataset
+        # checks every file when it is made).
         if self._plain is None:
             self._plain = ImageFolderDataset(self.path, self.image_size)
-        return self._loader(self._plain, shuffle=False)
+        return self._plain

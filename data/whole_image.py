@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.base import KeypointDataModule, crop_resize, require_file
+from data.base import KeypointDataModule, SampleKey, crop_resize, require_file, sample_draws
 
 
 class WholeImageDataset(Dataset):
@@ -40,12 +40,18 @@ class WholeImageDataset(Dataset):
         """(keypoints (J, 2) (x, y) in [0, 1], visible (J,) bool) of sample ``index``; None when unlabelled."""
         return None
 
-    def __getitem__(self, index: int) -> dict:
+    def sample_flip(self, generator: torch.Generator) -> bool:
+        """One sample's random mirror, with probability ``flip_prob``."""
+        return bool(torch.rand((), generator=generator) < self.flip_prob)
+
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        index, generator = sample_draws(key)
         image, (width, height) = self._load(index)
-        flipped = bool(self.flip_prob > 0 and torch.rand(()) < self.flip_prob)
+        flipped = self.sample_flip(generator)
         sample = {
             "image": image.flip(-1) if flipped else image,
             "index": index,
+            "sample_key": index,
             "path": str(self.files[index]),
             "crop_box": torch.tensor([0.0, 0.0, width, height]),
             "flipped": flipped,
