@@ -11,7 +11,7 @@ some images would be fitted on and scored twice and the number would depend on t
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -55,7 +55,7 @@ class KeypointSet(Metric):
         return sum(len(part) for part in self.index)
 
 
-class RegressorEvaluation(nn.Module):
+class RegressorEvaluation:
     """Regressor fitted on loader 0's images, ``metric`` of its predictions on loader 1's images.
 
     Lifecycle (``StableKeypoints``' test hooks): ``update`` per batch; ``fit`` once, when the first
@@ -63,15 +63,17 @@ class RegressorEvaluation(nn.Module):
     (collective). Both see the union of all ranks' rows, each image once, so 1 and N devices give
     the same regressor and the same number (up to float summation order).
 
+    Not an ``nn.Module``: held by the LightningModule, it stays out of its state dict and checkpoints.
+
     Args:
         metric: the dataset's metric (``KeypointDataModule.make_metric``).
+        device: where the rows are kept and gathered (the LightningModule's device).
     """
 
-    def __init__(self, metric: Metric) -> None:
-        super().__init__()
-        self.regression = KeypointSet()
-        self.test = KeypointSet()
-        self.metric = metric
+    def __init__(self, metric: Metric, device: torch.device | str = "cpu") -> None:
+        self.regression = KeypointSet().to(device)
+        self.test = KeypointSet().to(device)
+        self.metric = metric.to(device)
         self.regressor: LinearKeypointRegressor | None = None
         self.num_regression_images = 0
         self.num_test_images = 0

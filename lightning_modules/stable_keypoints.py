@@ -306,7 +306,7 @@ class StableKeypoints(L.LightningModule):
     def on_test_start(self) -> None:
         self.ensure_keypoint_tokens()
         self.test_metric = self.trainer.datamodule.make_metric()
-        self.evaluation = RegressorEvaluation(self.test_metric).to(self.device)
+        self.evaluation = RegressorEvaluation(self.test_metric, self.device)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Keypoints of loader 0 (the regression split) and loader 1 (the test split), collected by
