@@ -32,8 +32,8 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 from tqdm import tqdm
 
-from data.base import KeypointDataModule, SampleKey, sample_draws
-from data.folder import crop_resize
+from data.base import KeypointDataModule, SampleKey, crop_matrix, crop_points, crop_resize, image_tensor, sample_draws
+from lightning_modules.errors import ConfigError, MissingFileError
 
 #: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
@@ -71,7 +71,7 @@ def _read_rows(root: Path, name: str, num_fields: int) -> list[list[str]]:
     """Whitespace-separated rows of ``root/name``, each with exactly ``num_fields`` fields."""
     path = root / name
     if not path.is_file():
-        raise FileNotFoundError(_missing_message(path))
+        raise MissingFileError(_missing_message(path))
     rows = []
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -206,24 +206,11 @@ def square_crop_box(box_xywh: Sequence[float], outward_frac: Sequence[float] = (
     return cx - half, cy - half, cx + half, cy + half
 
 
-def normalize_parts(parts_px: np.ndarray, visible: np.ndarray, crop_box: Sequence[float]) -> np.ndarray:
-    """(J, 2) float32 (x, y) in [0, 1] over ``crop_box`` from (J, 2) pixel indices; invisible -> (0, 0)."""
-    x0, y0, x1, y1 = crop_box
-    centres = np.asarray(parts_px, dtype=np.float64) + 0.5
-    normalized = (centres - (x0, y0)) / (x1 - x0, y1 - y0)
-    return np.where(np.asarray(visible)[:, None], normalized, 0.0).astype(np.float32)
-
-
-def mirror_keypoints(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keypoints (J, 2) normalized and visible (J,) of the horizontally mirrored image.
-
-    x becomes 1 - x and left/right parts trade places; invisible parts stay (0, 0).
-    """
+def mirror_parts(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keypoints (J, 2) and visible (J,) of a mirrored image, whose points already moved: the
+    bird's left parts are now on the image's right, so left and right parts trade names."""
     permutation = list(FLIP_PERMUTATION)
-    mirrored = keypoints[permutation].clone()
-    visible = visible[permutation]
-    mirrored[:, 0] = torch.where(visible, 1 - mirrored[:, 0], mirrored[:, 0])
-    return mirrored, visible
+    return keypoints[permutation], visible[permutation]
 
 
 class CUBDataset(Dataset):
@@ -258,9 +245,9 @@ class CUBDataset(Dataset):
         annotations: CUBAnnotations | None = None,
     ) -> None:
         if subset not in get_args(Subset):
-            raise ValueError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
+            raise ConfigError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
         if split not in get_args(Split):
-            raise ValueError(f"split={split!r}: choose 'train' or 'test'.")
+            raise ConfigError(f"split={split!r}: choose 'train' or 'test'.")
         self.annotations = load_annotations(root) if annotations is None else annotations
         self.images_dir = Path(root) / "images" if images_dir is None else Path(images_dir)
         self.rows = select_rows(self.annotations, subset, split)
@@ -290,15 +277,16 @@ class CUBDataset(Dataset):
         row = self.rows[index]
         path = self.image_path(index)
         with Image.open(path) as source:
-            image = source.convert("RGB")  # a few CUB images are grayscale
+            image = image_tensor(source)  # a few CUB images are grayscale
         outward, flipped = self.sample_crop_params(generator)
         box = square_crop_box(self.annotations.boxes_xywh[row], outward)
+        # The crop, the resize and the mirror are one matrix, for the pixels and the parts alike.
+        pixels = crop_resize(image, box, self.image_size, self.fill_rgb, mirror=flipped)
         visible = torch.from_numpy(self.annotations.visible[row].copy())
-        keypoints = torch.from_numpy(normalize_parts(self.annotations.parts_px[row], self.annotations.visible[row], box))
-        pixels = crop_resize(image, box, self.image_size, self.fill_rgb)
+        keypoints = crop_points(self.annotations.parts_px[row], crop_matrix(box, self.image_size, flipped), self.image_size)
         if flipped:
-            pixels = pixels.flip(-1)
-            keypoints, visible = mirror_keypoints(keypoints, visible)
+            keypoints, visible = mirror_parts(keypoints, visible)
+        keypoints = keypoints.masked_fill(~visible[:, None], 0.0)
         return {
             "image": pixels,
             "keypoints": keypoints,
@@ -410,8 +398,9 @@ class CUBDataModule(KeypointDataModule):
         fill_rgb: 0-255 colour of crop regions outside the image; (127, 127, 127) suits ``images_dir``
             trees composited on gray.
         download: fetch and extract the official archive (about 1.1 GB) into ``root`` if missing.
-        generate_synthetic: demo only: if ``root`` is missing, write the small synthetic dataset of
-            ``data.demo`` there.
+        generate_synthetic: demo only: if ``root`` is missing and is the demo's folder
+            (``data.demo.DEMO_CUB_ROOT``, ``.demo/CUB_200_2011``), write the small synthetic dataset
+            of ``data.demo`` there (and say so); a missing ``root`` anywhere else is an error.
         kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
     """
 
@@ -429,9 +418,13 @@ class CUBDataModule(KeypointDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if subset not in get_args(Subset):
-            raise ValueError(f"data.subset={subset!r}: choose one of {get_args(Subset)}.")
+            raise ConfigError(f"data.subset={subset!r}: choose one of {get_args(Subset)}.")
         if download and generate_synthetic:
-            raise ValueError("data.download and data.generate_synthetic are exclusive: download the real dataset or write the demo one.")
+            raise ConfigError("data.download and data.generate_synthetic are exclusive: download the real dataset or write the demo one.")
+        if generate_synthetic and not Path(root).exists():
+            from data.demo import require_demo_root
+
+            require_demo_root(root)  # before anything runs: a mistyped root must not become a made-up dataset
         self.root = root
         self.subset = subset
         self.images_dir = images_dir
@@ -443,9 +436,10 @@ class CUBDataModule(KeypointDataModule):
     def prepare_data(self) -> None:
         if self.download:
             download_cub(self.root)
-        elif self.generate_synthetic:
-            from data.demo import DEMO_SIZE, ensure_synthetic_cub
+        elif self.generate_synthetic and not Path(self.root).exists():
+            from data.demo import DEMO_SIZE, ensure_synthetic_cub, require_demo_root
 
+            require_demo_root(self.root)
             ensure_synthetic_cub(self.root, **DEMO_SIZE)
 
     def setup(self, stage: str | None = None) -> None:
@@ -461,12 +455,12 @@ class CUBDataModule(KeypointDataModule):
         for dataset in (self._datasets["train"], self._datasets["test"]):
             missing = [dataset.image_path(i) for i in range(len(dataset)) if not dataset.image_path(i).is_file()]
             if missing and self.images_dir:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"data.images_dir={self.images_dir!r} lacks {len(missing)} images of {self.subset}, e.g. {str(missing[0])!r}: "
                     f"rerun `python -m data.cub_preprocess --root {self.root} --output {self.images_dir}` (it resumes)."
                 )
             if missing:
-                raise FileNotFoundError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
+                raise MissingFileError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
 
     def _dataset(self, name: str) -> CUBDataset:
         if not self._datasets:

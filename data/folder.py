@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.base import KeypointDataModule, SampleKey, crop_resize, list_images, sample_draws
+from data.base import KeypointDataModule, SampleKey, crop_resize, image_tensor, list_images, sample_draws
 
 PAD_RGB = (127, 127, 127)
 # JPEG draft decoding at 1/8 scale reads the whole stream (so truncation is caught) for little cost.
@@ -84,14 +84,12 @@ class ImageFolderDataset(Dataset):
         index, generator = sample_draws(key)
         path = self.files[index]
         with Image.open(path) as source:
-            image = source.convert("RGB")
-        width, height = image.size
+            image = image_tensor(source)
+        height, width = image.shape[-2:]
         side = max(width, height)
         box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-        pixels = crop_resize(image, box, self.image_size, PAD_RGB)
         flipped = self.sample_flip(generator)
-        if flipped:
-            pixels = pixels.flip(-1)
+        pixels = crop_resize(image, box, self.image_size, PAD_RGB, mirror=flipped)
         return {
             "image": pixels,
             "index": index,

@@ -99,13 +99,14 @@ class Human36MDataset(WholeImageDataset):
         frame = self.files[index]
         return require_file(frame.parents[2] / folder / frame.parent.name / (frame.stem + suffix), H36M_SOURCE)
 
-    def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        image, size = super()._load(index)
+    def _load(self, index: int, mirror: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        image, size = super()._load(index, mirror)
         with Image.open(self._sibling(index, "BackgroudMask", ".png")) as mask:
             # Binarized first: the masks are bilevel, stored as 0/1 or 0/255 depending on the writer.
-            mask = Image.fromarray(np.where(np.array(mask.convert("L")) > 0, 255, 0).astype(np.uint8))
+            mask = torch.from_numpy(np.array(mask.convert("L")) > 0).float().expand(3, -1, -1)
         # Resized like the image so its edge is as soft as SK's bilinear-upsampled mask.
-        return image * crop_resize(mask.convert("RGB"), (0, 0, *mask.size), self.image_size, (0, 0, 0)), size
+        height, width = mask.shape[-2:]
+        return image * crop_resize(mask, (0, 0, width, height), self.image_size, (0, 0, 0), mirror=mirror), size
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._loadmat is None:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.base import KeypointDataModule, SampleKey, crop_resize, require_file, sample_draws
+from data.base import KeypointDataModule, SampleKey, crop_resize, image_tensor, require_file, sample_draws
 
 
 class WholeImageDataset(Dataset):
@@ -31,10 +31,12 @@ class WholeImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(image (3, S, S) in [0, 1], (W, H) of the source image in pixels)."""
+    def _load(self, index: int, mirror: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(image (3, S, S) in [0, 1], mirrored when ``mirror``; (W, H) of the source image in pixels)."""
         with Image.open(require_file(self.files[index], self.source)) as image:
-            return crop_resize(image.convert("RGB"), (0, 0, *image.size), self.image_size, (0, 0, 0)), image.size
+            pixels = image_tensor(image)
+        height, width = pixels.shape[-2:]
+        return crop_resize(pixels, (0, 0, width, height), self.image_size, (0, 0, 0), mirror=mirror), (width, height)
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(keypoints (J, 2) (x, y) in [0, 1], visible (J,) bool) of sample ``index``; None when unlabelled."""
@@ -46,10 +48,10 @@ class WholeImageDataset(Dataset):
 
     def __getitem__(self, key: int | SampleKey) -> dict:
         index, generator = sample_draws(key)
-        image, (width, height) = self._load(index)
         flipped = self.sample_flip(generator)
+        image, (width, height) = self._load(index, mirror=flipped)
         sample = {
-            "image": image.flip(-1) if flipped else image,
+            "image": image,
             "index": index,
             "sample_key": index,
             "path": str(self.files[index]),

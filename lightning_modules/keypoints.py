@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from kornia.geometry.subpix import spatial_expectation2d
 from torch import Tensor
 
 from lightning_modules.augmentation import AffineAugmentation, unwarp, warp
@@ -41,10 +42,10 @@ def locate_peaks(maps: Tensor, soft_argmax_window_px: int | None = None) -> Tens
         in_x = (xs - peak[..., 0, None]).abs() <= half  # (B, K, W)
         in_y = (ys - peak[..., 1, None]).abs() <= half  # (B, K, H)
         weights = maps.float().clamp_min(0) * in_y[..., :, None] * in_x[..., None, :]
-        total = weights.sum(dim=(-2, -1)).clamp_min(1e-12)
-        peak = torch.stack(
-            [(weights.sum(-2) * xs).sum(-1) / total, (weights.sum(-1) * ys).sum(-1) / total], dim=-1
-        )
+        total = weights.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        # kornia's expectation over pixel indices; +0.5 turns indices into pixel centres. (Not
+        # kornia's spatial_soft_argmax2d: that takes a softmax of the whole map, this the window.)
+        peak = spatial_expectation2d(weights / total, normalized_coordinates=False) + 0.5
     return peak / torch.tensor([width, height], device=maps.device, dtype=torch.float32)
 
 
@@ -73,16 +74,16 @@ def augmented_keypoints(
     batch, _, height, width = images.shape
     if len(generators) != batch * iterations:
         raise ValueError(f"{len(generators)} generators for {batch} images x {iterations} augmentations.")
-    theta = torch.cat([augmentation.sample(1, generator, images.device) for generator in generators])
-    warped = warp(images.repeat_interleave(iterations, dim=0), theta)
+    transform = torch.cat([augmentation.sample(1, generator, images.device) for generator in generators])
+    warped = warp(images.repeat_interleave(iterations, dim=0), transform)
     step = chunk_size or len(warped)
     maps = torch.cat(
         [maps_of(warped[i : i + step], generators[i : i + step])[:, tokens] for i in range(0, len(warped), step)]
     )  # (B*I, K, R, R)
     maps = F.interpolate(maps.float(), size=(height, width), mode="bilinear", align_corners=False)
-    back = unwarp(maps, theta).view(batch, iterations, len(tokens), height, width).sum(1)
+    back = unwarp(maps, transform).view(batch, iterations, len(tokens), height, width).sum(1)
     ones = torch.ones(batch * iterations, 1, height, width, device=images.device)
-    coverage = unwarp(ones, theta).view(batch, iterations, 1, height, width).sum(1)
+    coverage = unwarp(ones, transform).view(batch, iterations, 1, height, width).sum(1)
     mean = torch.where(coverage > 0, back / coverage.clamp_min(1e-12), torch.zeros_like(back))
     return locate_peaks(mean, soft_argmax_window_px)
 

@@ -20,8 +20,7 @@ from data.cub import (
     CUBDataModule,
     CUBDataset,
     load_annotations,
-    mirror_keypoints,
-    normalize_parts,
+    mirror_parts,
     read_bounding_boxes,
     read_classes,
     read_image_class_labels,
@@ -31,9 +30,8 @@ from data.cub import (
     read_train_test_split,
     square_crop_box,
 )
-from data.base import SampleKey
 from data.demo import ensure_synthetic_cub, write_synthetic_cub
-from data.folder import crop_resize
+from data.base import SampleKey, crop_matrix, crop_points, crop_resize, image_tensor
 from lightning_modules.seeding import Draw, seeded_generator
 
 S = 64  # small images keep the tests fast
@@ -115,26 +113,43 @@ def test_aligned_is_the_tight_square_and_never_augmented(root: Path) -> None:
     x, y, w, h = annotations.boxes_xywh[dataset.rows[0]]
     side = max(w, h)
     expected = (x + w / 2 - side / 2, y + h / 2 - side / 2, x + w / 2 + side / 2, y + h / 2 + side / 2)
-    for seed in range(4):
-        torch.manual_seed(seed)
-        sample = dataset[0]
+    for epoch in range(4):
+        sample = dataset[SampleKey(0, epoch, 0)]
         assert not sample["flipped"]
         assert np.allclose(sample["crop_box"].numpy(), expected, atol=1e-3)
 
 
-def test_mirror_keypoints_swaps_left_right() -> None:
-    keypoints = torch.zeros(15, 2)
+def test_mirror_parts_swaps_left_right() -> None:
+    keypoints = torch.arange(30.0).view(15, 2)
     visible = torch.zeros(15, dtype=torch.bool)
-    keypoints[PART_NAMES.index("left eye")] = torch.tensor([0.2, 0.3])
     visible[PART_NAMES.index("left eye")] = True
-    keypoints[PART_NAMES.index("beak")] = torch.tensor([0.1, 0.4])
     visible[PART_NAMES.index("beak")] = True
-    mirrored, mirrored_visible = mirror_keypoints(keypoints, visible)
-    assert mirrored[PART_NAMES.index("right eye")].tolist() == pytest.approx([0.8, 0.3])
-    assert mirrored[PART_NAMES.index("beak")].tolist() == pytest.approx([0.9, 0.4])
-    assert not mirrored_visible[PART_NAMES.index("left eye")]
-    assert mirrored[PART_NAMES.index("left eye")].tolist() == [0.0, 0.0]  # right eye was invisible
+    mirrored, mirrored_visible = mirror_parts(keypoints, visible)
+    for name, source in (("right eye", "left eye"), ("left eye", "right eye"), ("left leg", "right leg"),
+                         ("right wing", "left wing"), ("beak", "beak"), ("tail", "tail")):
+        assert mirrored[PART_NAMES.index(name)].tolist() == keypoints[PART_NAMES.index(source)].tolist()
+    assert mirrored_visible[PART_NAMES.index("right eye")] and not mirrored_visible[PART_NAMES.index("left eye")]
     assert mirrored_visible.sum() == 2
+
+
+def test_augmented_dot_stays_on_its_part_and_the_mirror_renames_it(root_copy: Path) -> None:
+    """Jittered crops and mirrors of an image that is one dot on the bird's right wing: the dot is
+    always where the sample's keypoint of that wing says, named "left wing" when mirrored."""
+    px, py = _plant_dot(root_copy, 1, "right wing")
+    dataset = CUBDataset(root_copy, "train", "cub_001", image_size=S, augment=True)
+    seen = set()
+    for epoch in range(12):
+        sample = dataset[SampleKey(0, epoch, 0)]
+        seen.add(sample["flipped"])
+        name = "left wing" if sample["flipped"] else "right wing"
+        assert sample["visible"][PART_NAMES.index(name)]
+        kx, ky = sample["keypoints"][PART_NAMES.index(name)].tolist()
+        iy, ix = divmod(int(sample["image"].sum(0).argmax()), S)
+        assert abs((ix + 0.5) / S - kx) <= 1 / S and abs((iy + 0.5) / S - ky) <= 1 / S
+        x0, y0, x1, y1 = sample["crop_box"].double().tolist()
+        source_x = x1 - kx * (x1 - x0) if sample["flipped"] else x0 + kx * (x1 - x0)
+        assert source_x == pytest.approx(px + 0.5, abs=1e-3) and y0 + ky * (y1 - y0) == pytest.approx(py + 0.5, abs=1e-3)
+    assert seen == {True, False}
 
 
 def test_training_mirror_flips_image_and_parts(root: Path) -> None:
@@ -145,18 +160,20 @@ def test_training_mirror_flips_image_and_parts(root: Path) -> None:
         seen.add(sample["flipped"])
         box = sample["crop_box"].double().tolist()
         row = dataset.rows[1]
-        image = Image.open(sample["path"]).convert("RGB")
+        image = image_tensor(Image.open(sample["path"]))
         plain = crop_resize(image, box, S, (0, 0, 0))
-        keypoints = torch.from_numpy(normalize_parts(dataset.annotations.parts_px[row], dataset.annotations.visible[row], box))
+        keypoints = crop_points(dataset.annotations.parts_px[row], crop_matrix(box, S), S)
         visible = torch.from_numpy(dataset.annotations.visible[row])
         if sample["flipped"]:
             plain = plain.flip(-1)
-            keypoints, visible = mirror_keypoints(keypoints, visible)
+            keypoints[:, 0] = 1 - keypoints[:, 0]
+            keypoints, visible = mirror_parts(keypoints, visible)
             # The bird's visible right-side parts become left-side ones.
             original = dataset.annotations.visible[row]
             assert sample["visible"][PART_NAMES.index("left wing")] == bool(original[PART_NAMES.index("right wing")])
-        # crop_box is float32, the crop used float64: allow one gray level of resampling rounding.
-        assert torch.allclose(sample["image"], plain, atol=1.5 / 255)
+        keypoints = keypoints.masked_fill(~visible[:, None], 0.0)
+        # crop_box is float32, the crop used float64: allow a little resampling difference.
+        assert torch.allclose(sample["image"], plain, atol=1e-3)
         assert torch.allclose(sample["keypoints"], keypoints, atol=1e-4)
         assert torch.equal(sample["visible"], visible)
     assert seen == {True, False}
@@ -300,10 +317,13 @@ def test_download_refuses_path_traversal(root: Path, tmp_path: Path) -> None:
     assert not target.exists()
 
 
-def test_generate_synthetic_writes_once_and_atomically(tmp_path: Path) -> None:
-    target = tmp_path / "demo" / "CUB_200_2011"
-    datamodule = CUBDataModule(str(target), subset="cub_002", image_size=S, generate_synthetic=True)
-    datamodule.prepare_data()
+def test_generate_synthetic_writes_once_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / ".demo" / "CUB_200_2011"
+    datamodule = CUBDataModule(".demo/CUB_200_2011", subset="cub_002", image_size=S, generate_synthetic=True)
+    with caplog.at_level("INFO"):
+        datamodule.prepare_data()
+    assert "Wrote a synthetic demo dataset to .demo/CUB_200_2011: 120 drawn birds" in caplog.text
     datamodule.setup("fit")
     assert len(datamodule.train_dataset()) == 20  # class 002 of the demo-sized dataset: 30 images, every 3rd in test
     assert [p.name for p in target.parent.iterdir()] == ["CUB_200_2011"]
@@ -328,3 +348,20 @@ def test_synthetic_dataset_is_deterministic_and_fast(tmp_path: Path) -> None:
     assert (first / "segmentations").is_dir()
     sizes = {Image.open(first / "images" / p).size for p in read_images(first).values()}
     assert len(sizes) > 10  # sizes vary per image
+
+
+@pytest.mark.parametrize("root", ["datasets/CUB_200_2011", ".demo/CUB_200_201", ".demo/models/CUB_200_2011"])
+def test_generate_synthetic_never_replaces_a_mistyped_root(root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_modules.errors import MissingFileError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingFileError, match=f"data.root='{root}' does not exist.*only at '.demo/CUB_200_2011'.*download: true"):
+        CUBDataModule(root, image_size=S, generate_synthetic=True)
+    assert not any(tmp_path.rglob("*"))  # nothing written
+
+
+def test_generate_synthetic_uses_an_existing_root_as_it_is(cub_root: Path) -> None:
+    stamp = (cub_root / "images.txt").stat().st_mtime_ns
+    datamodule = CUBDataModule(str(cub_root), image_size=S, generate_synthetic=True)
+    datamodule.prepare_data()
+    assert (cub_root / "images.txt").stat().st_mtime_ns == stamp
