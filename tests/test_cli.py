@@ -15,6 +15,8 @@ import torch
 from tests.conftest import REPO
 
 DEMO = str(REPO / "conf" / "demo.yaml")
+#: Evaluation runs compare 1 and 2 devices, not quality: 3 augmentations per image instead of 10.
+FEW_AUGMENTATIONS = ("--model.augmentation_iterations", "3")
 
 
 def run_cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -173,8 +175,8 @@ def single_device_outputs(demo_run, tiny_sd_path, cub_root, tmp_path_factory):
     """``test`` and ``predict`` (on class 001's images) from the demo checkpoint, on one device."""
     out = tmp_path_factory.mktemp("single_device")
     (ckpt,) = checkpoints(demo_run)
-    run_cli("test", *demo_args(out / "test", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt)))
-    run_cli("predict", *demo_args(out / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+    run_cli("test", *demo_args(out / "test", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS))
+    run_cli("predict", *demo_args(out / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
                                   "--data.init_args.path", str(cub_root / "images" / "001.Synthetic_Bird_1")))
     return out
 
@@ -218,8 +220,8 @@ def test_test_on_two_ranks_counts_every_image_once_and_gives_the_one_device_metr
 
     (ckpt,) = checkpoints(demo_run)
     # 9 test images on 2 ranks: the DistributedSampler pads rank 1's share with a repeated image.
-    run_cli("test", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), "--trainer.devices", "2",
-                               "--trainer.strategy", "ddp"))
+    run_cli("test", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
+                               "--trainer.devices", "2", "--trainer.strategy", "ddp"))
     (one_file,) = list((single_device_outputs / "test").rglob("metrics.json"))
     (two_file,) = list(tmp_path.rglob("metrics.json"))
     one, two = json.loads(one_file.read_text()), json.loads(two_file.read_text())
@@ -245,8 +247,8 @@ def test_predict_under_ddp_writes_one_index_in_dataset_order_with_the_one_device
 
     (ckpt,) = checkpoints(demo_run)
     images = cub_root / "images" / "001.Synthetic_Bird_1"
-    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), "--data.init_args.path",
-                                  str(images), "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
+                                  "--data.init_args.path", str(images), "--trainer.devices", "2", "--trainer.strategy", "ddp"))
     (index_file,) = list(tmp_path.rglob("keypoints.json"))
     rows = json.loads(index_file.read_text())["images"]
     assert [row["path"] for row in rows] == [str(p) for p in sorted(images.glob("*.jpg"))]  # each once, both ranks merged
