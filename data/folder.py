@@ -11,26 +11,12 @@ import hashlib
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
 from torch.utils.data import Dataset
 
-from data.base import KeypointDataModule, SampleKey, crop_resize, image_tensor, list_images, sample_draws
+from data.base import KeypointDataModule, SampleKey, crop_resize, image_region, image_tensor, list_images, sample_draws
+from data.images import GRAY_RGB, read_image
 
-PAD_RGB = (127, 127, 127)
-# JPEG draft decoding at 1/8 scale reads the whole stream (so truncation is caught) for little cost.
-_CHECK_DRAFT_PX = 64
-
-
-def _unreadable_reason(path: Path) -> str | None:
-    """Why ``path`` cannot be decoded as an image, or None when it can."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (_CHECK_DRAFT_PX, _CHECK_DRAFT_PX))
-            image.load()
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        return f"{type(error).__name__}: {error}"
-    return None
+PAD_RGB = GRAY_RGB
 
 
 def content_key(path: Path) -> int:
@@ -45,36 +31,33 @@ def content_key(path: Path) -> int:
 class ImageFolderDataset(Dataset):
     """Unlabelled images of ``path`` (a folder searched recursively, or one image file).
 
-    Files that cannot be decoded are skipped with a warning naming each one; they are listed in
-    ``skipped`` as ``(path, reason)``, so a run over a scraped folder does not die on one bad file.
+    Files are read with ``data.images.read_image`` (upright, transparency on ``background_rgb``);
+    the DataModule decode-checks them at set-up (``KeypointDataModule.checked``).
 
     Args:
         path: folder or image file.
         image_size: side S of the returned images, in pixels.
         mirror: randomly mirror half of the samples (training augmentation, drawn per sample from
             its ``SampleKey``).
+        background_rgb: 0-255 colour under transparent pixels.
 
     A sample's ``sample_key`` is ``content_key`` of its file: the same file gets the same keypoints
     wherever it lies in the folder and whatever it is called.
     """
 
-    def __init__(self, path: str | Path, image_size: int, mirror: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, image_size: int, mirror: bool = False, background_rgb: tuple[int, int, int] = GRAY_RGB
+    ) -> None:
         self.image_size = image_size
         self.mirror = mirror
-        self.files: list[Path] = []
-        self.skipped: list[tuple[Path, str]] = []
-        for file in list_images(path):
-            reason = _unreadable_reason(file)
-            if reason is None:
-                self.files.append(file)
-            else:
-                self.skipped.append((file, reason))
-                rank_zero_warn(f"Skipping unreadable image {str(file)!r} ({reason}).")
-        if not self.files:
-            raise FileNotFoundError(f"data.path={str(path)!r}: none of its {len(self.skipped)} image files can be decoded.")
+        self.background_rgb = background_rgb
+        self.files: list[Path] = list_images(path)
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def image_path(self, index: int) -> Path:
+        return self.files[index]
 
     def sample_flip(self, generator: torch.Generator) -> bool:
         """One sample's random mirror (half of them when ``mirror``)."""
@@ -83,8 +66,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key: int | SampleKey) -> dict:
         index, generator = sample_draws(key)
         path = self.files[index]
-        with Image.open(path) as source:
-            image = image_tensor(source)
+        image = image_tensor(read_image(path, self.background_rgb))
         height, width = image.shape[-2:]
         side = max(width, height)
         box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
@@ -97,6 +79,8 @@ class ImageFolderDataset(Dataset):
             "path": str(path),
             "crop_box": torch.tensor(box, dtype=torch.float32),
             "flipped": flipped,
+            "source_size": torch.tensor([width, height]),
+            "image_region": image_region(box, width, height, flipped),
         }
 
 
@@ -108,13 +92,25 @@ class ImageFolderDataModule(KeypointDataModule):
         image_size: side S of the square images fed to the model, in pixels.
         batch_size: images per device and step.
         num_workers: DataLoader worker processes.
+        background_rgb: 0-255 colour under transparent pixels (see ``KeypointDataModule``).
+        skip_unreadable: leave out (and list) files that cannot be decoded instead of failing at set-up.
         seed: seed of the training order and of the per-sample mirror draws.
     """
 
-    def __init__(self, path: str, image_size: int = 512, batch_size: int = 4, num_workers: int = 2, seed: int = 0) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path, seed=seed)
-        self._train: ImageFolderDataset | None = None
-        self._plain: ImageFolderDataset | None = None
+    def __init__(
+        self,
+        path: str,
+        image_size: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        background_rgb: tuple[int, int, int] = GRAY_RGB,
+        skip_unreadable: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path,
+                         background_rgb=background_rgb, skip_unreadable=skip_unreadable, seed=seed)
+        self._train: Dataset | None = None
+        self._plain: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "test":
@@ -123,7 +119,11 @@ class ImageFolderDataModule(KeypointDataModule):
                 "keypoints. Use a labelled DataModule (e.g. data.cub.CUBDataModule) or run `predict`."
             )
         if stage in (None, "fit") and self._train is None:
-            self._train = ImageFolderDataset(self.path, self.image_size, mirror=True)
+            self._train = self.checked(
+                ImageFolderDataset(self.path, self.image_size, mirror=True, background_rgb=self.background_rgb), "train"
+            )
+        if stage == "predict":
+            self.path_dataset()
 
     def train_dataset(self) -> Dataset:
         if self._train is None:
@@ -131,8 +131,8 @@ class ImageFolderDataModule(KeypointDataModule):
         return self._train
 
     def ranking_dataset(self) -> Dataset:
-        # No labelled regression split here: the unaugmented images (built once: the dataset
-        # checks every file when it is made).
+        # No labelled regression split here: the unaugmented images.
         if self._plain is None:
-            self._plain = ImageFolderDataset(self.path, self.image_size)
+            self._plain = self.checked(ImageFolderDataset(self.path, self.image_size, background_rgb=self.background_rgb),
+                                       "train")
         return self._plain

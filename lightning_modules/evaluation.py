@@ -10,6 +10,8 @@ some images would be fitted on and scored twice and the number would depend on t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -67,10 +69,18 @@ class RegressorEvaluation:
 
     Args:
         metric: the dataset's metric (``KeypointDataModule.make_metric``).
+        fit_regressor: the dataset's regression protocol, keypoints (N, K, 2), targets (N, J, 2),
+            visible (N, J) -> regressor (``KeypointDataModule.fit_regressor``).
         device: where the rows are kept and gathered (the LightningModule's device).
     """
 
-    def __init__(self, metric: Metric, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        metric: Metric,
+        fit_regressor: Callable[[Tensor, Tensor, Tensor], LinearKeypointRegressor] = LinearKeypointRegressor.fit,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.fit_regressor = fit_regressor
         self.regression = KeypointSet().to(device)
         self.test = KeypointSet().to(device)
         self.metric = metric.to(device)
@@ -87,7 +97,7 @@ class RegressorEvaluation:
         if not len(self.regression) and not torch.distributed.is_initialized():
             raise RuntimeError("The regression split produced no keypoints: the regressor cannot be fitted.")
         rows = self.regression.compute()
-        self.regressor = LinearKeypointRegressor.fit(rows["keypoints"], rows["targets"], rows["visible"])
+        self.regressor = self.fit_regressor(rows["keypoints"], rows["targets"], rows["visible"])
         self.regressor.to(rows["keypoints"].device)
         self.num_regression_images = len(rows["index"])
         return self.regressor

@@ -24,7 +24,7 @@ from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_
 from lightning_modules.concentration import attention_concentration
 from lightning_modules.errors import CheckpointMismatchError, ConfigError, MissingFileError, NonFiniteError
 from lightning_modules.evaluation import TEST_LOADER, RegressorEvaluation
-from lightning_modules.keypoints import augmented_keypoints, rank_keypoint_tokens, to_source_pixels
+from lightning_modules.keypoints import augmented_keypoints, inside_region, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
 from lightning_modules.seeding import Draw, seeded_generator
 from lightning_modules.selection import RankingMethod, select_tokens
@@ -74,6 +74,10 @@ class StableKeypoints(L.LightningModule):
             the image); ``None`` = plain argmax.
         extraction_chunk_size: warped images per UNet call during extraction (``None`` = all
             ``batch_size x augmentation_iterations`` at once; lower it to save memory).
+        predict_within_image: ``predict`` places keypoints on the photo only, never in the padding
+            that makes a non-square image square (the batch's ``image_region``); ``False`` searches
+            the whole square, as ``test`` does (StableKeypoints). Either way each point says
+            whether it is ``inside`` the photo.
         pretrained_context: start from a trained context instead of a random one: this project's
             ``embedding.safetensors`` (with its keypoint tokens) or StableKeypoints' ``embedding.pt``.
         pretrained_keypoint_tokens: StableKeypoints' ``indices.pt`` (the K keypoint tokens).
@@ -103,6 +107,7 @@ class StableKeypoints(L.LightningModule):
         augmentation_iterations: int = 10,
         soft_argmax_window_px: int | None = None,
         extraction_chunk_size: int | None = None,
+        predict_within_image: bool = True,
         pretrained_context: str | None = None,
         pretrained_keypoint_tokens: str | None = None,
         allow_tf32: bool = True,
@@ -121,6 +126,9 @@ class StableKeypoints(L.LightningModule):
             soft_argmax_window_px=soft_argmax_window_px,
             extraction_chunk_size=extraction_chunk_size,
         )
+        for key, file in (("pretrained_context", pretrained_context), ("pretrained_keypoint_tokens", pretrained_keypoint_tokens)):
+            if file is not None and not Path(file).is_file():
+                raise MissingFileError(f"model.{key}={file!r} does not exist: give the file a trained context was saved to.")
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
         self.augmentation = augmentation
@@ -171,6 +179,10 @@ class StableKeypoints(L.LightningModule):
                 f"The context is {self.context.shape[-1]} wide but {self.backbone.pretrained_model_name_or_path} "
                 f"expects {self.backbone.context_dim}: the checkpoint belongs to another model family."
             )
+        # DDP broadcasts from rank 0, when it wraps the module, every parameter and buffer it is not
+        # told to ignore (about 10 GB for SDXL's frozen weights), and the buffers again at every forward.
+        # Every rank loads the same frozen weights itself, so only what trains is synchronized.
+        self._ddp_params_and_buffers_to_ignore = frozen_tensor_names(self)
 
     def _load_pretrained(self) -> None:
         hp = self.hparams
@@ -310,7 +322,8 @@ class StableKeypoints(L.LightningModule):
                 "checkpoint written before this step."
             )
         for name in ("loss", "loss_loc", "loss_equiv", "concentration", "spatial_entropy"):
-            self.log(f"train/{name}", out[name], prog_bar=name == "loss", batch_size=batch_size)
+            # sync_dist: the logged value is the mean over all ranks, not rank 0's share of the batch.
+            self.log(f"train/{name}", out[name], prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)
         return out["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -360,8 +373,11 @@ class StableKeypoints(L.LightningModule):
         return self.keypoint_tokens
 
     @torch.no_grad()
-    def keypoints(self, images: Tensor, sample_keys: Tensor | list[int]) -> Tensor:
-        """images: (B, 3, S, S) in [0, 1], their ``sample_key``s (B,) -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2)."""
+    def keypoints(self, images: Tensor, sample_keys: Tensor | list[int], regions: Tensor | None = None) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1], their ``sample_key``s (B,) -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2).
+
+        ``regions`` (B, 4) normalized (x0, y0, x1, y1): search each image's keypoints there only.
+        """
         hp = self.hparams
         return augmented_keypoints(
             self.maps_of,
@@ -372,13 +388,14 @@ class StableKeypoints(L.LightningModule):
             self.extraction_generators(sample_keys),
             hp.soft_argmax_window_px,
             hp.extraction_chunk_size,
+            regions,
         )
 
     # ------------------------------------------------------------------ test: regressor + metric
     def on_test_start(self) -> None:
         self.ensure_keypoint_tokens()
         self.test_metric = self.trainer.datamodule.make_metric()
-        self.evaluation = RegressorEvaluation(self.test_metric, self.device)
+        self.evaluation = RegressorEvaluation(self.test_metric, self.trainer.datamodule.fit_regressor, self.device)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Keypoints of loader 0 (the regression split) and loader 1 (the test split), collected by
@@ -424,10 +441,14 @@ class StableKeypoints(L.LightningModule):
         self.ensure_keypoint_tokens()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """-> keypoints (B, K, 2): normalized in the model's image, and (x, y) pixels of the source image."""
-        keypoints = self.keypoints(batch["image"], batch["sample_key"])
+        """-> keypoints (B, K, 2): normalized in the model's image, and (x, y) pixels of the source image;
+        ``inside`` (B, K) bool: the point lies on the photo (not the padding of its square crop)."""
+        regions = batch.get("image_region")
+        restrict = regions if self.hparams.predict_within_image else None
+        keypoints = self.keypoints(batch["image"], batch["sample_key"], restrict)
         pixels = to_source_pixels(keypoints, batch["crop_box"], batch.get("flipped"))
-        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels}
+        inside = inside_region(keypoints, regions) if regions is not None else torch.ones_like(keypoints[..., 0]).bool()
+        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels, "inside": inside}
 
     # ------------------------------------------------------------------ export
     def run_dir(self) -> Path:
@@ -460,9 +481,11 @@ class StableKeypoints(L.LightningModule):
             self.choose_keypoint_tokens()
             # The last checkpoint was written before the tokens existed: refresh it so that test and
             # predict from it need not rank them again.
+            # save_checkpoint holds a barrier, so every rank must take the same branch: rank 0 (the
+            # one that writes) decides, since on node-local disks the file exists on its node only.
             callback = self.trainer.checkpoint_callback
             last = getattr(callback, "last_model_path", "")
-            if last and Path(last).exists():
+            if self.trainer.strategy.broadcast(bool(last) and Path(last).exists(), src=0):
                 self.trainer.save_checkpoint(last)
         if self.trainer.is_global_zero:
             path = self.export_embedding(self.run_dir() / EMBEDDING_FILE)
@@ -476,7 +499,7 @@ def check_trainer_precision(precision: str | int | None) -> None:
     raise ConfigError(
         f"trainer.precision={str(precision)!r} is refused: fp16 does not converge for this method and "
         "mixed precision would also cast the context, maps and losses. Keep trainer.precision at 32 and "
-        "set model.backbone.init_args.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
+        "set model.backbone.init_args.engine.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
     )
 
 
@@ -544,6 +567,12 @@ def release_freed_host_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def frozen_tensor_names(module: nn.Module) -> list[str]:
+    """Names of every buffer and every parameter that does not train: what DDP need not synchronize."""
+    names = [name for name, parameter in module.named_parameters() if not parameter.requires_grad]
+    return names + [name for name, _ in module.named_buffers()]
 
 
 def metric_name(metric) -> str:

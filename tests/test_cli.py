@@ -138,7 +138,7 @@ def test_missing_dataset_error_names_the_file_and_the_fix(tiny_sd_path, tmp_path
 def test_print_config_is_instant_and_loads_no_weights(capsys):
     from run import main
 
-    for name in ("sd15", "sdxl", "zero123plus", "demo"):
+    for name in ("sd15", "sdxl", "sdxl_reproduce", "zero123plus", "demo"):
         start = time.perf_counter()
         with pytest.raises(SystemExit) as exit_:
             main(["fit", "--config", str(REPO / "conf" / f"{name}.yaml"), "--print_config"])
@@ -203,11 +203,14 @@ def test_test_and_predict_through_the_cli_write_their_files(single_device_output
     first = index["images"][0]
     with Image.open(first["path"]) as source:
         assert (first["width"], first["height"]) == source.size
-    assert len(first["keypoints"]) == 10
+    assert len(first["keypoints"]) == 10 and first["inside"] == [True] * 10  # predict_within_image by default
     overlays = sorted((index_file.parent / "overlays").glob("*.png"))
     assert len(overlays) == len(sources)
-    with Image.open(overlays[0]) as overlay:
-        assert overlay.format == "PNG" and overlay.size == (first["width"], first["height"])
+    from callbacks.drawing import display_scale
+
+    with Image.open(overlays[0]) as overlay:  # at display size, the legend below
+        shown = round(first["width"] * display_scale(first["width"], first["height"]))
+        assert overlay.format == "PNG" and overlay.width == shown and overlay.height > first["height"] * shown / first["width"]
 
 
 @pytest.mark.slow
@@ -258,7 +261,45 @@ def test_predict_under_ddp_writes_one_index_in_dataset_order_with_the_one_device
     assert [row["keypoints"] for row in rows] == [row["keypoints"] for row in single]  # per-image draws
 
 
+def test_sdxl_reproduce_holds_stablexlkeypoints_settings_and_sdxl_the_right_ones(capsys):
+    import yaml
+
+    from run import main
+
+    configs = {}
+    for name in ("sdxl_reproduce", "sdxl"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(REPO / "conf" / f"{name}.yaml"), "--print_config"])
+        configs[name] = yaml.safe_load(capsys.readouterr().out)
+    config = configs["sdxl_reproduce"]
+    backbone = config["model"]["backbone"]["init_args"]
+    assert backbone["layers"] == [f"up_blocks.0.attentions.0.transformer_blocks.{i}.attn2" for i in range(3)]
+    assert backbone["latent_scaling_factor"] == 0.18215 and backbone["engine"]["replace_output"] is True
+    assert config["model"]["optimizer"] == {"class_path": "torch.optim.AdamW",
+                                            "init_args": {**config["model"]["optimizer"]["init_args"], "lr": 0.005,
+                                                          "weight_decay": 0.0001}}
+    assert config["trainer"]["max_steps"] == 200
+    assert (config["data"]["init_args"]["batch_size"], config["data"]["init_args"]["image_size"]) == (4, 512)
+    right = configs["sdxl"]["model"]["backbone"]["init_args"]
+    assert right["latent_scaling_factor"] is None and right["engine"]["replace_output"] is False
+
+
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_truncated_training_image_stops_fit_at_setup_with_its_name(tiny_sd_path, cub_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "CUB_200_2011"
+    shutil.copytree(cub_root, root)
+    first = root / "images" / (root / "images.txt").read_text().split()[1]
+    first.write_bytes(first.read_bytes()[:300])
+    result = run_cli("fit", *demo_args(tmp_path / "out", tiny_sd_path, root, "--data.init_args.generate_synthetic", "false"),
+                     check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(first) in result.stderr and "skip_unreadable=true" in result.stderr
+    assert not checkpoints(tmp_path / "out")  # no step ran (skip_unreadable: tests/test_images.py)
+
+
 def test_a_user_error_is_one_message_and_exit_2_with_the_traceback_on_request(tmp_path):
     args = ["fit", "--config", DEMO, "--model.sigma_px", "0", "--trainer.default_root_dir", str(tmp_path)]
     result = run_cli(*args, check=False)

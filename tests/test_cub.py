@@ -290,7 +290,8 @@ def test_download_from_file_url(root: Path, tmp_path: Path, monkeypatch: pytest.
     datamodule.prepare_data()
     datamodule.setup("fit")
     assert len(datamodule.train_dataset()) == 8
-    assert sorted(p.name for p in target.parent.iterdir()) == ["CUB_200_2011"]  # no .part, .tgz or temp left
+    # No .part, .tgz or temp left; only the (empty) lock file that keeps concurrent downloads apart.
+    assert sorted(p.name for p in target.parent.iterdir()) == [".CUB_200_2011.lock", "CUB_200_2011"]
     # A complete root is left alone, whatever the URL says.
     monkeypatch.setattr(cub, "CUB_URL", (tmp_path / "absent.tgz").as_uri())
     datamodule.prepare_data()
@@ -304,7 +305,7 @@ def test_download_with_wrong_md5_raises(root: Path, tmp_path: Path, monkeypatch:
     target = tmp_path / "datasets" / "CUB_200_2011"
     with pytest.raises(ValueError, match="md5"):
         CUBDataModule(str(target), download=True).prepare_data()
-    assert list(target.parent.iterdir()) == []
+    assert [p.name for p in target.parent.iterdir()] == [".CUB_200_2011.lock"]
 
 
 def test_download_refuses_path_traversal(root: Path, tmp_path: Path) -> None:
@@ -365,3 +366,89 @@ def test_generate_synthetic_uses_an_existing_root_as_it_is(cub_root: Path) -> No
     datamodule = CUBDataModule(str(cub_root), image_size=S, generate_synthetic=True)
     datamodule.prepare_data()
     assert (cub_root / "images.txt").stat().st_mtime_ns == stamp
+
+
+# ---- StableKeypoints' splits: CMR's cleaned cachedir .mat files ----
+
+
+def write_cmr_split(path: Path, annotations, rows: list[int]) -> None:
+    """One ``*_cub_cleaned.mat`` as CMR wrote it: a 1 x N struct array ``images`` (1-based pixels)."""
+    savemat = pytest.importorskip("scipy.io").savemat
+    fields = ["id", "rel_path", "train", "test", "bbox", "width", "height", "parts", "mask", "class_id"]
+    images = np.zeros((1, len(rows)), dtype=[(name, "O") for name in fields])
+    for k, row in enumerate(rows):
+        x, y, w, h = annotations.boxes_xywh[row]
+        parts = np.vstack([(annotations.parts_px[row] + 1).T * annotations.visible[row], annotations.visible[row]])
+        bbox = np.zeros((1, 1), dtype=[(name, "O") for name in ("x1", "y1", "x2", "y2")])
+        bbox[0, 0] = (x + 1, y + 1, x + w, y + h)
+        images[0, k] = (
+            int(annotations.image_ids[row]), annotations.paths[row], int(annotations.is_train[row]),
+            int(not annotations.is_train[row]), bbox, 160, 128, parts.astype(np.float64),
+            np.zeros((4, 4), dtype=np.uint8), int(annotations.class_ids[row]),
+        )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(str(path), {"images": images})
+
+
+@pytest.fixture
+def cmr_cachedir(root: Path, tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """A cachedir whose splits differ from the official one: -> (cachedir, train paths, test paths)."""
+    annotations = load_annotations(root)
+    official_train = [row for row in range(36) if annotations.is_train[row]]
+    official_test = [row for row in range(36) if not annotations.is_train[row]]
+    # Train: the official train images with >= 6 visible parts, less class 1's first (30 -> 29 in SK).
+    train = [row for row in official_train if annotations.visible[row].sum() >= 6][1:]
+    # Test: a shuffled half of the official test images, occluded ones included (2874 of 5747 in SK).
+    test = official_test[::-2]
+    cachedir = tmp_path / "cachedir" / "cub"
+    write_cmr_split(cachedir / "data" / "train_cub_cleaned.mat", annotations, train)
+    write_cmr_split(cachedir / "data" / "test_cub_cleaned.mat", annotations, test)
+    return cachedir, [annotations.paths[r] for r in train], [annotations.paths[r] for r in test]
+
+
+def test_cmr_cachedir_gives_exactly_its_splits(root: Path, cmr_cachedir) -> None:
+    cachedir, train_paths, test_paths = cmr_cachedir
+    assert cub.read_cmr_split(cachedir, "train") == train_paths and cub.read_cmr_split(cachedir, "test") == test_paths
+    sizes = {}
+    for subset in ("cub_all", "cub_001", "cub_002", "cub_003", "cub_aligned"):
+        datamodule = CUBDataModule(str(root), subset=subset, cmr_cachedir=str(cachedir), image_size=S, num_workers=0)
+        datamodule.setup("test")
+        train, regression, test = datamodule.train_dataset(), datamodule.regression_dataset(), datamodule.test_dataset()
+        paths = [[dataset.annotations.paths[r] for r in dataset.rows] for dataset in (train, regression, test)]
+        prefix = "" if subset in ("cub_all", "cub_aligned") else subset.removeprefix("cub_") + "."
+        # The files' images in the files' order, only filtered by class; no visibility filter.
+        assert paths[0] == paths[1] == [p for p in train_paths if p.startswith(prefix)]
+        assert paths[2] == [p for p in test_paths if p.startswith(prefix)]
+        sizes[subset] = (len(train), len(test))
+    assert sizes == {"cub_all": (17, 6), "cub_001": (5, 2), "cub_002": (6, 2), "cub_003": (6, 2), "cub_aligned": (17, 6)}
+    # The official split of the same root, for contrast (test_subset_sizes_and_visibility_filter).
+    official = CUBDataModule(str(root), subset="cub_001", image_size=S, num_workers=0)
+    official.setup("test")
+    assert (len(official.train_dataset()), len(official.test_dataset())) == (8, 4)
+    # cub_all keeps the files' occluded test birds: CMR's cleaning, not the >= 6 parts filter, decides.
+    cub_all = CUBDataModule(str(root), subset="cub_all", cmr_cachedir=str(cachedir), image_size=S, num_workers=0)
+    cub_all.setup("test")
+    assert (load_annotations(root).visible[cub_all.test_dataset().rows].sum(1) < 6).sum() == 3
+
+
+def test_cmr_cachedir_errors_name_the_file_and_the_fix(root: Path, cmr_cachedir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from lightning_modules.errors import ConfigError, MissingFileError
+
+    cachedir, _, _ = cmr_cachedir
+    (cachedir / "data" / "test_cub_cleaned.mat").unlink()
+    with pytest.raises(MissingFileError, match="data/test_cub_cleaned.mat"):
+        CUBDataModule(str(root), cmr_cachedir=str(cachedir))
+    with pytest.raises(MissingFileError, match="train_cub_cleaned.mat"):
+        CUBDataModule(str(root), cmr_cachedir=str(tmp_path / "nowhere"))
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # makes `from scipy.io import loadmat` fail
+    with pytest.raises(ConfigError, match="pip install scipy"):
+        CUBDataModule(str(root), cmr_cachedir=str(cachedir))
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="999.Unknown/x.jpg"):
+        cub.select_rows(load_annotations(root), "cub_all", "train", ["999.Unknown/x.jpg"])
+    savemat = pytest.importorskip("scipy.io").savemat
+    savemat(str(cachedir / "data" / "test_cub_cleaned.mat"), {"sfm_anno": np.zeros(3)})
+    with pytest.raises(ConfigError, match="no 'images' struct array"):
+        cub.read_cmr_split(cachedir, "test")
