@@ -340,22 +340,24 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, ResumableSampler):
-            raise TypeError("ResumableDataLoader needs a ResumableSampler.")
+        # Lightning rebuilds the loader with its own sampler for ``overfit_batches`` (a debugging
+        # mode): then it is a plain DataLoader with nothing to resume.
+        self._resumable = isinstance(self.sampler, ResumableSampler)
         self._consumed = 0
 
     def __iter__(self) -> Iterator:
-        self._consumed = self.sampler.start
+        self._consumed = self.sampler.start if self._resumable else 0
         for batch in super().__iter__():
             self._consumed += self.batch_size
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "samples": self._consumed}
+        return {"epoch": self.sampler.epoch, "samples": self._consumed} if self._resumable else {}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(int(state["epoch"]))
-        self.sampler.start = self._consumed = int(state["samples"])
+        if self._resumable and state:
+            self.sampler.set_epoch(int(state["epoch"]))
+            self.sampler.start = self._consumed = int(state["samples"])
 
 
 def ranking_indices(num_images: int, dataset_size: int, seed: int) -> list[int]:
