@@ -4,6 +4,9 @@ One sample is a dict:
 
 - ``image``: float32 (3, S, S) RGB in [0, 1], S = ``image_size``.
 - ``index``: int, position of the sample in its dataset.
+- ``sample_key``: int, the identity that seeds the sample's keypoint-extraction noise and transforms
+  (``StableKeypoints.extraction_generators``): ``index`` in labelled splits, a hash of the file's bytes
+  in an image folder, so an image's keypoints do not depend on its position, name or batch.
 - ``path``: str, the source image file.
 - ``crop_box``: float32 (4,) ``(x0, y0, x1, y1)`` in pixels of the source image: the square region
   that was resized to S x S (it may extend past the image; the outside was filled). A point at
@@ -18,6 +21,11 @@ One sample is a dict:
   the width and height of ``image`` (continuous coordinates: pixel i spans [i/S, (i+1)/S)), and
   ``visible``: bool (J,). Invisible keypoints hold (0, 0).
 
+A dataset is indexed by an int or by the ``SampleKey`` (index, epoch, seed) a training sampler yields;
+its random augmentation (crop jitter, mirror) is drawn from ``seeded_generator(seed, AUGMENTATION,
+epoch, index)`` and nothing else, so a sample's augmentation is the same whatever the worker, batch
+or resume. A plain int draws as epoch 0 with seed 0.
+
 Normalized (x, y) with x along the width is the one convention for points everywhere in the
 project: datasets, keypoint extraction, the regressor, metrics and the files ``predict`` writes.
 """
@@ -25,9 +33,9 @@ project: datasets, keypoint extraction, the regressor, metrics and the files ``p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import kornia
 import lightning as L
@@ -35,12 +43,13 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchmetrics import Metric
 
 from data.decode_check import find_unreadable
 from data.images import GRAY_RGB
 from lightning_modules.errors import ConfigError, MissingFileError
+from lightning_modules.seeding import Draw, seeded_generator
 
 if TYPE_CHECKING:
     from lightning_modules.regressor import LinearKeypointRegressor
@@ -57,13 +66,15 @@ class KeypointDataModule(L.LightningDataModule):
     """Base class of the project's DataModules.
 
     Stages and loaders:
-    - ``fit``: ``train_dataloader`` (training split with augmentation, shuffled).
+    - ``fit``: ``train_dataloader`` (training split with augmentation, shuffled by ``seed`` and the
+      epoch; a ``ResumableDataLoader``, so a run resumed from a mid-epoch checkpoint sees the samples
+      and augmentations the uninterrupted run would have).
     - ``test``: ``test_dataloader`` returns two loaders run in order: the regression split (the
       regressor from keypoints to ground truth is fitted on it) and the test split (it is scored).
     - ``predict``: ``predict_dataloader`` over ``path`` (a folder or one image) when given, else
       over the test split.
-    - ``keypoint_index_dataloader``: training images without augmentation, in a fixed order; the
-      global keypoint tokens are ranked on its first ``num_indices`` images.
+    - ``keypoint_index_dataloader``: training images without augmentation (``ranking_dataset``); the
+      global keypoint tokens are ranked on ``num_indices`` of them drawn at random (SPEC 5.1).
 
     Args:
         image_size: side S of the square images fed to the model, in pixels.
@@ -77,6 +88,7 @@ class KeypointDataModule(L.LightningDataModule):
             left out and listed in a warning (and in ``unreadable``), instead of stopping the run
             at set-up with their list. Every image of the splits a stage reads is decode-checked at
             set-up either way (cached, see ``data.decode_check``).
+        seed: seed of the training data order and of the per-sample augmentation draws.
     """
 
     #: Names of the J ground-truth keypoints, in the order of ``keypoints``; empty when unlabelled.
@@ -90,6 +102,7 @@ class KeypointDataModule(L.LightningDataModule):
         path: str | None = None,
         background_rgb: tuple[int, int, int] = GRAY_RGB,
         skip_unreadable: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if image_size <= 0 or image_size % 8:
@@ -115,6 +128,7 @@ class KeypointDataModule(L.LightningDataModule):
         self.unreadable: list[tuple[Path, str]] = []
         self._checked: list[Dataset] = []
         self._path_dataset: Dataset | None = None
+        self.seed = seed
 
     # Subclasses build these three datasets in ``setup``.
     def train_dataset(self) -> Dataset:
@@ -125,6 +139,13 @@ class KeypointDataModule(L.LightningDataModule):
 
     def test_dataset(self) -> Dataset:
         raise NotImplementedError(f"{type(self).__name__} has no labelled test split: it cannot be used for `test`.")
+
+    def ranking_dataset(self) -> Dataset:
+        """Training images without augmentation, from which the keypoint tokens' images are drawn.
+
+        The regression split by default: in every labelled dataset here it holds training images.
+        """
+        return self.regression_dataset()
 
     def make_metric(self) -> Metric:
         """The dataset's evaluation metric (a torchmetrics ``Metric``: update(pred, target, visible))."""
@@ -152,13 +173,33 @@ class KeypointDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), shuffle=True, drop_last=True)
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            self.train_dataset(),
+            self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        return ResumableDataLoader(
+            sampler.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.regression_dataset(), shuffle=False), self._loader(self.test_dataset(), shuffle=False)]
 
-    def keypoint_index_dataloader(self) -> DataLoader:
-        return self._loader(self.regression_dataset(), shuffle=False)
+    def keypoint_index_dataloader(self, num_images: int | None = None, seed: int = 0) -> DataLoader:
+        """``ranking_dataset``'s images: ``num_images`` of them drawn by ``ranking_indices(.., seed)``,
+        or all of them in order when ``num_images`` is None."""
+        dataset = self.ranking_dataset()
+        if num_images is not None:
+            dataset = Subset(dataset, ranking_indices(num_images, len(dataset), seed))
+        return self._loader(dataset, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         if self.path is None:
@@ -209,7 +250,7 @@ class KeypointDataModule(L.LightningDataModule):
                 rank_zero_warn(f"Skipping {len(new)} unreadable images of the {split} split (skip_unreadable):\n{listing}")
             self.unreadable += new
             bad_paths = {path for path, _ in bad}
-            dataset = Subset(dataset, [i for i, path in enumerate(files) if path not in bad_paths])
+            dataset = SampleSubset(dataset, [i for i, path in enumerate(files) if path not in bad_paths])
         self._checked.append(dataset)
         return dataset
 
@@ -231,7 +272,106 @@ def without_paths(dataset: Dataset, paths: Collection[str]) -> Dataset:
         rank_zero_warn(f"{type(base).__name__} has no image_path(index): the {len(paths)} images predicted "
                        "earlier are predicted again (the merged file still lists each once).")
         return dataset
-    return Subset(base, [i for i in indices if str(image_path(i)) not in paths])
+    return SampleSubset(base, [i for i in indices if str(image_path(i)) not in paths])
+
+
+class SampleKey(NamedTuple):
+    """What ``ResumableSampler`` yields: a sample and the epoch and seed of its augmentation draws."""
+
+    index: int
+    epoch: int
+    seed: int
+
+
+def sample_draws(key: int | SampleKey) -> tuple[int, torch.Generator]:
+    """The dataset index of ``key`` and the generator of that sample's augmentation draws.
+
+    The generator is ``seeded_generator(seed, AUGMENTATION, epoch, index)``; a plain int is epoch 0, seed 0.
+    """
+    key = key if isinstance(key, tuple) else SampleKey(int(key), 0, 0)
+    return key.index, seeded_generator(key.seed, Draw.AUGMENTATION, key.epoch, key.index)
+
+
+class SampleSubset(Subset):
+    """A ``Subset`` that also maps the index inside a ``SampleKey`` (a training sampler's keys), so
+    the sample keeps the augmentation draws of its index in the underlying dataset."""
+
+    def __getitem__(self, key: int | SampleKey):
+        if isinstance(key, tuple):
+            return self.dataset[key._replace(index=self.indices[key.index])]
+        return super().__getitem__(key)
+
+    def __getitems__(self, keys: list) -> list:
+        return [self[key] for key in keys]
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: a permutation drawn from ``(seed, DATA_ORDER, epoch)``, one shard per rank.
+
+    It yields ``SampleKey``s, so a sample's augmentation travels with its index (DataLoader workers
+    hold copies of the dataset that never learn the epoch otherwise). ``start`` skips the first
+    samples of this rank's shard once (a resumed epoch); ``ResumableDataLoader`` sets it.
+    A ``DistributedSampler``, so Lightning uses it as is under DDP instead of wrapping it; like
+    torch's, it pads the shards to equal length with samples from the start of the permutation.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        order = torch.randperm(len(self.dataset), generator=seeded_generator(self.seed, Draw.DATA_ORDER, self.epoch))
+        order = order.repeat(math.ceil(self.total_size / len(order)))[: self.total_size].tolist()
+        shard = order[self.rank : self.total_size : self.num_replicas]
+        start, self.start = self.start, 0
+        for index in shard[start:]:
+            yield SampleKey(index, self.epoch, self.seed)
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader over a ``ResumableSampler`` whose position Lightning checkpoints.
+
+    Lightning saves ``state_dict()`` of a training loader that has one in every checkpoint and
+    calls ``load_state_dict`` on resume (``fit_loop.on_save_checkpoint``); the state is the epoch
+    and the samples of this rank's shard already handed out. Counted here, in the main process,
+    as batches leave the loader (worker prefetching does not count; Lightning does not prefetch
+    from a loader with a length).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Lightning rebuilds the loader with its own sampler for ``overfit_batches`` (a debugging
+        # mode): then it is a plain DataLoader with nothing to resume.
+        self._resumable = isinstance(self.sampler, ResumableSampler)
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator:
+        self._consumed = self.sampler.start if self._resumable else 0
+        for batch in super().__iter__():
+            self._consumed += self.batch_size
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "samples": self._consumed} if self._resumable else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self._resumable and state:
+            self.sampler.set_epoch(int(state["epoch"]))
+            self.sampler.start = self._consumed = int(state["samples"])
+
+
+def ranking_indices(num_images: int, dataset_size: int, seed: int) -> list[int]:
+    """``num_images`` distinct indices of ``range(dataset_size)`` (all of them when fewer), drawn at
+    random from ``seeded_generator(seed, RANKING)``: StableKeypoints ranks tokens on random training
+    images, and a draw over the whole split spreads them over its classes or videos (the first
+    images of a file list often share one)."""
+    order = torch.randperm(dataset_size, generator=seeded_generator(seed, Draw.RANKING))
+    return order[:num_images].tolist()
 
 
 def list_images(path: str | Path) -> list[Path]:

@@ -41,7 +41,17 @@ from torch.utils.data import Dataset
 from torchmetrics import Metric
 from tqdm import tqdm
 
-from data.base import STAGE_SPLITS, KeypointDataModule, crop_matrix, crop_points, crop_resize, image_region, image_tensor
+from data.base import (
+    STAGE_SPLITS,
+    KeypointDataModule,
+    SampleKey,
+    crop_matrix,
+    crop_points,
+    crop_resize,
+    image_region,
+    image_tensor,
+    sample_draws,
+)
 from data.images import GRAY_RGB, read_image
 from lightning_modules.errors import ConfigError, MissingFileError
 
@@ -297,8 +307,8 @@ class CUBDataset(Dataset):
         subset: ``cub_all`` (all classes, >= 6 visible parts), ``cub_001``/``cub_002``/``cub_003`` (one
             class each) or ``cub_aligned`` (all classes, tight square box crops, never augmented).
         image_size: side S of the returned images, in pixels.
-        augment: training augmentation (box jitter and random mirror; torch's RNG so that
-            ``seed_everything`` and DataLoader worker seeding make it reproducible).
+        augment: training augmentation (box jitter and random mirror), drawn per sample from its
+            ``SampleKey`` (``data.base.sample_draws``).
 
     Keypoints of visible parts annotated outside the (jittered) crop lie outside [0, 1]; they are
     kept, as in StableKeypoints.
@@ -346,16 +356,21 @@ class CUBDataset(Dataset):
         """Source image file of sample ``index``."""
         return self.images_dir / self.annotations.paths[self.rows[index]]
 
-    def __getitem__(self, index: int) -> dict:
+    def sample_crop_params(self, generator: torch.Generator) -> tuple[list[float], bool]:
+        """One sample's random crop parameters: the box's outward fractions (left, top, right, bottom)
+        and whether to mirror. Without augmentation: the fixed padding, no mirror."""
+        jitter, flip = torch.rand(5, dtype=torch.float64, generator=generator).split([4, 1])
+        outward = (self.pad_frac + self.jitter_frac * (2 * jitter - 1)).tolist()
+        return outward, self.mirror and bool(flip < 0.5)
+
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        index, generator = sample_draws(key)
         row = self.rows[index]
         path = self.image_path(index)
         image = image_tensor(read_image(path, self.background_rgb))  # a few CUB images are grayscale
         height, width = image.shape[-2:]
-        outward = [self.pad_frac] * 4
-        if self.jitter_frac:  # evaluation samples leave the global RNG untouched
-            outward = (self.pad_frac + self.jitter_frac * (2 * torch.rand(4, dtype=torch.float64) - 1)).tolist()
+        outward, flipped = self.sample_crop_params(generator)
         box = square_crop_box(self.annotations.boxes_xywh[row], outward)
-        flipped = self.mirror and bool(torch.rand(()) < 0.5)
         # The crop, the resize and the mirror are one matrix, for the pixels and the parts alike.
         pixels = crop_resize(image, box, self.image_size, self.fill_rgb, mirror=flipped)
         visible = torch.from_numpy(self.annotations.visible[row].copy())
@@ -368,6 +383,7 @@ class CUBDataset(Dataset):
             "keypoints": keypoints,
             "visible": visible,
             "index": index,
+            "sample_key": index,
             "path": str(path),
             "crop_box": torch.tensor(box, dtype=torch.float32),
             "flipped": flipped,

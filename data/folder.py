@@ -7,15 +7,25 @@ the padded square in source pixels, so predicted keypoints map back to the origi
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data.base import KeypointDataModule, crop_resize, image_region, image_tensor, list_images
+from data.base import KeypointDataModule, SampleKey, crop_resize, image_region, image_tensor, list_images, sample_draws
 from data.images import GRAY_RGB, read_image
 
 PAD_RGB = GRAY_RGB
+
+
+def content_key(path: Path) -> int:
+    """A 56-bit identity of the file's bytes (BLAKE2b; fits int64 once batched): seeds its keypoint extraction.
+
+    The bytes rather than the path: a copy, a renamed file and the same file in another folder are
+    one image and get one set of keypoints; reading a file twice costs far less than one UNet call.
+    """
+    return int.from_bytes(hashlib.blake2b(Path(path).read_bytes(), digest_size=7).digest(), "little")
 
 
 class ImageFolderDataset(Dataset):
@@ -27,9 +37,12 @@ class ImageFolderDataset(Dataset):
     Args:
         path: folder or image file.
         image_size: side S of the returned images, in pixels.
-        mirror: randomly mirror half of the samples (training augmentation; torch's RNG, so
-            seeding and DataLoader worker seeds apply).
+        mirror: randomly mirror half of the samples (training augmentation, drawn per sample from
+            its ``SampleKey``).
         background_rgb: 0-255 colour under transparent pixels.
+
+    A sample's ``sample_key`` is ``content_key`` of its file: the same file gets the same keypoints
+    wherever it lies in the folder and whatever it is called.
     """
 
     def __init__(
@@ -46,17 +59,23 @@ class ImageFolderDataset(Dataset):
     def image_path(self, index: int) -> Path:
         return self.files[index]
 
-    def __getitem__(self, index: int) -> dict:
+    def sample_flip(self, generator: torch.Generator) -> bool:
+        """One sample's random mirror (half of them when ``mirror``)."""
+        return self.mirror and bool(torch.rand((), generator=generator) < 0.5)
+
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        index, generator = sample_draws(key)
         path = self.files[index]
         image = image_tensor(read_image(path, self.background_rgb))
         height, width = image.shape[-2:]
         side = max(width, height)
         box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-        flipped = self.mirror and bool(torch.rand(()) < 0.5)
+        flipped = self.sample_flip(generator)
         pixels = crop_resize(image, box, self.image_size, PAD_RGB, mirror=flipped)
         return {
             "image": pixels,
             "index": index,
+            "sample_key": content_key(path),
             "path": str(path),
             "crop_box": torch.tensor(box, dtype=torch.float32),
             "flipped": flipped,
@@ -75,6 +94,7 @@ class ImageFolderDataModule(KeypointDataModule):
         num_workers: DataLoader worker processes.
         background_rgb: 0-255 colour under transparent pixels (see ``KeypointDataModule``).
         skip_unreadable: leave out (and list) files that cannot be decoded instead of failing at set-up.
+        seed: seed of the training order and of the per-sample mirror draws.
     """
 
     def __init__(
@@ -85,9 +105,10 @@ class ImageFolderDataModule(KeypointDataModule):
         num_workers: int = 2,
         background_rgb: tuple[int, int, int] = GRAY_RGB,
         skip_unreadable: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path,
-                         background_rgb=background_rgb, skip_unreadable=skip_unreadable)
+                         background_rgb=background_rgb, skip_unreadable=skip_unreadable, seed=seed)
         self._train: Dataset | None = None
         self._plain: Dataset | None = None
 
@@ -109,9 +130,9 @@ class ImageFolderDataModule(KeypointDataModule):
             self.setup("fit")
         return self._train
 
-    def keypoint_index_dataloader(self) -> DataLoader:
-        # No labelled regression split here: rank the keypoint tokens on the unaugmented images.
+    def ranking_dataset(self) -> Dataset:
+        # No labelled regression split here: the unaugmented images.
         if self._plain is None:
             self._plain = self.checked(ImageFolderDataset(self.path, self.image_size, background_rgb=self.background_rgb),
                                        "train")
-        return self._loader(self._plain, shuffle=False)
+        return self._plain

@@ -10,7 +10,16 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
-from data.base import STAGE_SPLITS, KeypointDataModule, crop_resize, image_region, image_tensor, require_file
+from data.base import (
+    STAGE_SPLITS,
+    KeypointDataModule,
+    SampleKey,
+    crop_resize,
+    image_region,
+    image_tensor,
+    require_file,
+    sample_draws,
+)
 from data.images import GRAY_RGB, read_image
 
 
@@ -52,12 +61,18 @@ class WholeImageDataset(Dataset):
         """(keypoints (J, 2) (x, y) in [0, 1], visible (J,) bool) of sample ``index``; None when unlabelled."""
         return None
 
-    def __getitem__(self, index: int) -> dict:
-        flipped = bool(self.flip_prob > 0 and torch.rand(()) < self.flip_prob)
+    def sample_flip(self, generator: torch.Generator) -> bool:
+        """One sample's random mirror, with probability ``flip_prob``."""
+        return bool(torch.rand((), generator=generator) < self.flip_prob)
+
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        index, generator = sample_draws(key)
+        flipped = self.sample_flip(generator)
         image, (width, height) = self._load(index, mirror=flipped)
         sample = {
             "image": image,
             "index": index,
+            "sample_key": index,
             "path": str(self.files[index]),
             "crop_box": torch.tensor([0.0, 0.0, width, height]),
             "flipped": flipped,

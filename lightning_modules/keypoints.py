@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +74,12 @@ def locate_peaks(maps: Tensor, soft_argmax_window_px: int | None = None, valid: 
 
 
 def augmented_keypoints(
-    maps_of: Callable[[Tensor], Tensor],
+    maps_of: Callable[[Tensor, Sequence[torch.Generator]], Tensor],
     images: Tensor,
     tokens: Tensor,
     augmentation: AffineAugmentation,
     iterations: int,
-    generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator],
     soft_argmax_window_px: int | None = None,
     chunk_size: int | None = None,
     regions: Tensor | None = None,
@@ -92,13 +92,22 @@ def augmented_keypoints(
     Each of the ``iterations`` random affine transforms warps the image; the K tokens' maps of the
     warped image are upsampled to S, warped back, and summed; the sum is divided by how often
     each pixel was covered (0 where never). All B x iterations warped images go through
-    ``maps_of`` (images -> (N, T, R, R), fresh noise inside) together, ``chunk_size`` at a time.
+    ``maps_of`` (images, their generators -> (N, T, R, R), noise drawn inside) together,
+    ``chunk_size`` at a time.
+
+    ``generators``: B x iterations of them, image-major (augmentation i of image b uses
+    ``generators[b * iterations + i]``: its transform, then its noise). Each warped image's draws
+    come from its own generator, so an image's keypoints do not depend on its batch or chunking.
     """
     batch, _, height, width = images.shape
-    transform = augmentation.sample(batch * iterations, generator, images.device)
+    if len(generators) != batch * iterations:
+        raise ValueError(f"{len(generators)} generators for {batch} images x {iterations} augmentations.")
+    transform = torch.cat([augmentation.sample(1, generator, images.device) for generator in generators])
     warped = warp(images.repeat_interleave(iterations, dim=0), transform)
-    chunks = [warped] if not chunk_size else warped.split(chunk_size)
-    maps = torch.cat([maps_of(chunk)[:, tokens] for chunk in chunks])  # (B*I, K, R, R)
+    step = chunk_size or len(warped)
+    maps = torch.cat(
+        [maps_of(warped[i : i + step], generators[i : i + step])[:, tokens] for i in range(0, len(warped), step)]
+    )  # (B*I, K, R, R)
     maps = F.interpolate(maps.float(), size=(height, width), mode="bilinear", align_corners=False)
     back = unwarp(maps, transform).view(batch, iterations, len(tokens), height, width).sum(1)
     ones = torch.ones(batch * iterations, 1, height, width, device=images.device)

@@ -23,10 +23,10 @@ from lightning_modules.backbones.base import Backbone
 from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_fits, checkpoint_record
 from lightning_modules.concentration import attention_concentration
 from lightning_modules.errors import CheckpointMismatchError, ConfigError, MissingFileError, NonFiniteError
+from lightning_modules.evaluation import TEST_LOADER, RegressorEvaluation
 from lightning_modules.keypoints import augmented_keypoints, inside_region, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
-from lightning_modules.regressor import LinearKeypointRegressor
-from lightning_modules.seeding import seeded_generator
+from lightning_modules.seeding import Draw, seeded_generator
 from lightning_modules.selection import RankingMethod, select_tokens
 
 EMBEDDING_FILE = "embedding.safetensors"
@@ -46,8 +46,10 @@ class StableKeypoints(L.LightningModule):
         backbone: the frozen model family (SD 1.5/2.x, SDXL, zero123plus).
         num_tokens: T, the number of context tokens.
         context_seed: seed of the context's N(0, 1) initialization.
-        noise_seed: seed of the per-step noise and augmentation draws (combined with the rank,
-            step and batch index, so a resumed run draws what the uninterrupted one would have).
+        noise_seed: seed of every draw of the model: a training step's noise and transforms (with
+            the rank, step and batch index, so a resumed run draws what the uninterrupted one would
+            have), the token-ranking images and their noise, and each image's extraction noise and
+            transforms (with its ``sample_key``: the same for any batch size, order or device count).
         feature_upsample_res: R, the side of the attention maps in pixels.
         top_k: K, tokens optimized per image (and keypoints in the end).
         furthest_point_num_samples: candidates kept by the ranking before furthest point sampling.
@@ -65,7 +67,8 @@ class StableKeypoints(L.LightningModule):
         photometric: opt-in colour jitter, grayscale and blur of the transformed copy in training
             (kornia; ``None`` or all zeros = off, StableKeypoints). Extraction never uses it.
         optimizer: the optimizer of the context; ``None`` = Adam(lr=5e-3), StableKeypoints' choice.
-        num_indices: training images whose selections rank the global keypoint tokens.
+        num_indices: training images, drawn at random (seeded by ``noise_seed``), whose selections
+            rank the global keypoint tokens.
         augmentation_iterations: random transforms averaged per image when extracting keypoints.
         soft_argmax_window_px: refine each keypoint to the soft-argmax in this odd window (pixels of
             the image); ``None`` = plain argmax.
@@ -138,9 +141,7 @@ class StableKeypoints(L.LightningModule):
         # Frozen weights never enter a checkpoint; their keys are absent on load by design.
         self.strict_loading = False
         self.test_metric = None
-        self.regressor: LinearKeypointRegressor | None = None
-        self._regression: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._num_regression_images = 0
+        self.evaluation: RegressorEvaluation | None = None
 
     # ------------------------------------------------------------------ set-up
     def prepare_data(self) -> None:
@@ -252,11 +253,21 @@ class StableKeypoints(L.LightningModule):
         return seeded_generator(self.hparams.noise_seed, *entropy, device=self.device)
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
-        """A generator for one step's noise and transforms, reproducible from (seed, rank, step, batch)."""
-        return self._generator(self.global_rank, self.global_step, batch_idx)
+        """A generator for one step's noise and transforms, reproducible from (seed, rank, step, batch).
 
-    def maps_of(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """images: (B, 3, S, S) in [0, 1] -> maps (B, T, R, R) with fresh noise."""
+        Resume-safe: Lightning restores ``global_step`` and the epoch's batch index from the checkpoint.
+        """
+        return self._generator(Draw.TRAINING_STEP, self.global_rank, self.global_step, batch_idx)
+
+    def extraction_generators(self, sample_keys: Tensor | list[int]) -> list[torch.Generator]:
+        """B x ``augmentation_iterations`` generators, image-major: augmentation i of the image with
+        key k draws its transform and noise from ``(noise_seed, EXTRACTION, k, i)``, whatever its batch,
+        position or device (``sample_key`` of ``data.base``)."""
+        keys = [int(key) for key in sample_keys]
+        return [self._generator(Draw.EXTRACTION, key, i) for key in keys for i in range(self.hparams.augmentation_iterations)]
+
+    def maps_of(self, images: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> maps (B, T, R, R) with fresh noise (one generator, or one per image)."""
         latents = self.backbone.encode(images)
         noise = self.backbone.sample_noise(latents, generator)
         return self.backbone.attention_maps(latents, noise, self.context, self.hparams.feature_upsample_res)
@@ -330,29 +341,30 @@ class StableKeypoints(L.LightningModule):
 
     # ------------------------------------------------------------------ keypoints
     @torch.no_grad()
-    def choose_keypoint_tokens(self, dataloader=None) -> Tensor:
-        """Ranks tokens over ``num_indices`` training images (SPEC 5.1) -> ``keypoint_tokens`` (K,).
+    def choose_keypoint_tokens(self) -> Tensor:
+        """Ranks tokens over ``num_indices`` random training images (SPEC 5.1) -> ``keypoint_tokens`` (K,).
 
-        Every rank computes the same set (same images, same seeded noise), so no communication
-        is needed and all ranks agree.
+        The images are ``keypoint_index_dataloader(num_indices, noise_seed)``'s seeded draw, each
+        with noise from ``(noise_seed, RANKING, sample_key)``. Global rank 0 ranks and broadcasts
+        the tokens, so the ranks agree even where counts tie.
         """
-        if dataloader is None:
-            dataloader = self.trainer.datamodule.keypoint_index_dataloader()
         hp = self.hparams
-        generator = torch.Generator(device=self.device).manual_seed(hp.noise_seed)
-        selections, seen = [], 0
-        for batch in dataloader:
-            images = batch["image"][: hp.num_indices - seen].to(self.device)
-            maps = self.maps_of(images, generator)
-            selections.append(select_tokens(maps, hp.top_k, hp.furthest_point_num_samples, hp.selection, hp.sigma_px))
-            seen += len(images)
-            if seen >= hp.num_indices:
-                break
-        if not selections:
-            raise RuntimeError("No training images to rank keypoint tokens on: the index dataloader is empty.")
-        tokens, _ = rank_keypoint_tokens(torch.cat(selections), hp.num_tokens, hp.top_k)
+        trainer = self.trainer
+        tokens = torch.zeros(hp.top_k, dtype=torch.long, device=self.device)
+        if trainer.is_global_zero:
+            selections = []
+            for batch in trainer.datamodule.keypoint_index_dataloader(hp.num_indices, hp.noise_seed):
+                generators = [self._generator(Draw.RANKING, int(key)) for key in batch["sample_key"]]
+                maps = self.maps_of(batch["image"].to(self.device), generators)
+                selections.append(select_tokens(maps, hp.top_k, hp.furthest_point_num_samples, hp.selection, hp.sigma_px))
+            if not selections:
+                raise RuntimeError("No training images to rank keypoint tokens on: the index dataloader is empty.")
+            selections = torch.cat(selections)
+            tokens, _ = rank_keypoint_tokens(selections, hp.num_tokens, hp.top_k)
+            rank_zero_info(f"Keypoint tokens (from {len(selections)} images): {tokens.tolist()}")
+        if trainer.world_size > 1:
+            tokens = trainer.strategy.broadcast(tokens.to(self.device), src=0)
         self.keypoint_tokens = tokens.to(self.device)
-        rank_zero_info(f"Keypoint tokens (from {seen} images): {tokens.tolist()}")
         return self.keypoint_tokens
 
     def ensure_keypoint_tokens(self) -> Tensor:
@@ -361,73 +373,56 @@ class StableKeypoints(L.LightningModule):
         return self.keypoint_tokens
 
     @torch.no_grad()
-    def keypoints(
-        self, images: Tensor, generator: torch.Generator | None = None, regions: Tensor | None = None
-    ) -> Tensor:
-        """images: (B, 3, S, S) in [0, 1] -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2).
+    def keypoints(self, images: Tensor, sample_keys: Tensor | list[int], regions: Tensor | None = None) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1], their ``sample_key``s (B,) -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2).
 
         ``regions`` (B, 4) normalized (x0, y0, x1, y1): search each image's keypoints there only.
         """
         hp = self.hparams
         return augmented_keypoints(
-            lambda x: self.maps_of(x, generator),
+            self.maps_of,
             images,
             self.ensure_keypoint_tokens(),
             self.augmentation,
             hp.augmentation_iterations,
-            generator,
+            self.extraction_generators(sample_keys),
             hp.soft_argmax_window_px,
             hp.extraction_chunk_size,
             regions,
         )
 
-    def _eval_generator(self, batch_idx: int, dataloader_idx: int = 0) -> torch.Generator:
-        return self._generator(1 + dataloader_idx, self.global_rank, batch_idx)
-
     # ------------------------------------------------------------------ test: regressor + metric
     def on_test_start(self) -> None:
         self.ensure_keypoint_tokens()
-        self.test_metric = self.trainer.datamodule.make_metric().to(self.device)
-        self.regressor = None
-        self._regression = []
+        self.test_metric = self.trainer.datamodule.make_metric()
+        self.evaluation = RegressorEvaluation(self.test_metric, self.trainer.datamodule.fit_regressor, self.device)
 
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
-        """Loader 0: the regression split (collect); loader 1: the test split (score).
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Keypoints of loader 0 (the regression split) and loader 1 (the test split), collected by
+        ``self.evaluation`` (``lightning_modules/evaluation.py``).
 
-        -> for loader 1, ``keypoints`` (B, K, 2) and the regressor's ``predictions`` (B, J, 2),
+        -> ``keypoints`` (B, K, 2) and, for loader 1, the regressor's ``predictions`` (B, J, 2),
         normalized (x, y), for callbacks (``callbacks.visualization.TestResultsTable``).
         """
-        keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx))
-        if dataloader_idx == 0:
-            self._regression.append((keypoints, batch["keypoints"], batch["visible"]))
-            return None
-        if self.regressor is None:
-            self.regressor = self._fit_regressor()
-        predictions = self.regressor(keypoints)
-        self.test_metric.update(predictions, batch["keypoints"], batch["visible"])
-        self.log(f"test/{metric_name(self.test_metric)}", self.test_metric, add_dataloader_idx=False,
-                 batch_size=len(keypoints))
-        return {"keypoints": keypoints, "predictions": predictions}
+        keypoints = self.keypoints(batch["image"], batch["sample_key"])
+        self.evaluation.update(dataloader_idx, batch["index"], keypoints, batch["keypoints"], batch["visible"])
+        if dataloader_idx != TEST_LOADER:
+            return {"keypoints": keypoints}
+        return {"keypoints": keypoints, "predictions": self.evaluation.regressor(keypoints)}
 
-    def _fit_regressor(self) -> LinearKeypointRegressor:
-        if not self._regression:
-            raise RuntimeError("The regression split produced no keypoints: the regressor cannot be fitted.")
-        keypoints, targets, visible = (torch.cat(parts) for parts in zip(*self._regression))
-        if self.trainer.world_size > 1:
-            keypoints, targets, visible = (self.all_gather(t).flatten(0, 1) for t in (keypoints, targets, visible))
-        self._regression = []
-        self._num_regression_images = len(keypoints)
-        return self.trainer.datamodule.fit_regressor(keypoints, targets, visible.bool()).to(self.device)
+    def on_test_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # The loader boundary: every rank has collected its share of the regression split.
+        if dataloader_idx == TEST_LOADER and self.evaluation.regressor is None:
+            self.evaluation.fit()
 
     def on_test_epoch_end(self) -> None:
-        if self.regressor is None:
-            raise RuntimeError("The test split was empty: nothing was scored.")
         name = metric_name(self.test_metric)
-        value = float(self.test_metric.compute())
+        value = self.evaluation.score(self.global_rank, self.trainer.world_size)
+        self.log(f"test/{name}", value, add_dataloader_idx=False, sync_dist=True)  # equal on every rank
         if self.trainer.is_global_zero:
             out = self.run_dir()
             out.mkdir(parents=True, exist_ok=True)
-            self.regressor.save(out / REGRESSOR_FILE)
+            self.evaluation.regressor.save(out / REGRESSOR_FILE)
             result = {
                 "metric": name,
                 "value": value,
@@ -435,7 +430,8 @@ class StableKeypoints(L.LightningModule):
                 "dataset": type(self.trainer.datamodule).__name__,
                 "keypoint_tokens": self.keypoint_tokens.tolist(),
                 "model": self.backbone.pretrained_model_name_or_path,
-                "num_regression_images": self._num_regression_images,
+                "num_regression_images": self.evaluation.num_regression_images,
+                "num_test_images": self.evaluation.num_test_images,
             }
             (out / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
             rank_zero_info(f"\n{'metric':<32} value\n{name:<32} {value:.4f}\nwritten to {out / METRICS_FILE}")
@@ -449,7 +445,7 @@ class StableKeypoints(L.LightningModule):
         ``inside`` (B, K) bool: the point lies on the photo (not the padding of its square crop)."""
         regions = batch.get("image_region")
         restrict = regions if self.hparams.predict_within_image else None
-        keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx), restrict)
+        keypoints = self.keypoints(batch["image"], batch["sample_key"], restrict)
         pixels = to_source_pixels(keypoints, batch["crop_box"], batch.get("flipped"))
         inside = inside_region(keypoints, regions) if regions is not None else torch.ones_like(keypoints[..., 0]).bool()
         return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels, "inside": inside}

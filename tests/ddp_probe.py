@@ -1,4 +1,5 @@
-"""Callbacks for the DDP tests: each rank records what the tests compare (contexts, DDP sync, logged losses)."""
+"""Callbacks for the CLI tests: each rank records what the tests compare (contexts, DDP sync, logged
+losses); runs killed mid-training or mid-predict."""
 
 from __future__ import annotations
 
@@ -61,4 +62,15 @@ class KillAfterBatches(Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx + 1 == self.batches:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillAtStep(Callback):
+    """Ends the process with SIGKILL (no cleanup, as a crash or an OOM kill would) after step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)

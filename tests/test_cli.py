@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ import torch
 from tests.conftest import REPO
 
 DEMO = str(REPO / "conf" / "demo.yaml")
+#: Evaluation runs compare 1 and 2 devices, not quality: 3 augmentations per image instead of 10.
+FEW_AUGMENTATIONS = ("--model.augmentation_iterations", "3")
 
 
 def run_cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -65,17 +68,51 @@ def test_demo_fit_writes_small_checkpoint_embedding_and_wandb_offline_run(demo_r
     assert list((demo_run / "wandb").glob("offline-run-*"))
 
 
+def _resume_config(path: Path, out: Path, kill_at_step: int | None) -> Path:
+    """Checkpoints every 4 steps into ``out/checkpoints``; optionally a SIGKILL after ``kill_at_step``."""
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True, "every_n_train_steps": 4}}]
+    if kill_at_step is not None:
+        callbacks.append({"class_path": "tests.ddp_probe.KillAtStep", "init_args": {"step": kill_at_step}})
+    import yaml
+
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks, "logger": False}}))
+    return path
+
+
+def _fit_for_resume(tmp: Path, name: str, model: Path, data: Path, num_workers: int, kill_at_step: int | None = None,
+                    ckpt_path: Path | None = None) -> subprocess.CompletedProcess:
+    out = tmp / name
+    extra = ["--ckpt_path", str(ckpt_path)] if ckpt_path else []
+    return run_cli("fit", *demo_args(out, model, data), "--config", str(_resume_config(tmp / f"{name}.yaml", out, kill_at_step)),
+                   "--trainer.max_steps", "12", "--data.init_args.image_size", "64", "--data.init_args.num_workers",
+                   str(num_workers), "--model.feature_upsample_res", "16", "--model.num_indices", "6", *extra,
+                   check=kill_at_step is None)
+
+
 @pytest.mark.slow
-def test_resume_continues_from_the_saved_step(demo_run, tiny_sd_path, cub_root, tmp_path):
-    (ckpt,) = checkpoints(demo_run)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    run_cli("fit", *demo_args(tmp_path, tiny_sd_path, cub_root, "--trainer.max_steps", "9", "--ckpt_path", str(ckpt)))
-    (resumed,) = checkpoints(tmp_path)
-    state = torch.load(resumed, map_location="cpu", weights_only=False)
-    assert state["global_step"] == 9  # 3 more steps, not 9 from scratch
-    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 9
-    moved = (state["state_dict"]["context"] - saved["state_dict"]["context"]).abs().max()
-    assert 0 < moved < 0.005 * 3 * 1.01  # Adam moves each entry by at most ~lr per step
+def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical_to_an_uninterrupted_one(tiny_sd_path, cub_root, tmp_path):
+    from safetensors.torch import load_file
+
+    # 18 training images in batches of 2: 9 steps per epoch. Checkpoint at step 4 (mid-epoch 0),
+    # killed after step 5, resumed to step 12 (across the epoch boundary).
+    _fit_for_resume(tmp_path, "straight", tiny_sd_path, cub_root, num_workers=0)
+    expected = load_file(str(tmp_path / "straight" / "embedding.safetensors"))
+    for num_workers in (0, 2):
+        name = f"killed_{num_workers}"
+        killed = _fit_for_resume(tmp_path, name, tiny_sd_path, cub_root, num_workers, kill_at_step=5)
+        assert killed.returncode == -signal.SIGKILL
+        last = tmp_path / name / "checkpoints" / "last.ckpt"
+        assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+        assert not (tmp_path / name / "embedding.safetensors").exists()
+        _fit_for_resume(tmp_path, name, tiny_sd_path, cub_root, num_workers, ckpt_path=last)
+        resumed = load_file(str(tmp_path / name / "embedding.safetensors"))
+        assert torch.equal(resumed["context"], expected["context"]), f"num_workers={num_workers}"
+        assert torch.equal(resumed["keypoint_tokens"], expected["keypoint_tokens"])
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        assert state["global_step"] == 12
+        # Epoch 0 is 9 steps: the loader ended 3 batches (6 samples) into epoch 1.
+        assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "samples": 6}]
 
 
 @pytest.mark.slow
@@ -133,24 +170,32 @@ def test_half_precision_trainer_is_refused_with_the_reason(precision, tiny_sd_pa
         module.setup("fit")
 
 
+@pytest.fixture(scope="module")
+def single_device_outputs(demo_run, tiny_sd_path, cub_root, tmp_path_factory):
+    """``test`` and ``predict`` (on class 001's images) from the demo checkpoint, on one device."""
+    out = tmp_path_factory.mktemp("single_device")
+    (ckpt,) = checkpoints(demo_run)
+    run_cli("test", *demo_args(out / "test", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS))
+    run_cli("predict", *demo_args(out / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
+                                  "--data.init_args.path", str(cub_root / "images" / "001.Synthetic_Bird_1")))
+    return out
+
+
 @pytest.mark.slow
-def test_test_and_predict_through_the_cli_write_their_files(demo_run, tiny_sd_path, cub_root, tmp_path):
+def test_test_and_predict_through_the_cli_write_their_files(single_device_outputs, cub_root):
     import json
 
     from PIL import Image
 
-    (ckpt,) = checkpoints(demo_run)
-    run_cli("test", *demo_args(tmp_path / "test", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt)))
-    (metrics_file,) = list((tmp_path / "test").rglob("metrics.json"))
+    (metrics_file,) = list((single_device_outputs / "test").rglob("metrics.json"))
     metrics = json.loads(metrics_file.read_text())
     assert metrics["metric"] == "normalized_keypoint_error" and 0 <= metrics["value"] < 100
+    assert (metrics["num_regression_images"], metrics["num_test_images"]) == (18, 9)
     assert (metrics_file.parent / "regressor.safetensors").is_file()
     assert list((metrics_file.parent / "test_examples").glob("*.png"))
 
     images = cub_root / "images" / "001.Synthetic_Bird_1"
-    run_cli("predict", *demo_args(tmp_path / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
-                                  "--data.init_args.path", str(images)))
-    (index_file,) = list((tmp_path / "predict").rglob("keypoints.json"))
+    (index_file,) = list((single_device_outputs / "predict").rglob("keypoints.json"))
     index = json.loads(index_file.read_text())
     assert "x, y in pixels of the original image" in index["convention"]
     sources = sorted(images.glob("*.jpg"))
@@ -168,6 +213,27 @@ def test_test_and_predict_through_the_cli_write_their_files(demo_run, tiny_sd_pa
         assert overlay.format == "PNG" and overlay.width == shown and overlay.height > first["height"] * shown / first["width"]
 
 
+@pytest.mark.slow
+def test_test_on_two_ranks_counts_every_image_once_and_gives_the_one_device_metrics(
+    single_device_outputs, demo_run, tiny_sd_path, cub_root, tmp_path
+):
+    import json
+
+    from safetensors.torch import load_file
+
+    (ckpt,) = checkpoints(demo_run)
+    # 9 test images on 2 ranks: the DistributedSampler pads rank 1's share with a repeated image.
+    run_cli("test", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
+                               "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    (one_file,) = list((single_device_outputs / "test").rglob("metrics.json"))
+    (two_file,) = list(tmp_path.rglob("metrics.json"))
+    one, two = json.loads(one_file.read_text()), json.loads(two_file.read_text())
+    assert (two["num_regression_images"], two["num_test_images"]) == (18, 9)
+    assert two["value"] == pytest.approx(one["value"], rel=1e-5)
+    torch.testing.assert_close(load_file(str(two_file.parent / "regressor.safetensors"))["weight"],
+                               load_file(str(one_file.parent / "regressor.safetensors"))["weight"])
+
+
 def test_a_missing_predict_path_fails_before_any_model_loads(capsys):
     from run import main
 
@@ -177,17 +243,22 @@ def test_a_missing_predict_path_fails_before_any_model_loads(capsys):
 
 
 @pytest.mark.slow
-def test_predict_under_ddp_writes_one_index_in_dataset_order(demo_run, tiny_sd_path, cub_root, tmp_path):
+def test_predict_under_ddp_writes_one_index_in_dataset_order_with_the_one_device_keypoints(
+    single_device_outputs, demo_run, tiny_sd_path, cub_root, tmp_path
+):
     import json
 
     (ckpt,) = checkpoints(demo_run)
-    images = cub_root / "images" / "002.Synthetic_Bird_2"
-    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), "--data.init_args.path",
-                                  str(images), "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    images = cub_root / "images" / "001.Synthetic_Bird_1"
+    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
+                                  "--data.init_args.path", str(images), "--trainer.devices", "2", "--trainer.strategy", "ddp"))
     (index_file,) = list(tmp_path.rglob("keypoints.json"))
-    paths = [entry["path"] for entry in json.loads(index_file.read_text())["images"]]
-    assert paths == [str(p) for p in sorted(images.glob("*.jpg"))]  # each image once, rows from both ranks merged
-    assert len(list((index_file.parent / "overlays").glob("*.png"))) == len(paths)
+    rows = json.loads(index_file.read_text())["images"]
+    assert [row["path"] for row in rows] == [str(p) for p in sorted(images.glob("*.jpg"))]  # each once, both ranks merged
+    assert len(list((index_file.parent / "overlays").glob("*.png"))) == len(rows)
+    (single_file,) = list((single_device_outputs / "predict").rglob("keypoints.json"))
+    single = json.loads(single_file.read_text())["images"]
+    assert [row["keypoints"] for row in rows] == [row["keypoints"] for row in single]  # per-image draws
 
 
 def test_sdxl_reproduce_holds_stablexlkeypoints_settings_and_sdxl_the_right_ones(capsys):

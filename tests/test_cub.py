@@ -31,7 +31,8 @@ from data.cub import (
     square_crop_box,
 )
 from data.demo import ensure_synthetic_cub, write_synthetic_cub
-from data.base import crop_matrix, crop_points, crop_resize, image_tensor
+from data.base import SampleKey, crop_matrix, crop_points, crop_resize, image_tensor
+from lightning_modules.seeding import Draw, seeded_generator
 
 S = 64  # small images keep the tests fast
 
@@ -112,9 +113,8 @@ def test_aligned_is_the_tight_square_and_never_augmented(root: Path) -> None:
     x, y, w, h = annotations.boxes_xywh[dataset.rows[0]]
     side = max(w, h)
     expected = (x + w / 2 - side / 2, y + h / 2 - side / 2, x + w / 2 + side / 2, y + h / 2 + side / 2)
-    for seed in range(4):
-        torch.manual_seed(seed)
-        sample = dataset[0]
+    for epoch in range(4):
+        sample = dataset[SampleKey(0, epoch, 0)]
         assert not sample["flipped"]
         assert np.allclose(sample["crop_box"].numpy(), expected, atol=1e-3)
 
@@ -138,9 +138,8 @@ def test_augmented_dot_stays_on_its_part_and_the_mirror_renames_it(root_copy: Pa
     px, py = _plant_dot(root_copy, 1, "right wing")
     dataset = CUBDataset(root_copy, "train", "cub_001", image_size=S, augment=True)
     seen = set()
-    for seed in range(12):
-        torch.manual_seed(seed)
-        sample = dataset[0]
+    for epoch in range(12):
+        sample = dataset[SampleKey(0, epoch, 0)]
         seen.add(sample["flipped"])
         name = "left wing" if sample["flipped"] else "right wing"
         assert sample["visible"][PART_NAMES.index(name)]
@@ -156,9 +155,8 @@ def test_augmented_dot_stays_on_its_part_and_the_mirror_renames_it(root_copy: Pa
 def test_training_mirror_flips_image_and_parts(root: Path) -> None:
     dataset = CUBDataset(root, "train", "cub_001", image_size=S, augment=True)
     seen = set()
-    for seed in range(20):
-        torch.manual_seed(seed)
-        sample = dataset[1]
+    for epoch in range(20):
+        sample = dataset[SampleKey(1, epoch, 0)]
         seen.add(sample["flipped"])
         box = sample["crop_box"].double().tolist()
         row = dataset.rows[1]
@@ -181,14 +179,27 @@ def test_training_mirror_flips_image_and_parts(root: Path) -> None:
     assert seen == {True, False}
 
 
-def test_augmentation_is_reproducible_with_torch_seed(root: Path) -> None:
+def test_augmentation_is_drawn_from_seed_epoch_and_index_only(root: Path) -> None:
     dataset = CUBDataset(root, "train", "cub_all", image_size=S, augment=True)
-    torch.manual_seed(3)
-    first = [dataset[i]["crop_box"] for i in range(3)]
-    torch.manual_seed(3)
-    second = [dataset[i]["crop_box"] for i in range(3)]
+    rng = torch.get_rng_state()
+    first = [dataset[SampleKey(i, 2, 5)]["crop_box"] for i in range(3)]
+    torch.manual_seed(123)  # the global RNG plays no part
+    second = [dataset[SampleKey(i, 2, 5)]["crop_box"] for i in reversed(range(3))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    assert not torch.equal(first[0], dataset[0]["crop_box"])  # jitter does move the box
+    torch.set_rng_state(rng)
+    assert not torch.equal(first[0], dataset[SampleKey(0, 3, 5)]["crop_box"])  # another epoch
+    assert not torch.equal(first[0], dataset[SampleKey(0, 2, 6)]["crop_box"])  # another seed
+    assert torch.equal(dataset[0]["crop_box"], dataset[SampleKey(0, 0, 0)]["crop_box"])  # an int is epoch 0, seed 0
+    outward, flipped = dataset.sample_crop_params(seeded_generator(5, Draw.AUGMENTATION, 2, 0))
+    box = square_crop_box(dataset.annotations.boxes_xywh[dataset.rows[0]], outward)
+    torch.testing.assert_close(first[0], torch.tensor(box, dtype=torch.float32))
+    assert dataset[SampleKey(0, 2, 5)]["flipped"] == flipped
+
+
+def test_evaluation_samples_are_never_augmented(root: Path) -> None:
+    dataset = CUBDataset(root, "train", "cub_all", image_size=S, augment=False)
+    boxes = {tuple(dataset[SampleKey(0, epoch, 0)]["crop_box"].tolist()) for epoch in range(5)}
+    assert len(boxes) == 1 and not any(dataset[SampleKey(0, epoch, 0)]["flipped"] for epoch in range(5))
 
 
 def test_samples_follow_the_contract_and_invisible_parts_are_zero(root: Path) -> None:

@@ -36,7 +36,7 @@ def draw(path: Path, width: int, height: int, dot_xy: tuple[int, int], backgroun
 
 def check_sample(sample: dict, num_keypoints: int | None) -> None:
     """The ``data.base`` contract: keys, shapes, dtypes, ranges, invisible keypoints at (0, 0)."""
-    expected = {"image", "index", "path", "crop_box", "flipped", "source_size", "image_region"}
+    expected = {"image", "index", "sample_key", "path", "crop_box", "flipped", "source_size", "image_region"}
     expected |= {"keypoints", "visible"} if num_keypoints else set()
     assert set(sample) == expected
     # Whole images: the crop is the source image, all of the model's image shows it.

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.folder import PAD_RGB, ImageFolderDataModule, ImageFolderDataset
+from data.base import SampleKey
+from data.folder import PAD_RGB, ImageFolderDataModule, ImageFolderDataset, content_key
 from lightning_modules.errors import ConfigError
 
 S = 40
@@ -54,7 +55,7 @@ def test_padding_geometry_maps_back_to_source_pixels(folder: Path) -> None:
     dataset = ImageFolderDataset(folder / "wide.png", S)
     sample = dataset[0]
     assert sample["image"].shape == (3, S, S) and set(sample) == {
-        "image", "index", "path", "crop_box", "flipped", "source_size", "image_region"
+        "image", "index", "sample_key", "path", "crop_box", "flipped", "source_size", "image_region"
     }
     # 40 x 20 padded to a 40 x 40 square centred on the image: 10 gray rows above and below.
     assert sample["crop_box"].tolist() == [0.0, -10.0, 40.0, 30.0]
@@ -71,9 +72,8 @@ def test_mirror_flips_image(folder: Path) -> None:
     plain = ImageFolderDataset(folder / "wide.png", S)[0]
     dataset = ImageFolderDataset(folder / "wide.png", S, mirror=True)
     flips = set()
-    for seed in range(10):
-        torch.manual_seed(seed)
-        sample = dataset[0]
+    for epoch in range(10):
+        sample = dataset[SampleKey(0, epoch, 0)]
         flips.add(sample["flipped"])
         expected = plain["image"].flip(-1) if sample["flipped"] else plain["image"]
         assert torch.equal(sample["image"], expected)
@@ -94,6 +94,8 @@ def test_datamodule_train_predict_and_no_test(folder: Path) -> None:
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["image"].shape == (2, 3, S, S)
     assert len(next(iter(datamodule.keypoint_index_dataloader()))["image"]) == 2
+    ranking = next(iter(datamodule.keypoint_index_dataloader(num_images=1, seed=0)))
+    assert len(ranking["image"]) == 1 and not ranking["flipped"].any()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the same files again: left out without a second warning
         predicted = next(iter(datamodule.predict_dataloader()))
@@ -101,3 +103,14 @@ def test_datamodule_train_predict_and_no_test(folder: Path) -> None:
     assert not predicted["flipped"].any()
     with pytest.raises(ValueError, match="unlabelled"):
         datamodule.setup("test")
+
+
+def test_sample_key_is_the_files_content_not_its_name_or_position(tmp_path: Path) -> None:
+    Image.new("RGB", (20, 10), (10, 200, 30)).save(tmp_path / "b.png")
+    Image.new("RGB", (12, 12), (90, 90, 90)).save(tmp_path / "c.png")
+    (tmp_path / "a_copy.png").write_bytes((tmp_path / "c.png").read_bytes())
+    dataset = ImageFolderDataset(tmp_path, S)
+    keys = {Path(dataset[i]["path"]).name: dataset[i]["sample_key"] for i in range(len(dataset))}
+    assert [f.name for f in dataset.files] == ["a_copy.png", "b.png", "c.png"]
+    assert keys["a_copy.png"] == keys["c.png"] != keys["b.png"]
+    assert keys["c.png"] == content_key(tmp_path / "c.png") < 2**56

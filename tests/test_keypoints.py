@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -36,7 +37,7 @@ def _dot_images(points: list[tuple[float, float]], size: int) -> torch.Tensor:
 def _identity_model(resolution: int):
     """A 'model' whose token 0 map is the image's brightness and token 1 its inverse."""
 
-    def maps_of(images: torch.Tensor) -> torch.Tensor:
+    def maps_of(images: torch.Tensor, generators=None) -> torch.Tensor:
         heat = F.interpolate(images[:, :1], size=(resolution, resolution), mode="area")
         heat = F.avg_pool2d(heat, 3, 1, 1)  # a blob, as attention maps are
         return torch.cat([heat, 1 - heat], dim=1)
@@ -50,7 +51,7 @@ def test_augmented_extraction_recovers_a_planted_blob():
     images = _dot_images(planted, size)
     keypoints = augmented_keypoints(
         _identity_model(32), images, torch.tensor([0]), AffineAugmentation(), iterations=8,
-        generator=torch.Generator().manual_seed(0),
+        generators=[torch.Generator().manual_seed(i) for i in range(3 * 8)],
     )
     expected = torch.tensor(planted)[:, None] + 0.5 / size
     assert keypoints.shape == (3, 1, 2)
@@ -62,16 +63,40 @@ def test_batched_extraction_equals_one_image_at_a_time():
     images = _dot_images([(0.25, 0.75), (0.7, 0.3)], size)
     seen_batches = []
 
-    def maps_of(x):
+    def maps_of(x, generators):
         seen_batches.append(len(x))
         return _identity_model(16)(x)
 
-    together = augmented_keypoints(maps_of, images, torch.tensor([0, 1]), AffineAugmentation(), 5,
-                                   torch.Generator().manual_seed(3))
-    chunked = augmented_keypoints(maps_of, images, torch.tensor([0, 1]), AffineAugmentation(), 5,
-                                  torch.Generator().manual_seed(3), chunk_size=1)
+    def generators(seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    together = augmented_keypoints(maps_of, images, torch.tensor([0, 1]), AffineAugmentation(), 5, generators(range(10)))
+    chunked = augmented_keypoints(maps_of, images, torch.tensor([0, 1]), AffineAugmentation(), 5, generators(range(10)),
+                                  chunk_size=1)
     torch.testing.assert_close(together, chunked)
     assert seen_batches[0] == 10 and seen_batches[1:] == [1] * 10
+    # Image 1 alone, with its own 5 generators, gets what it got beside image 0.
+    alone = augmented_keypoints(maps_of, images[1:], torch.tensor([0, 1]), AffineAugmentation(), 5, generators(range(5, 10)))
+    torch.testing.assert_close(alone[0], together[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="9 generators for 2 images x 5 augmentations"):
+        augmented_keypoints(maps_of, images, torch.tensor([0]), AffineAugmentation(), 5, generators(range(9)))
+
+
+def test_each_warped_image_draws_its_transform_and_then_its_noise_from_its_own_generator():
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    noises = []
+
+    def maps_of(x, generators):
+        noises.append(torch.stack([torch.randn(3, generator=g) for g in generators]))
+        return _identity_model(8)(x)
+
+    augmentation = AffineAugmentation()
+    augmented_keypoints(maps_of, images, torch.tensor([0]), augmentation, 2,
+                        [torch.Generator().manual_seed(s) for s in (7, 8, 9, 10)], chunk_size=3)
+    for row, seed in enumerate((7, 8, 9, 10)):
+        generator = torch.Generator().manual_seed(seed)
+        augmentation.sample(1, generator)
+        torch.testing.assert_close(torch.cat(noises)[row], torch.randn(3, generator=generator), rtol=0, atol=0)
 
 
 def test_locate_peaks_argmax_and_soft_argmax():
@@ -113,7 +138,7 @@ def test_panorama_keypoints_stay_on_the_photo():
     region = torch.tensor([[0.0, 0.375, 1.0, 0.625]])  # image_region of 1200 x 300 in its square
     peaks = [(0.1, 0.1), (0.5, 0.9), (0.8, 0.2), (0.3, 0.5), (0.6, 0.05)]  # 4 of 5 in the padding
 
-    def maps_of(images: torch.Tensor) -> torch.Tensor:
+    def maps_of(images: torch.Tensor, generators) -> torch.Tensor:
         ys, xs = torch.meshgrid(torch.arange(16) + 0.5, torch.arange(16) + 0.5, indexing="ij")
         blobs = [torch.exp(-((xs - 16 * x) ** 2 + (ys - 16 * y) ** 2) / 8) for x, y in peaks]
         # A faint ramp keeps the photo's rows distinguishable where every blob is far.
@@ -122,7 +147,7 @@ def test_panorama_keypoints_stay_on_the_photo():
     images = torch.zeros(1, 3, size, size)
     tokens = torch.arange(len(peaks))
     common = dict(augmentation=AffineAugmentation(degrees=0, translate_frac=0, scale=(1.0, 1.0)), iterations=2,
-                  generator=torch.Generator().manual_seed(0))
+                  generators=[torch.Generator().manual_seed(i) for i in range(2)])
     free = augmented_keypoints(maps_of, images, tokens, **common)
     restricted = augmented_keypoints(maps_of, images, tokens, regions=region, **common)
     assert inside_region(free, region)[0].tolist() == [False, False, False, True, False]
@@ -155,11 +180,12 @@ def test_predict_step_restricts_to_the_photo_unless_told_not_to(tiny_sd_module, 
     from data.base import image_region
 
     module = tiny_sd_module
-    monkeypatch.setattr(module, "keypoint_tokens", torch.tensor([0, 1, 2, 3]))
+    monkeypatch.setitem(module._buffers, "keypoint_tokens", torch.tensor([0, 1, 2, 3]))  # a buffer: setattr would be undone by delattr
     box = (0.0, -450.0, 1200.0, 750.0)  # the panorama centred in its 1200 x 1200 square
     batch = {
         "image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
         "path": ["panorama.jpg"],
+        "sample_key": torch.tensor([0]),
         "crop_box": torch.tensor([box]),
         "flipped": torch.tensor([False]),
         "image_region": image_region(box, 1200, 300)[None],

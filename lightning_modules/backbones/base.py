@@ -8,7 +8,7 @@ LightningModule only calls ``encode``, ``sample_noise`` and ``attention_maps``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import ClassVar
 
@@ -215,12 +215,22 @@ class Backbone(nn.Module):
         z = self.vae.encode(x).latent_dist.mean * self.scaling_factor
         return {"latents": z.float()}
 
-    def sample_noise(self, latents: Latents, generator: torch.Generator | None = None) -> Latents:
-        """Fresh eps ~ N(0, I) for every latent of the batch."""
-        return {
-            name: torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            for name, z in latents.items()
-        }
+    def sample_noise(self, latents: Latents, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Latents:
+        """Fresh eps ~ N(0, I) for every latent of the batch.
+
+        ``generator``: one for the whole batch, or one per image (row b's noise from ``generator[b]``,
+        so an image's noise does not depend on the batch it is in).
+        """
+        if generator is None or isinstance(generator, torch.Generator):
+            return {
+                name: torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                for name, z in latents.items()
+            }
+        if len(generator) != len(latents["latents"]):
+            raise ValueError(f"{len(generator)} generators for a batch of {len(latents['latents'])} images.")
+        rows = [{name: torch.randn(z.shape[1:], generator=g, device=z.device, dtype=z.dtype) for name, z in latents.items()}
+                for g in generator]
+        return {name: torch.stack([row[name] for row in rows]) for name in latents}
 
     def add_noise(self, z: Tensor, noise: Tensor) -> Tensor:
         """z_t = sqrt(a) z + sqrt(1 - a) eps at ``timestep`` (DDIM's add_noise, without its dtype casts)."""
