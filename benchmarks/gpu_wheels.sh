@@ -10,7 +10,10 @@ packages=(diffusers kornia kornia_rs jsonargparse docstring_parser typeshed_clie
 rm -rf .whl
 mkdir .whl
 for name in "${packages[@]}"; do
-  version=$("$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
+  version=$("$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null) || {
+    echo "$name is not installed for $python: set PYTHON to the project's environment (.venv/bin/python)." >&2
+    exit 2
+  }
   "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "$name==$version"

@@ -241,9 +241,14 @@ class KeypointDataModule(L.LightningDataModule):
                     "Replace or delete them"
                     + ("." if len(bad) == len(files) else ", or set data.init_args.skip_unreadable=true to leave them out.")
                 )
-            rank_zero_warn(f"Skipping {len(bad)} unreadable images of the {split} split (skip_unreadable):\n{listing}")
             known = {path for path, _ in self.unreadable}
-            self.unreadable += [(path, reason) for path, reason in bad if path not in known]
+            new = [(path, reason) for path, reason in bad if path not in known]
+            if new:  # a split sharing files with one checked before (train, regression) says nothing new
+                listing = "\n".join(f"  {path}: {reason}" for path, reason in new[:_LISTED_FILES])
+                if len(new) > _LISTED_FILES:
+                    listing += f"\n  ... and {len(new) - _LISTED_FILES} more"
+                rank_zero_warn(f"Skipping {len(new)} unreadable images of the {split} split (skip_unreadable):\n{listing}")
+            self.unreadable += new
             bad_paths = {path for path, _ in bad}
             dataset = SampleSubset(dataset, [i for i, path in enumerate(files) if path not in bad_paths])
         self._checked.append(dataset)

@@ -187,10 +187,10 @@ class AttentionCall:
 
     resolution: int
     record: bool = True
-    family: dict[str, Any] = field(default_factory=dict)
+    family: dict[str, Any] = field(default_factory=dict, repr=False)
     #: Captured layers in the order the first forward recorded them, and the running sum of their maps.
     recorded: list[str] = field(default_factory=list)
-    total: Tensor | None = None
+    total: Tensor | None = field(default=None, repr=False)
     #: Captured layers this call reached, and the one that completed the set (learned by the first forward).
     visited: set[str] = field(default_factory=set)
     last: str | None = None
@@ -228,17 +228,19 @@ class CaptureProcessor:
         if call is None:  # a plain UNet call, outside AttentionCapture.maps
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         capture = self.capture
+        # Which layer completes the set is decided once, by the first forward: a recompute, which
+        # finds every layer visited, then takes the same branches.
         if call.last is None and len(call.visited | {self.name}) == len(capture.layers):
             call.last = self.name
         stop_here = capture.stop_early and self.name == call.last
         output = None
         if call.record:
             maps, output = self._maps(attn, hidden_states, encoder_hidden_states, call.resolution)
-            if self.name not in call.recorded:
+            if self.name not in call.recorded:  # a recompute records nothing a second time
                 # A running sum: one (B, R*R, T) tensor alive instead of one per layer.
                 call.recorded.append(self.name)
                 call.total = maps if call.total is None else call.total + maps
-        if output is None and not stop_here:  # the forward stops here: nothing reads the layer's output
+        if output is None and not stop_here:  # where the forward stops, nothing reads the layer's own output
             output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         call.visited.add(self.name)
         if stop_here:
