@@ -182,7 +182,6 @@ def run_mode(args) -> dict:
             sync(device)
             start = time.perf_counter()
             with torch.no_grad():
-                # Sample keys seed each image's extraction draws (rep-dependent, like the old generator seed).
                 module.keypoints(extract_images, [rep * len(extract_images) + i for i in range(len(extract_images))])
             sync(device)
             if rep:

@@ -64,8 +64,8 @@ def fit_demo(backbone, steps: int, data: Path, out: str) -> tuple[StableKeypoint
 
 def run(mode: str, args, model: Path, data: Path) -> dict:
     module, datamodule, history, seconds = fit_demo(StableDiffusion(str(model), engine=MODES[mode]), args.steps, data, args.out)
-    batches = [b for _, b in zip(range(args.test_batches), datamodule.test_dataloader()[1])]
-    keypoints = module.keypoints(torch.cat([b["image"] for b in batches]), torch.cat([b["sample_key"] for b in batches]))
+    images = torch.cat([b["image"] for _, b in zip(range(args.test_batches), datamodule.test_dataloader()[1])])
+    keypoints = module.keypoints(images, list(range(len(images))))
     return {"losses": torch.tensor(history["train/loss"]), "tokens": module.keypoint_tokens.tolist(),
             "keypoints": keypoints, "seconds": seconds}
 

@@ -241,9 +241,14 @@ class KeypointDataModule(L.LightningDataModule):
                     "Replace or delete them"
                     + ("." if len(bad) == len(files) else ", or set data.init_args.skip_unreadable=true to leave them out.")
                 )
-            rank_zero_warn(f"Skipping {len(bad)} unreadable images of the {split} split (skip_unreadable):\n{listing}")
             known = {path for path, _ in self.unreadable}
-            self.unreadable += [(path, reason) for path, reason in bad if path not in known]
+            new = [(path, reason) for path, reason in bad if path not in known]
+            if new:  # a split sharing files with one checked before (train, regression) says nothing new
+                listing = "\n".join(f"  {path}: {reason}" for path, reason in new[:_LISTED_FILES])
+                if len(new) > _LISTED_FILES:
+                    listing += f"\n  ... and {len(new) - _LISTED_FILES} more"
+                rank_zero_warn(f"Skipping {len(new)} unreadable images of the {split} split (skip_unreadable):\n{listing}")
+            self.unreadable += new
             bad_paths = {path for path, _ in bad}
             dataset = SampleSubset(dataset, [i for i, path in enumerate(files) if path not in bad_paths])
         self._checked.append(dataset)
@@ -340,22 +345,24 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, ResumableSampler):
-            raise TypeError("ResumableDataLoader needs a ResumableSampler.")
+        # Lightning rebuilds the loader with its own sampler for ``overfit_batches`` (a debugging
+        # mode): then it is a plain DataLoader with nothing to resume.
+        self._resumable = isinstance(self.sampler, ResumableSampler)
         self._consumed = 0
 
     def __iter__(self) -> Iterator:
-        self._consumed = self.sampler.start
+        self._consumed = self.sampler.start if self._resumable else 0
         for batch in super().__iter__():
             self._consumed += self.batch_size
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "samples": self._consumed}
+        return {"epoch": self.sampler.epoch, "samples": self._consumed} if self._resumable else {}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(int(state["epoch"]))
-        self.sampler.start = self._consumed = int(state["samples"])
+        if self._resumable and state:
+            self.sampler.set_epoch(int(state["epoch"]))
+            self.sampler.start = self._consumed = int(state["samples"])
 
 
 def ranking_indices(num_images: int, dataset_size: int, seed: int) -> list[int]:

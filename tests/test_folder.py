@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,13 +89,17 @@ def test_all_unreadable_raises_even_when_skipping(tmp_path: Path) -> None:
 
 def test_datamodule_train_predict_and_no_test(folder: Path) -> None:
     datamodule = ImageFolderDataModule(str(folder), image_size=S, batch_size=2, num_workers=0, skip_unreadable=True)
-    datamodule.setup("fit")
+    with pytest.warns(UserWarning, match="Skipping 2 unreadable images of the train split"):
+        datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["image"].shape == (2, 3, S, S)
     assert len(next(iter(datamodule.keypoint_index_dataloader()))["image"]) == 2
     ranking = next(iter(datamodule.keypoint_index_dataloader(num_images=1, seed=0)))
     assert len(ranking["image"]) == 1 and not ranking["flipped"].any()
-    predicted = next(iter(datamodule.predict_dataloader()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the same files again: left out without a second warning
+        predicted = next(iter(datamodule.predict_dataloader()))
+    assert len(predicted["image"]) == 2 and len(datamodule.unreadable) == 2
     assert not predicted["flipped"].any()
     with pytest.raises(ValueError, match="unlabelled"):
         datamodule.setup("test")

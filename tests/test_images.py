@@ -248,8 +248,10 @@ def test_labelled_skip_unreadable_leaves_them_out(cub_with_bad_images) -> None:
     root, (train, test) = cub_with_bad_images
     datamodule = CUBDataModule(str(root), image_size=S, num_workers=0, skip_unreadable=True)
     plain = CUBDataModule(str(root), image_size=S, num_workers=0, skip_unreadable=True)
-    with pytest.warns(UserWarning, match="Skipping 1 unreadable images of the regression split"):
+    with pytest.warns(UserWarning, match="Skipping 1 unreadable images") as records:
         datamodule.setup("test")
+    warned = [str(r.message).splitlines()[0] for r in records if "unreadable" in str(r.message)]
+    assert warned == [f"Skipping 1 unreadable images of the {split} split (skip_unreadable):" for split in ("regression", "test")]
     plain._build_datasets()
     assert len(datamodule.regression_dataset()) == len(plain._datasets["regression"]) - 1
     assert len(datamodule.test_dataset()) == len(plain._datasets["test"]) - 1

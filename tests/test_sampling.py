@@ -19,7 +19,7 @@ class KeyEcho(Dataset):
 
     def __getitem__(self, key):
         index, generator = sample_draws(key)
-        return {"index": index, "epoch": key.epoch, "draw": torch.rand((), generator=generator)}
+        return {"index": index, "epoch": getattr(key, "epoch", 0), "draw": torch.rand((), generator=generator)}
 
 
 def test_sampler_order_is_a_permutation_drawn_from_seed_and_epoch():
@@ -88,3 +88,30 @@ def test_ranking_images_are_a_seeded_random_draw_spread_over_classes(cub_root):
     batches = list(loader)
     assert torch.cat([b["index"] for b in batches]).tolist() == indices
     assert not any(b["flipped"].any() for b in batches)  # no augmentation
+
+
+def test_overfit_batches_still_trains_with_the_resumable_loader(tmp_path):
+    """Lightning swaps in its own sequential sampler for overfit_batches; the loader then resumes nothing."""
+    import lightning as L
+    from torch import nn
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            return ((self.weight - batch["draw"].mean()) ** 2)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([self.weight], lr=0.1)
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return ResumableDataLoader(KeyEcho(), batch_size=2, sampler=ResumableSampler(KeyEcho(), seed=0), drop_last=True)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, overfit_batches=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Tiny(), datamodule=Data())
+    assert trainer.global_step == 2
+    assert trainer.train_dataloader.state_dict() == {}
