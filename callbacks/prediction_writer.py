@@ -33,7 +33,8 @@ class KeypointWriter(BasePredictionWriter):
     (B, 3, S, S)), its ``path`` and dataset ``index`` are read from the batch (``data/base.py``).
 
     Files, under ``output_dir``:
-    - ``keypoints.json``: ``{"convention", "keypoint_tokens", "model", "checkpoint", "skipped",
+    - ``keypoints.json``: ``{"convention", "keypoint_tokens", "model", "checkpoint", "config",
+      "code_version", "skipped",
       "images": [{"path", "width", "height", "keypoints": [[x, y], ...], "overlay"}]}``, images in
       dataset order; ``overlay`` (the PNG's path relative to ``output_dir``) only with
       ``overlays``; ``skipped`` lists the files the dataset could not decode (``path``, ``reason``).
@@ -50,7 +51,8 @@ class KeypointWriter(BasePredictionWriter):
     writes one index file.
 
     Args:
-        output_dir: folder of the files; ``None`` = ``<run_dir>/predictions`` (``run_dir`` of the module).
+        output_dir: folder of the files; ``None`` = the module's ``run_dir()`` (under the CLI the run's
+            ``predict/<images>/``, see ``lightning_modules/run_folder.py``).
         format: index file format, ``json`` or ``csv``.
         overlays: draw the keypoints on each original image.
         heatmaps: also draw each keypoint's attention map (one more UNet pass per batch).
@@ -75,7 +77,7 @@ class KeypointWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows = []
-        self._dir = Path(self.output_dir) if self.output_dir else pl_module.run_dir() / "predictions"
+        self._dir = Path(self.output_dir) if self.output_dir else pl_module.run_dir()
 
     def write_on_batch_end(
         self,
@@ -132,7 +134,7 @@ class KeypointWriter(BasePredictionWriter):
             "convention": CONVENTION,
             "keypoint_tokens": pl_module.keypoint_tokens.tolist(),
             "model": pl_module.backbone.pretrained_model_name_or_path,
-            "checkpoint": trainer.ckpt_path,
+            **pl_module.provenance(),
             "skipped": skipped_files(trainer),
         }
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +158,8 @@ class KeypointWriter(BasePredictionWriter):
         with path.open("w", newline="") as file:
             file.write(f"# {header['convention']}\n")
             file.write(f"# keypoint_tokens: {header['keypoint_tokens']}; model: {header['model']}; "
-                       f"checkpoint: {header['checkpoint']}\n")
+                       f"checkpoint: {header['checkpoint']}; config: {header['config']}; "
+                       f"code_version: {header['code_version']}\n")
             for skipped in header["skipped"]:
                 file.write(f"# skipped: {skipped['path']} ({skipped['reason']})\n")
             writer = csv.writer(file)

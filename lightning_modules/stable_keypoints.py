@@ -22,6 +22,7 @@ from lightning_modules.concentration import attention_concentration
 from lightning_modules.keypoints import augmented_keypoints, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
 from lightning_modules.regressor import LinearKeypointRegressor
+from lightning_modules.run_folder import provenance
 from lightning_modules.seeding import seeded_generator
 from lightning_modules.selection import RankingMethod, select_tokens
 
@@ -117,6 +118,7 @@ class StableKeypoints(L.LightningModule):
         self.regressor: LinearKeypointRegressor | None = None
         self._regression: list[tuple[Tensor, Tensor, Tensor]] = []
         self._num_regression_images = 0
+        self._run_dir: Path | None = None
 
     # ------------------------------------------------------------------ set-up
     def prepare_data(self) -> None:
@@ -125,6 +127,8 @@ class StableKeypoints(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._check_precision()
+        # Each process plans its folder alone (a timestamped name): every rank writes where rank 0 does.
+        self._run_dir = Path(self.trainer.strategy.broadcast(str(self.trainer.default_root_dir)))
         if self.hparams.allow_tf32 and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -345,6 +349,7 @@ class StableKeypoints(L.LightningModule):
                 "keypoint_tokens": self.keypoint_tokens.tolist(),
                 "model": self.backbone.pretrained_model_name_or_path,
                 "num_regression_images": self._num_regression_images,
+                **self.provenance(),
             }
             (out / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
             rank_zero_info(f"\n{'metric':<32} value\n{name:<32} {value:.4f}\nwritten to {out / METRICS_FILE}")
@@ -361,14 +366,25 @@ class StableKeypoints(L.LightningModule):
 
     # ------------------------------------------------------------------ export
     def run_dir(self) -> Path:
-        """The folder of this run: beside its checkpoints, else the logger's folder."""
-        callback = self.trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "dirpath", None):
-            return Path(callback.dirpath).parent
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """The folder this command writes into: ``trainer.default_root_dir``, as rank 0 has it.
 
-    def export_embedding(self, path: str | Path) -> Path:
-        """Writes the context (and the keypoint tokens, when chosen) to a safetensors file."""
+        Under the CLI that is the fit run's folder, or the run's ``test/`` or ``predict/<images>/``
+        (``lightning_modules/run_folder.py``); every artifact's path starts here.
+        """
+        if self._run_dir is None:
+            return Path(self.trainer.default_root_dir)
+        return self._run_dir
+
+    def provenance(self) -> dict[str, str | None]:
+        """What this command's artifacts came from: ``checkpoint``, ``config`` and ``code_version``."""
+        return provenance(self.trainer, self)
+
+    def export_embedding(self, path: str | Path, checkpoint: str | None = None) -> Path:
+        """Writes the context (and the keypoint tokens, when chosen) to a safetensors file.
+
+        Its metadata names the model, the layers and the origin (``provenance()``; ``checkpoint``:
+        the checkpoint holding the same context, when there is one).
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"context": self.context.detach().float().cpu().contiguous()}
@@ -380,21 +396,24 @@ class StableKeypoints(L.LightningModule):
             "layers": ",".join(self.backbone.layers),
             "feature_upsample_res": str(self.hparams.feature_upsample_res),
             "global_step": str(self.global_step),
+            **{key: str(value) for key, value in self.provenance().items()},
         }
+        if checkpoint:  # fit: the context is that of its last checkpoint; record where it started from
+            metadata["started_from"] = metadata["checkpoint"]
+            metadata["checkpoint"] = str(Path(checkpoint).resolve())
         save_file(tensors, str(path), metadata=metadata)
         return path
 
     def on_fit_end(self) -> None:
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
         if self.trainer.datamodule is not None and not self.keypoint_tokens.numel():
             self.choose_keypoint_tokens()
             # The last checkpoint was written before the tokens existed: refresh it so that test and
             # predict from it need not rank them again.
-            callback = self.trainer.checkpoint_callback
-            last = getattr(callback, "last_model_path", "")
             if last and Path(last).exists():
-                self.trainer.save_checkpoint(last)
+                self.trainer.save_checkpoint(last, weights_only=False)  # a full checkpoint, as ModelCheckpoint's
         if self.trainer.is_global_zero:
-            path = self.export_embedding(self.run_dir() / EMBEDDING_FILE)
+            path = self.export_embedding(self.run_dir() / EMBEDDING_FILE, checkpoint=last or None)
             rank_zero_info(f"Context exported to {path}")
 
 

@@ -1,0 +1,196 @@
+"""Where each command writes, and what its artifacts record about where they came from.
+
+One folder per fit run, under ``trainer.default_root_dir`` (the experiment's folder)::
+
+    <default_root_dir>/<run>/            run = <YYYYmmdd-HHMMSS>-<6 hex>, also the W&B run id
+        config.yaml                      the fit's config (a resume adds config.resume-1.yaml, ...)
+        checkpoints/last.ckpt ...
+        embedding.safetensors            the context and its keypoint tokens
+        visualizations/step_*/           attention pictures during training
+        wandb/                           the W&B run (offline-run-* when offline)
+        test/                            `test --ckpt_path <run>/checkpoints/*.ckpt`: config.yaml,
+                                         metrics.json, regressor.safetensors, test_examples/
+        predict/<images>/                `predict --ckpt_path ...`: config.yaml, keypoints.json, overlays/
+        detector/                        `python -m lightning_modules.detector export <run>`
+
+A resume (``fit --ckpt_path <run>/checkpoints/last.ckpt``) continues in the same folder and W&B
+run. ``test``/``predict`` from a checkpoint of a run write inside that run (``test-2``,
+``predict/<images>-2``, ... when the folder already holds results: nothing is overwritten); from
+anything else (a detector, a context file, a checkpoint outside a run) they start a new run
+folder. ``--output_dir`` puts a command's files in a folder of your choice instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import re
+import secrets
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import SaveConfigCallback
+
+from lightning_modules.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.yaml"
+
+
+@functools.cache
+def code_version() -> str:
+    """The git commit of this code (``<sha>-dirty`` with uncommitted changes), ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        changes = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if changes else sha
+
+
+def new_run_id(now: datetime.datetime | None = None) -> str:
+    """``20261201-093000-1a2b3c``: sorts by start time; the random tail keeps simultaneous runs apart."""
+    now = now or datetime.datetime.now()
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def run_of_checkpoint(ckpt_path: str | Path | None) -> Path | None:
+    """``<run>/checkpoints/<name>.ckpt`` -> ``<run>``; None for a checkpoint that is not in a run folder."""
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path).resolve()
+    return path.parent.parent if path.parent.name == CHECKPOINTS else None
+
+
+def unused_folder(path: Path) -> Path:
+    """``path`` if it is absent or empty, else the first absent or empty ``path-2``, ``path-3``, ..."""
+    candidate, n = path, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def wandb_id(name: str) -> str:
+    """A folder name as a W&B run id (letters, digits, ``-``, ``_``, ``.`` only)."""
+    return re.sub(r"[^\w.-]+", "-", name)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The folders of one command.
+
+    Attributes:
+        run_dir: the fit run's folder (for test/predict: the run the checkpoint belongs to, or a new one).
+        output_dir: where this command writes: ``run_dir`` for fit, its ``test``/``predict/<name>`` folder.
+        config_file: this command's saved config.
+        resumed: fit continues a run from one of its checkpoints.
+        wandb_id: the W&B run of this command (fit and its resumes share one).
+    """
+
+    run_dir: Path
+    output_dir: Path
+    config_file: Path
+    resumed: bool
+    wandb_id: str
+
+    @staticmethod
+    def plan(
+        command: str,
+        root_dir: str | Path,
+        ckpt_path: str | None = None,
+        predict_name: str | None = None,
+        output_dir: str | None = None,
+        run_id: str | None = None,
+    ) -> RunLayout:
+        """The folders of ``command`` (fit, test, predict); creates nothing.
+
+        Args:
+            root_dir: ``trainer.default_root_dir``, the folder that holds the runs.
+            ckpt_path: the command's ``--ckpt_path``.
+            predict_name: the name of the predicted images (``predict/<predict_name>``).
+            output_dir: the user's ``--output_dir``: this command's folder instead of the planned one.
+            run_id: the name of a new run (default: ``new_run_id()``).
+        """
+        run_of_ckpt = run_of_checkpoint(ckpt_path)
+        if command == "fit":
+            resumed = bool(ckpt_path)
+            run = Path(output_dir) if output_dir else run_of_ckpt or Path(root_dir) / (run_id or new_run_id())
+            config = run / CONFIG_FILE
+            n = 0
+            while config.exists():  # a resume keeps the fit's config and adds its own
+                n += 1
+                config = run / f"config.resume-{n}.yaml"
+            return RunLayout(run.resolve(), run.resolve(), config.resolve(), resumed, wandb_id(run.name))
+        run = run_of_ckpt or Path(root_dir) / (run_id or new_run_id())
+        if output_dir:
+            out = Path(output_dir)
+            if (out / CONFIG_FILE).exists():
+                raise ConfigError(
+                    f"--output_dir {out} already holds the results of an earlier command ({out / CONFIG_FILE}): "
+                    "give a new or empty folder, or leave --output_dir out to write inside the run."
+                )
+        elif command == "predict":
+            out = unused_folder(run / "predict" / (predict_name or "test_split"))
+        else:
+            out = unused_folder(run / command)
+        name = out.name if out.parent == run else f"{out.parent.name}-{out.name}"
+        return RunLayout(run.resolve(), out.resolve(), (out / CONFIG_FILE).resolve(), False,
+                         wandb_id(f"{run.name}-{name}"))
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves each command's config in its own folder (``RunLayout.config_file``), never over another.
+
+    The file is the config as parsed (so ``fit --config <run>/config.yaml`` starts the same run
+    again, in a new folder), headed by comment lines saying which command wrote it, from which
+    checkpoint, with which code version.
+    """
+
+    def __init__(
+        self, *args, config_filename: str = CONFIG_FILE, command: str = "", checkpoint: str | None = None, **kwargs
+    ) -> None:
+        super().__init__(*args, config_filename=config_filename, save_to_log_dir=False, **kwargs)
+        self.command = command
+        self.checkpoint = checkpoint
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        path = Path(self.config_filename)
+        if not path.is_absolute():
+            path = Path(trainer.default_root_dir) / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=False, multifile=self.multifile)
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        header = (
+            f"# Written by `run.py {self.command or stage}` at {when}.\n"
+            f"# checkpoint: {self.checkpoint or checkpoint_of(trainer, pl_module)}\n"
+            f"# code_version: {code_version()}\n"
+        )
+        path.write_text(header + path.read_text())
+
+
+def config_file_of(trainer: L.Trainer) -> str | None:
+    """The config this command saved (``RunConfigSaver``), None without the CLI."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunConfigSaver):
+            return str(callback.config_filename)
+    return None
+
+
+def checkpoint_of(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+    """The trained state this command uses: ``--ckpt_path``, else ``model.pretrained_context``, else None."""
+    if trainer.ckpt_path:
+        return str(Path(trainer.ckpt_path).resolve())
+    pretrained = getattr(pl_module, "hparams", {}).get("pretrained_context")
+    return str(pretrained) if pretrained else None
+
+
+def provenance(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, str | None]:
+    """``checkpoint``, ``config`` and ``code_version``: what every artifact records about its origin."""
+    return {"checkpoint": checkpoint_of(trainer, pl_module), "config": config_file_of(trainer),
+            "code_version": code_version()}
