@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from callbacks.drawing import captioned, draw_keypoints, grid, heatmap_overlay, save_png, to_pil
+from lightning_modules.run_folder import provenance
 
 CONVENTION = (
     "x, y in pixels of the original image; origin at the top-left corner of the top-left pixel; "
@@ -134,7 +135,7 @@ class KeypointWriter(BasePredictionWriter):
             "convention": CONVENTION,
             "keypoint_tokens": pl_module.keypoint_tokens.tolist(),
             "model": pl_module.backbone.pretrained_model_name_or_path,
-            **pl_module.provenance(),
+            **provenance(trainer, pl_module),
             "skipped": skipped_files(trainer),
         }
         self._dir.mkdir(parents=True, exist_ok=True)

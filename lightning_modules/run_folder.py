@@ -38,6 +38,9 @@ from lightning_modules.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
+EMBEDDING_FILE = "embedding.safetensors"
+METRICS_FILE = "metrics.json"
+REGRESSOR_FILE = "regressor.safetensors"
 
 
 @functools.cache

@@ -22,13 +22,12 @@ from lightning_modules.concentration import attention_concentration
 from lightning_modules.keypoints import augmented_keypoints, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
 from lightning_modules.regressor import LinearKeypointRegressor
-from lightning_modules.run_folder import provenance
+from lightning_modules.detector import detector_embedding, embedding_metadata
+from lightning_modules.errors import CheckpointMismatchError
+from lightning_modules.run_folder import EMBEDDING_FILE, METRICS_FILE, REGRESSOR_FILE, provenance
 from lightning_modules.seeding import seeded_generator
 from lightning_modules.selection import RankingMethod, select_tokens
 
-EMBEDDING_FILE = "embedding.safetensors"
-METRICS_FILE = "metrics.json"
-REGRESSOR_FILE = "regressor.safetensors"
 
 
 class StableKeypoints(L.LightningModule):
@@ -66,8 +65,9 @@ class StableKeypoints(L.LightningModule):
             the image); ``None`` = plain argmax.
         extraction_chunk_size: warped images per UNet call during extraction (``None`` = all
             ``batch_size x augmentation_iterations`` at once; lower it to save memory).
-        pretrained_context: start from a trained context instead of a random one: this project's
-            ``embedding.safetensors`` (with its keypoint tokens) or StableKeypoints' ``embedding.pt``.
+        pretrained_context: start from a trained context instead of a random one: a detector folder
+            or its hub id (``lightning_modules/detector.py``), this project's ``embedding.safetensors``
+            (with its keypoint tokens) or StableKeypoints' ``embedding.pt``.
         pretrained_keypoint_tokens: StableKeypoints' ``indices.pt`` (the K keypoint tokens).
         allow_tf32: on CUDA, let fp32 matrix products use TF32 tensor cores (SPEC section 8 allows it;
             about 1e-3 relative error per product, far below the method's noise).
@@ -159,7 +159,11 @@ class StableKeypoints(L.LightningModule):
             )
 
     def _load_pretrained(self) -> None:
-        context, tokens = load_context(self.hparams.pretrained_context, self.hparams.pretrained_keypoint_tokens)
+        source = self.hparams.pretrained_context
+        path = detector_embedding(source)
+        if path.suffix == ".safetensors":
+            self._check_trained_like_this(source, embedding_metadata(path))
+        context, tokens = load_context(str(path), self.hparams.pretrained_keypoint_tokens)
         if context.shape[-1] != self.backbone.context_dim:
             raise ValueError(
                 f"pretrained_context={self.hparams.pretrained_context!r} is {context.shape[-1]} wide but the "
@@ -168,6 +172,19 @@ class StableKeypoints(L.LightningModule):
         self.context = nn.Parameter(context.float().to(self.device))
         if tokens is not None:
             self.keypoint_tokens = tokens.long().to(self.device)
+
+    def _check_trained_like_this(self, source: str, meta: dict[str, str]) -> None:
+        """Refuses a context trained with another family, other layers or another map resolution."""
+        ours = {"family": type(self.backbone).__name__, "layers": ",".join(self.backbone.layers),
+                "feature_upsample_res": str(self.hparams.feature_upsample_res)}
+        differ = [f"{key}: {meta[key]!r} there, {value!r} here" for key, value in ours.items()
+                  if key in meta and meta[key] != value]
+        if differ:
+            raise CheckpointMismatchError(
+                f"pretrained_context={source!r} was trained differently ({'; '.join(differ)}): its keypoints would "
+                "mean nothing here. Use the config it was trained with (a detector folder's config.yaml) or set "
+                "these keys to its values."
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:
