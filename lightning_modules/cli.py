@@ -35,7 +35,6 @@ def quiet_unactionable_output() -> None:
     # Lightning 2.6's own pytree helper calls an API torch 2.13 deprecated; nothing to change on our side.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # An advertisement for a logger this project does not use, printed at every Trainer construction.
-    logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(_DropTip())
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
 
 

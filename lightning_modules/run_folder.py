@@ -177,23 +177,23 @@ class RunConfigSaver(SaveConfigCallback):
         path.write_text(header + path.read_text())
 
 
-def config_file_of(trainer: L.Trainer) -> str | None:
+def config_file_of(trainer: L.Trainer | None) -> str | None:
     """The config this command saved (``RunConfigSaver``), None without the CLI."""
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks if trainer is not None else ():
         if isinstance(callback, RunConfigSaver):
             return str(callback.config_filename)
     return None
 
 
-def checkpoint_of(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+def checkpoint_of(trainer: L.Trainer | None, pl_module: L.LightningModule) -> str | None:
     """The trained state this command uses: ``--ckpt_path``, else ``model.pretrained_context``, else None."""
-    if trainer.ckpt_path:
+    if trainer is not None and trainer.ckpt_path:
         return str(Path(trainer.ckpt_path).resolve())
     pretrained = getattr(pl_module, "hparams", {}).get("pretrained_context")
     return str(pretrained) if pretrained else None
 
 
-def provenance(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, str | None]:
+def provenance(trainer: L.Trainer | None, pl_module: L.LightningModule) -> dict[str, str | None]:
     """``checkpoint``, ``config`` and ``code_version``: what every artifact records about its origin."""
     return {"checkpoint": checkpoint_of(trainer, pl_module), "config": config_file_of(trainer),
             "code_version": code_version()}

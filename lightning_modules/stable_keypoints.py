@@ -394,7 +394,7 @@ class StableKeypoints(L.LightningModule):
 
     def provenance(self) -> dict[str, str | None]:
         """What this command's artifacts came from: ``checkpoint``, ``config`` and ``code_version``."""
-        return provenance(self.trainer, self)
+        return provenance(self._trainer, self)
 
     def export_embedding(self, path: str | Path, checkpoint: str | None = None) -> Path:
         """Writes the context (and the keypoint tokens, when chosen) to a safetensors file.
