@@ -31,6 +31,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
+from lightning_modules.errors import ConfigError, MissingFileError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -66,9 +68,13 @@ class KeypointDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if image_size <= 0 or image_size % 8:
-            raise ValueError(f"data.image_size={image_size}: use a positive multiple of 8 (the VAE downsamples by 8).")
+            raise ConfigError(f"data.image_size={image_size}: use a positive multiple of 8 (the VAE downsamples by 8).")
+        if batch_size <= 0:
+            raise ConfigError(f"data.batch_size={batch_size}: it must be > 0 (images per device and step).")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers}: it must be >= 0 (0 loads in the main process).")
         if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"data.path={path!r} does not exist: give a folder of images or one image file.")
+            raise MissingFileError(f"data.path={path!r} does not exist: give a folder of images or one image file.")
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -122,17 +128,17 @@ def list_images(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"data.path={str(path)!r} does not exist: give a folder of images or one image file.")
+        raise MissingFileError(f"data.path={str(path)!r} does not exist: give a folder of images or one image file.")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise FileNotFoundError(f"data.path={str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        raise MissingFileError(f"data.path={str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     return files
 
 
 def require_file(path: Path, source: str) -> Path:
     """``path`` when it exists, else a FileNotFoundError naming it and where the data comes from."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist. {source}")
+        raise MissingFileError(f"{path} does not exist. {source}")
     return path
 
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from data.base import KeypointDataModule
 from data.folder import crop_resize
+from lightning_modules.errors import ConfigError, MissingFileError
 
 #: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
@@ -71,7 +72,7 @@ def _read_rows(root: Path, name: str, num_fields: int) -> list[list[str]]:
     """Whitespace-separated rows of ``root/name``, each with exactly ``num_fields`` fields."""
     path = root / name
     if not path.is_file():
-        raise FileNotFoundError(_missing_message(path))
+        raise MissingFileError(_missing_message(path))
     rows = []
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -258,9 +259,9 @@ class CUBDataset(Dataset):
         annotations: CUBAnnotations | None = None,
     ) -> None:
         if subset not in get_args(Subset):
-            raise ValueError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
+            raise ConfigError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
         if split not in get_args(Split):
-            raise ValueError(f"split={split!r}: choose 'train' or 'test'.")
+            raise ConfigError(f"split={split!r}: choose 'train' or 'test'.")
         self.annotations = load_annotations(root) if annotations is None else annotations
         self.images_dir = Path(root) / "images" if images_dir is None else Path(images_dir)
         self.rows = select_rows(self.annotations, subset, split)
@@ -404,8 +405,9 @@ class CUBDataModule(KeypointDataModule):
         fill_rgb: 0-255 colour of crop regions outside the image; (127, 127, 127) suits ``images_dir``
             trees composited on gray.
         download: fetch and extract the official archive (about 1.1 GB) into ``root`` if missing.
-        generate_synthetic: demo only: if ``root`` is missing, write the small synthetic dataset of
-            ``data.demo`` there.
+        generate_synthetic: demo only: if ``root`` is missing and is the demo's folder
+            (``data.demo.DEMO_CUB_ROOT``, ``.demo/CUB_200_2011``), write the small synthetic dataset
+            of ``data.demo`` there (and say so); a missing ``root`` anywhere else is an error.
         kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
     """
 
@@ -423,9 +425,13 @@ class CUBDataModule(KeypointDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if subset not in get_args(Subset):
-            raise ValueError(f"data.subset={subset!r}: choose one of {get_args(Subset)}.")
+            raise ConfigError(f"data.subset={subset!r}: choose one of {get_args(Subset)}.")
         if download and generate_synthetic:
-            raise ValueError("data.download and data.generate_synthetic are exclusive: download the real dataset or write the demo one.")
+            raise ConfigError("data.download and data.generate_synthetic are exclusive: download the real dataset or write the demo one.")
+        if generate_synthetic and not Path(root).exists():
+            from data.demo import require_demo_root
+
+            require_demo_root(root)  # before anything runs: a mistyped root must not become a made-up dataset
         self.root = root
         self.subset = subset
         self.images_dir = images_dir
@@ -437,9 +443,10 @@ class CUBDataModule(KeypointDataModule):
     def prepare_data(self) -> None:
         if self.download:
             download_cub(self.root)
-        elif self.generate_synthetic:
-            from data.demo import DEMO_SIZE, ensure_synthetic_cub
+        elif self.generate_synthetic and not Path(self.root).exists():
+            from data.demo import DEMO_SIZE, ensure_synthetic_cub, require_demo_root
 
+            require_demo_root(self.root)
             ensure_synthetic_cub(self.root, **DEMO_SIZE)
 
     def setup(self, stage: str | None = None) -> None:
@@ -455,12 +462,12 @@ class CUBDataModule(KeypointDataModule):
         for dataset in (self._datasets["train"], self._datasets["test"]):
             missing = [dataset.image_path(i) for i in range(len(dataset)) if not dataset.image_path(i).is_file()]
             if missing and self.images_dir:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"data.images_dir={self.images_dir!r} lacks {len(missing)} images of {self.subset}, e.g. {str(missing[0])!r}: "
                     f"rerun `python -m data.cub_preprocess --root {self.root} --output {self.images_dir}` (it resumes)."
                 )
             if missing:
-                raise FileNotFoundError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
+                raise MissingFileError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
 
     def _dataset(self, name: str) -> CUBDataset:
         if not self._datasets:

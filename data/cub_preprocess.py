@@ -7,9 +7,11 @@ with the same relative paths as ``images/``, read back through ``CUBDataModule(i
     python -m data.cub_preprocess --root data/CUB_200_2011 --output data/CUB_200_2011_gray [--backend cub-masks|rembg|grabcut] [--workers N]
 
 - Sources are never modified (``--in-place`` exists but refuses without ``--yes-overwrite-originals``).
-- Resumable: finished outputs are skipped; each file is written to a temporary file in its folder
-  and renamed, so a killed run leaves only complete files (and stray temporaries, removed by the
-  next run). Run one process per output tree at a time.
+- Outputs must lie outside ``--root`` (the dataset's own tree is never written).
+- Resumable: finished outputs (decoded to the end, the source's size) are skipped, anything else
+  is redone; each file is written to a temporary file in its folder and renamed, so a killed run
+  leaves only complete files (and stray temporaries, removed by the next run). Run one process per
+  output tree at a time. Worker processes exit when the main process dies.
 - Backends: ``cub-masks`` uses CUB's official segmentation PNGs (a separate archive; soft 0-255,
   used as alpha; no model). ``rembg`` is the reference's choice (model ``isnet-general-use``,
   downloaded by rembg on first use). ``grabcut`` is an offline fallback with no weights: OpenCV
@@ -22,6 +24,8 @@ import argparse
 import math
 import os
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.cub import CUB_PAGE, read_bounding_boxes, read_images
+from lightning_modules.errors import ConfigError
 
 GRAY_RGB = (127, 127, 127)
 BACKENDS = ("cub-masks", "rembg", "grabcut")
@@ -44,6 +49,8 @@ JPEG_QUALITY = 95
 #: Lists the sources already overwritten by ``--in-place`` (the only way to resume that mode).
 IN_PLACE_LEDGER = "images_composited_in_place.txt"
 _TMP_PREFIX = ".cub_preprocess-"
+#: What a worker returns for an output that was already complete.
+SKIPPED = "skipped"
 _MAX_FAILURES_SHOWN = 20
 _MASKS_HINT = (
     f"download the segmentations archive from the CUB-200-2011 page ({CUB_PAGE}), "
@@ -165,6 +172,8 @@ class Job:
     target: Path
     relative_path: str
     box_xywh: tuple[float, float, float, float]
+    #: Skip the job when ``target`` already holds a complete image (a resumed run).
+    check_existing: bool = True
 
 
 @dataclass
@@ -182,12 +191,51 @@ _matting: Matting | None = None
 
 def _init_worker(backend: str, masks_dir: Path | None) -> None:
     global _matting
+    _exit_with_parent()
     _matting = make_matting(backend, masks_dir)
 
 
-def _process(job: Job) -> str | None:
-    """Composite one image; the failure reason, or None on success."""
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """Ends this worker process as soon as its parent is gone (killed, crashed).
+
+    A ProcessPoolExecutor's workers otherwise wait on their task queue forever after a SIGKILL of
+    the main process. The parent is the main process (fork, spawn) or the forkserver, which exits
+    with the main process; either way the worker is reparented, which ``getppid`` shows at once,
+    zombie or not. (Linux's PR_SET_PDEATHSIG does the same but exists nowhere else.)
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def is_complete(target: Path, source: Path) -> bool:
+    """``target`` exists, decodes to the end and has the size of ``source``: a finished output.
+
+    A file with a target's name can be empty or garbage (another tool, a full disk before this
+    script wrote atomically): it must be redone, not skipped, or training dies on it later.
+    """
+    if not target.is_file():
+        return False
     try:
+        with Image.open(target) as image:
+            image.load()
+            size = image.size
+        with Image.open(source) as original:
+            return size == original.size
+    except (OSError, SyntaxError, ValueError):  # what PIL raises for unreadable or truncated files
+        return False
+
+
+def _process(job: Job) -> str | None:
+    """Composite one image; the failure reason, ``SKIPPED`` for a finished output, or None on success."""
+    try:
+        if job.check_existing and is_complete(job.target, job.source):
+            return SKIPPED
         with Image.open(job.source) as source:
             image = source.convert("RGB")
         alpha = _matting.alpha(image, job.relative_path, job.box_xywh)
@@ -213,6 +261,22 @@ def _save_atomic(image: Image.Image, target: Path) -> None:
         raise
 
 
+def _refuse_output_inside_sources(root: Path, output: Path) -> None:
+    """Raises ``ConfigError`` when ``output`` is ``root`` or lies inside it (the dataset's own tree)."""
+    root_resolved, output_resolved = root.resolve(), output.resolve()
+    images = (root / "images").resolve()
+    if output_resolved == images or images in output_resolved.parents:
+        raise ConfigError(
+            f"--output {output} is the source images folder or inside it: choose a new folder, e.g. "
+            f"{root.parent / (root.name + '_gray')} (sources are never overwritten without --in-place)."
+        )
+    if output_resolved == root_resolved or root_resolved in output_resolved.parents:
+        raise ConfigError(
+            f"--output {output} lies inside the dataset folder {root}: the mirrored tree would mix with the "
+            f"sources. Choose a folder outside it, e.g. {root.parent / (root.name + '_gray')}."
+        )
+
+
 def preprocess(
     root: str | Path,
     output: str | Path | None,
@@ -236,8 +300,8 @@ def preprocess(
     if in_place == (output is not None):
         raise ValueError("Give exactly one of an output folder or in_place.")
     output = root / "images" if in_place else Path(output)
-    if not in_place and output.resolve() == (root / "images").resolve():
-        raise ValueError(f"--output {output} is the source images folder: choose a new folder (sources are never overwritten without --in-place).")
+    if not in_place:
+        _refuse_output_inside_sources(root, output)
     if backend == "cub-masks":
         masks_dir = find_masks_dir(root) if masks_dir is None else Path(masks_dir)
     matting = make_matting(backend, masks_dir)  # fails here, before any work, on a missing dependency
@@ -250,13 +314,16 @@ def preprocess(
     summary = Summary()
     pending = []
     for image_id, relative in images.items():
-        job = Job(root / "images" / relative, output / relative, relative, boxes[image_id])
-        if (relative in finished) if in_place else job.target.is_file():
+        job = Job(root / "images" / relative, output / relative, relative, boxes[image_id], check_existing=not in_place)
+        if in_place and relative in finished:
             summary.skipped += 1
         else:
             pending.append(job)
 
     def record(job: Job, reason: str | None) -> None:
+        if reason == SKIPPED:
+            summary.skipped += 1
+            return
         if reason is not None:
             summary.failed.append((job.relative_path, reason))
             return

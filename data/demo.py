@@ -23,9 +23,11 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageDraw, ImageFilter
 
 from data.cub import PART_NAMES
+from lightning_modules.errors import MissingFileError
 
 _PART = {name: i for i, name in enumerate(PART_NAMES)}
 
@@ -97,12 +99,23 @@ def write_synthetic_cub(
 #: 2K inputs per image, is fitted on more rows than unknowns.
 DEMO_SIZE = dict(num_classes=4, images_per_class=30)
 
+#: Where the demo (conf/demo.yaml) writes what it makes up, relative to the folder it runs in.
+#: Synthetic data is written there and nowhere else, so a mistyped path is an error, not a demo.
+DEMO_DIR = Path(".demo")
+DEMO_CUB_ROOT = DEMO_DIR / "CUB_200_2011"
+
+
+def is_demo_path(path: str | Path, demo_path: Path) -> bool:
+    """``path`` names ``demo_path`` (both resolved against the current folder)."""
+    return Path(path).resolve() == demo_path.resolve()
+
 
 def ensure_synthetic_cub(root: str | Path, **kwargs) -> Path:
     """Write the synthetic dataset at ``root`` unless ``root`` exists; never leaves a half dataset.
 
     It is written into a temporary sibling folder that is renamed to ``root`` once complete, so a
     killed run leaves either nothing or the whole dataset. ``kwargs`` go to ``write_synthetic_cub``.
+    (``CUBDataModule`` calls it only for ``DEMO_CUB_ROOT``; tests and benchmarks pass their own folders.)
     """
     root = Path(root)
     if root.exists():
@@ -118,9 +131,25 @@ def ensure_synthetic_cub(root: str | Path, **kwargs) -> Path:
         # Another process (e.g. a second DDP node) finished first: its copy is as good as ours.
         if not root.exists():
             raise
+    else:
+        count = len((root / "images.txt").read_text().splitlines())
+        rank_zero_info(
+            f"Wrote a synthetic demo dataset to {root}: {count} drawn birds in CUB's layout (not CUB's photos; "
+            "the demo's numbers mean nothing)."
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def require_demo_root(root: str | Path) -> None:
+    """Raises ``MissingFileError`` unless ``root`` is the demo's dataset folder ``DEMO_CUB_ROOT``."""
+    if not is_demo_path(root, DEMO_CUB_ROOT):
+        raise MissingFileError(
+            f"data.root={str(root)!r} does not exist. generate_synthetic writes the demo's made-up dataset only at "
+            f"{str(DEMO_CUB_ROOT)!r} (the demo's own folder), never in place of a mistyped path: fix data.root, or "
+            "use data.download: true for the real CUB-200-2011."
+        )
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:

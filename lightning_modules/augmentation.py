@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_modules.errors import ConfigError
+
 
 @dataclass
 class AffineAugmentation:
@@ -39,10 +41,12 @@ class AffineAugmentation:
 
     def __post_init__(self) -> None:
         low, high = self.scale
-        if not 0 < low <= high:
-            raise ValueError(f"augmentation.scale={self.scale}: need 0 < low <= high.")
-        if self.degrees < 0 or self.translate_frac < 0:
-            raise ValueError("augmentation.degrees and augmentation.translate_frac must be >= 0.")
+        if not (math.isfinite(high) and 0 < low <= high):
+            raise ConfigError(f"model.augmentation.scale={self.scale}: need 0 < low <= high.")
+        for key in ("degrees", "translate_frac"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"model.augmentation.{key}={value}: it must be finite and >= 0.")
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
         """-> theta (B, 3, 3), one random transform per image."""

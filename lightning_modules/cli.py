@@ -15,7 +15,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.progress import StepProgressBar
 from callbacks.wandb_logger import WandbLogger
+from lightning_modules.checkpoints import check_config_fits
 from lightning_modules.run_folder import CHECKPOINTS, RunConfigSaver, RunLayout
+from lightning_modules.stable_keypoints import check_trainer_precision
 
 VALIDATE_REFUSAL = (
     "`validate` is not offered: this method has no validation split (StableKeypoints trains on the training "
@@ -43,8 +45,15 @@ class _DropTip(logging.Filter):
         return not str(record.msg).startswith("💡 Tip: For seamless cloud")
 
 
-class KeypointsCLI(LightningCLI):
-    """``fit``, ``test`` and ``predict``, each writing into its run's folder (see ``run_folder.py``).
+class StableKeypointsCLI(LightningCLI):
+    """``fit``, ``test`` and ``predict``: the configuration is what runs, checked before anything is
+    built, and each command writes into its run's folder (see ``run_folder.py``).
+
+    Lightning's CLI replaces the ``--model.*`` values of the command line with the hyperparameters
+    saved in ``--ckpt_path``'s checkpoint, silently. Here the configuration wins: evaluation settings
+    (augmentation_iterations, soft_argmax_window_px, ...) are honoured and recorded in the saved config,
+    and settings the checkpoint's context fixes (family, layers, num_tokens) must match it or the run
+    stops with a ``CheckpointMismatchError`` before any weights load.
 
     Adds ``--output_dir`` (this command's folder instead of the planned one), saves each command's
     config beside its results (``RunConfigSaver``), points the checkpoints and the W&B run at the
@@ -76,8 +85,16 @@ class KeypointsCLI(LightningCLI):
                  "checkpoint, its test/ or predict/<images>/).",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Not Lightning's merge of the checkpoint's hyperparameters: see ``before_instantiate_classes``."""
+
     def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
         config = self.config[self.subcommand]
+        check_trainer_precision(config.trainer.precision)  # the value as typed, before Lightning converts it
+        if config.get("ckpt_path"):
+            check_config_fits(config.ckpt_path, config.model)
         path = config.data.init_args.get("path") if config.get("data") else None
         images = Path(path) if path else None
         self.layout = RunLayout.plan(

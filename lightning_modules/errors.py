@@ -26,3 +26,7 @@ class CheckpointMismatchError(UserError, ValueError):
 
 class HubError(UserError, OSError):
     """Weights could not be loaded from the hub (offline, no such repository, or access denied)."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced a NaN or infinite loss, gradient or context (the message names the step)."""

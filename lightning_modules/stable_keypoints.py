@@ -5,12 +5,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
@@ -18,7 +20,9 @@ from torch import Tensor, nn
 
 from lightning_modules.augmentation import AffineAugmentation, warp
 from lightning_modules.backbones.base import Backbone
+from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_fits, checkpoint_record
 from lightning_modules.concentration import attention_concentration
+from lightning_modules.errors import CheckpointMismatchError, ConfigError, MissingFileError, NonFiniteError
 from lightning_modules.keypoints import augmented_keypoints, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
 from lightning_modules.regressor import LinearKeypointRegressor
@@ -99,11 +103,19 @@ class StableKeypoints(L.LightningModule):
         allow_tf32: bool = True,
     ) -> None:
         super().__init__()
-        if not 2 <= top_k <= furthest_point_num_samples <= num_tokens:
-            raise ValueError(
-                f"Need 2 <= top_k ({top_k}) <= furthest_point_num_samples ({furthest_point_num_samples}) "
-                f"<= num_tokens ({num_tokens})."
-            )
+        check_settings(
+            num_tokens=num_tokens,
+            feature_upsample_res=feature_upsample_res,
+            top_k=top_k,
+            furthest_point_num_samples=furthest_point_num_samples,
+            sigma_px=sigma_px,
+            localization_weight=localization_weight,
+            equivariance_weight=equivariance_weight,
+            num_indices=num_indices,
+            augmentation_iterations=augmentation_iterations,
+            soft_argmax_window_px=soft_argmax_window_px,
+            extraction_chunk_size=extraction_chunk_size,
+        )
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
         self.augmentation = augmentation
@@ -129,18 +141,19 @@ class StableKeypoints(L.LightningModule):
         self._check_precision()
         # Each process plans its folder alone (a timestamped name): every rank writes where rank 0 does.
         self._run_dir = Path(self.trainer.strategy.broadcast(str(self.trainer.default_root_dir)))
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            # Lightning's default writer can leave a truncated checkpoint on a full disk; a CheckpointIO
+            # the user configured is kept.
+            strategy.checkpoint_io = AtomicCheckpointIO()
         if self.hparams.allow_tf32 and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
     def _check_precision(self) -> None:
-        precision = str(self.trainer.precision)
-        if precision not in ("32-true", "32", "64-true"):
-            raise ValueError(
-                f"trainer.precision={precision!r} is refused: fp16 does not converge for this method and "
-                "mixed precision would also cast the context, maps and losses. Keep trainer.precision at 32 and "
-                "set model.backbone.init_args.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
-            )
+        # The CLI checks the value as typed (Lightning turns 16-mixed into bf16-mixed on CPU); this
+        # check is for Trainers built in Python.
+        check_trainer_precision(self.trainer.precision)
 
     def configure_model(self) -> None:
         if self.context is not None and self.backbone.is_loaded:
@@ -153,21 +166,33 @@ class StableKeypoints(L.LightningModule):
             init = torch.randn(self.hparams.num_tokens, self.backbone.context_dim, generator=generator)
             self.context = nn.Parameter(init.to(self.device))
         elif self.context.shape[-1] != self.backbone.context_dim:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"The context is {self.context.shape[-1]} wide but {self.backbone.pretrained_model_name_or_path} "
                 f"expects {self.backbone.context_dim}: the checkpoint belongs to another model family."
             )
 
     def _load_pretrained(self) -> None:
-        source = self.hparams.pretrained_context
-        path = detector_embedding(source)
+        hp = self.hparams
+        path = detector_embedding(hp.pretrained_context)  # a file, a detector folder or a hub id
         if path.suffix == ".safetensors":
-            self._check_trained_like_this(source, embedding_metadata(path))
-        context, tokens = load_context(str(path), self.hparams.pretrained_keypoint_tokens)
+            self._check_trained_like_this(hp.pretrained_context, embedding_metadata(path))
+        context, tokens = load_context(str(path), hp.pretrained_keypoint_tokens)
         if context.shape[-1] != self.backbone.context_dim:
-            raise ValueError(
-                f"pretrained_context={self.hparams.pretrained_context!r} is {context.shape[-1]} wide but the "
+            raise CheckpointMismatchError(
+                f"pretrained_context={hp.pretrained_context!r} is {context.shape[-1]} wide but the "
                 f"backbone expects {self.backbone.context_dim}."
+            )
+        if context.shape[0] != hp.num_tokens:
+            raise CheckpointMismatchError(
+                f"pretrained_context={hp.pretrained_context!r} holds {context.shape[0]} tokens but "
+                f"model.num_tokens={hp.num_tokens}: set model.num_tokens {context.shape[0]}."
+            )
+        if not torch.isfinite(context).all():
+            raise ConfigError(f"pretrained_context={hp.pretrained_context!r} holds non-finite values (NaN or inf).")
+        if tokens is not None and tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < hp.num_tokens):
+            raise ConfigError(
+                f"The imported keypoint tokens {tokens.tolist()} must lie in [0, {hp.num_tokens}) "
+                f"(model.num_tokens={hp.num_tokens}): they index the context's tokens."
             )
         self.context = nn.Parameter(context.float().to(self.device))
         if tokens is not None:
@@ -192,16 +217,35 @@ class StableKeypoints(L.LightningModule):
         return self.optimizer_factory([self.context])
 
     # ------------------------------------------------------------------ checkpoints
+    def require_finite_context(self, what: str) -> None:
+        """Refuses to write ``what`` from a context holding NaN or inf: nothing non-finite leaves the run."""
+        if self.context is not None and not torch.isfinite(self.context).all():
+            raise NonFiniteError(
+                f"Refusing to write {what} at step {self.global_step}: the context holds "
+                f"{int((~torch.isfinite(self.context)).sum())} non-finite values. Use an earlier checkpoint."
+            )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.require_finite_context("a checkpoint")
         # Only what trains (and the chosen keypoint tokens): KBs to MBs, never the frozen GBs.
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("backbone.")
         }
+        checkpoint[RECORD_KEY] = checkpoint_record(
+            type(self.backbone).__name__, self.backbone.pretrained_model_name_or_path, self.backbone.layers,
+            self.context.shape,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", {})
-        if "context" not in state:
-            raise KeyError("The checkpoint holds no 'context': it was not written by StableKeypoints.")
+        check_fits(
+            checkpoint,
+            family=type(self.backbone).__name__,
+            model=self.backbone.pretrained_model_name_or_path,
+            layers=self.backbone.layers,
+            num_tokens=self.hparams.num_tokens,
+            context_dim=self.backbone.context_dim if self.backbone.is_loaded else None,
+        )
+        state = checkpoint["state_dict"]
         if self.context is None:
             self.context = nn.Parameter(torch.empty_like(state["context"]))
         self.keypoint_tokens = torch.empty_like(state.get("keypoint_tokens", self.keypoint_tokens))
@@ -256,9 +300,25 @@ class StableKeypoints(L.LightningModule):
         # The image and its transformed copy share one VAE call and one UNet call.
         maps = self.maps_of(torch.cat([images, warp(images, theta)]), generator)
         out = self.losses(maps[:batch_size], maps[batch_size:], theta)
+        if not torch.isfinite(out["loss"]):
+            raise NonFiniteError(
+                f"Training stopped at step {self.global_step}: the loss is {out['loss'].item()} "
+                f"(localization {out['loss_loc'].item()}, equivariance {out['loss_equiv'].item()}). "
+                "Lower the optimizer's lr or check model.sigma_px and the loss weights; resume from the last "
+                "checkpoint written before this step."
+            )
         for name in ("loss", "loss_loc", "loss_equiv", "concentration", "spatial_entropy"):
             self.log(f"train/{name}", out[name], prog_bar=name == "loss", batch_size=batch_size)
         return out["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grad = self.context.grad
+        if grad is not None and not torch.isfinite(grad).all():
+            raise NonFiniteError(
+                f"Training stopped at step {self.global_step}: the context's gradient holds "
+                f"{int((~torch.isfinite(grad)).sum())} non-finite values, so the step was not taken. "
+                "Lower the optimizer's lr or check the loss weights; resume from the last checkpoint."
+            )
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.device.type == "cpu":
@@ -402,6 +462,7 @@ class StableKeypoints(L.LightningModule):
         Its metadata names the model, the layers and the origin (``provenance()``; ``checkpoint``:
         the checkpoint holding the same context, when there is one).
         """
+        self.require_finite_context(f"the context to {path}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"context": self.context.detach().float().cpu().contiguous()}
@@ -432,6 +493,63 @@ class StableKeypoints(L.LightningModule):
         if self.trainer.is_global_zero:
             path = self.export_embedding(self.run_dir() / EMBEDDING_FILE, checkpoint=last or None)
             rank_zero_info(f"Context exported to {path}")
+
+
+def check_trainer_precision(precision: str | int | None) -> None:
+    """Raises ``ConfigError`` naming ``precision`` unless it keeps the context, maps and losses in fp32."""
+    if precision is None or str(precision) in ("32-true", "32", "64-true", "64"):
+        return
+    raise ConfigError(
+        f"trainer.precision={str(precision)!r} is refused: fp16 does not converge for this method and "
+        "mixed precision would also cast the context, maps and losses. Keep trainer.precision at 32 and "
+        "set model.backbone.init_args.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
+    )
+
+
+def check_settings(
+    *,
+    num_tokens: int,
+    feature_upsample_res: int,
+    top_k: int,
+    furthest_point_num_samples: int,
+    sigma_px: float,
+    localization_weight: float,
+    equivariance_weight: float,
+    num_indices: int,
+    augmentation_iterations: int,
+    soft_argmax_window_px: int | None,
+    extraction_chunk_size: int | None,
+) -> None:
+    """Raises ``ConfigError`` naming the first ``model.<key>`` whose value cannot work.
+
+    Checked where the values enter (``__init__``), so a bad value stops the run before any weights
+    load instead of ending in a raw torch error, a NaN context or a failure after all of training.
+    """
+    positive = dict(
+        num_tokens=num_tokens,
+        feature_upsample_res=feature_upsample_res,
+        sigma_px=sigma_px,
+        num_indices=num_indices,
+        augmentation_iterations=augmentation_iterations,
+    )
+    for key, value in positive.items():
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"model.{key}={value!r}: it must be > 0.")
+    for key, value in dict(localization_weight=localization_weight, equivariance_weight=equivariance_weight).items():
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"model.{key}={value!r}: a loss weight must be finite and >= 0.")
+    if not 2 <= top_k <= furthest_point_num_samples <= num_tokens:
+        raise ConfigError(
+            f"model.top_k={top_k}, model.furthest_point_num_samples={furthest_point_num_samples}, "
+            f"model.num_tokens={num_tokens}: need 2 <= top_k <= furthest_point_num_samples <= num_tokens."
+        )
+    if soft_argmax_window_px is not None and (soft_argmax_window_px <= 0 or soft_argmax_window_px % 2 == 0):
+        raise ConfigError(
+            f"model.soft_argmax_window_px={soft_argmax_window_px}: use an odd positive window (e.g. 5), "
+            "or null for the plain argmax."
+        )
+    if extraction_chunk_size is not None and extraction_chunk_size <= 0:
+        raise ConfigError(f"model.extraction_chunk_size={extraction_chunk_size}: use a positive number, or null for all at once.")
 
 
 @functools.cache
@@ -467,24 +585,24 @@ def load_context(path: str, tokens_path: str | None = None) -> tuple[Tensor, Ten
     """
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"pretrained_context={path!r} does not exist.")
+        raise MissingFileError(f"model.pretrained_context={path!r} does not exist.")
     tokens = None
     if file.suffix == ".safetensors":
         tensors = load_file(str(file))
         if "context" not in tensors:
-            raise KeyError(f"{path} holds no 'context' tensor (keys: {sorted(tensors)}).")
+            raise ConfigError(f"model.pretrained_context: {path} holds no 'context' tensor (keys: {sorted(tensors)}).")
         context, tokens = tensors["context"], tensors.get("keypoint_tokens")
     else:
         context = torch.load(file, map_location="cpu", weights_only=True)
         if not isinstance(context, Tensor):
-            raise TypeError(f"{path} does not hold a tensor: expected StableKeypoints' embedding.pt.")
+            raise ConfigError(f"model.pretrained_context: {path} does not hold a tensor: expected StableKeypoints' embedding.pt.")
     if context.dim() == 3 and context.shape[0] == 1:
         context = context[0]
     if context.dim() != 2:
-        raise ValueError(f"{path}: a context is (T, D) or (1, T, D), got {tuple(context.shape)}.")
+        raise ConfigError(f"model.pretrained_context: {path}: a context is (T, D) or (1, T, D), got {tuple(context.shape)}.")
     if tokens_path is not None:
         if not Path(tokens_path).is_file():
-            raise FileNotFoundError(f"pretrained_keypoint_tokens={tokens_path!r} does not exist.")
+            raise MissingFileError(f"model.pretrained_keypoint_tokens={tokens_path!r} does not exist.")
         tokens = torch.load(tokens_path, map_location="cpu", weights_only=True)
         tokens = torch.as_tensor(tokens).flatten().long()
     return context, tokens

@@ -185,3 +185,49 @@ def test_predict_under_ddp_writes_one_index_in_dataset_order(demo_run, tiny_sd_p
     paths = [entry["path"] for entry in json.loads(index_file.read_text())["images"]]
     assert paths == [str(p) for p in sorted(images.glob("*.jpg"))]  # each image once, rows from both ranks merged
     assert len(list((index_file.parent / "overlays").glob("*.png"))) == len(paths)
+
+
+@pytest.mark.slow
+def test_a_user_error_is_one_message_and_exit_2_with_the_traceback_on_request(tmp_path):
+    args = ["fit", "--config", DEMO, "--model.sigma_px", "0", "--trainer.default_root_dir", str(tmp_path)]
+    result = run_cli(*args, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "error: model.sigma_px=0.0: it must be > 0." in lines and len(lines) <= 4  # (and Lightning's "Seed set")
+    os.environ["STABLE_KEYPOINTS_TRACEBACK"] = "1"
+    try:
+        result = run_cli(*args, check=False)
+    finally:
+        del os.environ["STABLE_KEYPOINTS_TRACEBACK"]
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import run
+
+    def bug(args=None):
+        raise ZeroDivisionError("a real bug")
+
+    monkeypatch.setattr(run, "main", bug)
+    with pytest.raises(ZeroDivisionError):
+        run.run([])
+
+
+@pytest.mark.slow
+def test_ckpt_path_honours_evaluation_settings_and_refuses_another_token_count(demo_run, tiny_sd_path, cub_root, tmp_path):
+    import yaml
+
+    (ckpt,) = checkpoints(demo_run)
+    images = cub_root / "images" / "001.Synthetic_Bird_1"
+    run_cli("predict", *demo_args(tmp_path / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+                                  "--data.init_args.path", str(images), "--model.soft_argmax_window_px", "5",
+                                  "--model.augmentation_iterations", "2"))
+    (config_file,) = list((tmp_path / "predict").rglob("config.yaml"))
+    saved = yaml.safe_load(config_file.read_text())["model"]
+    assert (saved["soft_argmax_window_px"], saved["augmentation_iterations"]) == (5, 2)  # not the checkpoint's null, 10
+
+    result = run_cli("predict", *demo_args(tmp_path / "other", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+                                           "--data.init_args.path", str(images), "--model.num_tokens", "50"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds a context of 100 tokens, but model.num_tokens=50: set --model.num_tokens 100" in result.stderr

@@ -286,10 +286,13 @@ def test_download_refuses_path_traversal(root: Path, tmp_path: Path) -> None:
     assert not target.exists()
 
 
-def test_generate_synthetic_writes_once_and_atomically(tmp_path: Path) -> None:
-    target = tmp_path / "demo" / "CUB_200_2011"
-    datamodule = CUBDataModule(str(target), subset="cub_002", image_size=S, generate_synthetic=True)
-    datamodule.prepare_data()
+def test_generate_synthetic_writes_once_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / ".demo" / "CUB_200_2011"
+    datamodule = CUBDataModule(".demo/CUB_200_2011", subset="cub_002", image_size=S, generate_synthetic=True)
+    with caplog.at_level("INFO"):
+        datamodule.prepare_data()
+    assert "Wrote a synthetic demo dataset to .demo/CUB_200_2011: 120 drawn birds" in caplog.text
     datamodule.setup("fit")
     assert len(datamodule.train_dataset()) == 20  # class 002 of the demo-sized dataset: 30 images, every 3rd in test
     assert [p.name for p in target.parent.iterdir()] == ["CUB_200_2011"]
@@ -314,3 +317,20 @@ def test_synthetic_dataset_is_deterministic_and_fast(tmp_path: Path) -> None:
     assert (first / "segmentations").is_dir()
     sizes = {Image.open(first / "images" / p).size for p in read_images(first).values()}
     assert len(sizes) > 10  # sizes vary per image
+
+
+@pytest.mark.parametrize("root", ["datasets/CUB_200_2011", ".demo/CUB_200_201", ".demo/models/CUB_200_2011"])
+def test_generate_synthetic_never_replaces_a_mistyped_root(root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_modules.errors import MissingFileError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingFileError, match=f"data.root='{root}' does not exist.*only at '.demo/CUB_200_2011'.*download: true"):
+        CUBDataModule(root, image_size=S, generate_synthetic=True)
+    assert not any(tmp_path.rglob("*"))  # nothing written
+
+
+def test_generate_synthetic_uses_an_existing_root_as_it_is(cub_root: Path) -> None:
+    stamp = (cub_root / "images.txt").stat().st_mtime_ns
+    datamodule = CUBDataModule(str(cub_root), image_size=S, generate_synthetic=True)
+    datamodule.prepare_data()
+    assert (cub_root / "images.txt").stat().st_mtime_ns == stamp

@@ -166,3 +166,69 @@ def test_rembg_model_that_cannot_be_fetched(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(sys.modules, "rembg", types.SimpleNamespace(remove=None, new_session=offline))
     with pytest.raises(RuntimeError, match="isnet-general-use.*internet access"):
         Rembg()
+
+
+@pytest.mark.parametrize("inside", [".", "images/001.Synthetic_Bird_1", "gray"])
+def test_output_inside_the_dataset_folder_is_refused(root: Path, inside: str) -> None:
+    from lightning_modules.errors import ConfigError
+
+    before = _digests(root)
+    with pytest.raises(ConfigError, match="--output .* (inside|source images folder).* e.g. .*CUB_200_2011_gray"):
+        preprocess(root, root / inside, "cub-masks")
+    assert _digests(root) == before
+
+
+def test_empty_or_garbage_outputs_are_redone_not_skipped(root: Path, clean_output: Path, tmp_path: Path) -> None:
+    output = tmp_path / "gray"
+    shutil.copytree(clean_output, output)
+    finished = sorted(output.rglob("*.jpg"))
+    finished[0].write_bytes(b"")  # 0 bytes
+    finished[1].write_bytes(b"not an image at all")
+    finished[2].write_bytes(finished[2].read_bytes()[:500])  # a truncated JPEG
+    Image.new("RGB", (7, 5), (1, 2, 3)).save(finished[3])  # decodes, but is not this source's composite
+    summary = preprocess(root, output, "cub-masks")
+    assert (summary.done, summary.skipped, summary.failed) == (4, 32, [])
+    assert _tree(output) == _tree(clean_output)
+
+
+_PARENT = """
+import sys, os, time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from data.cub_preprocess import Job, _init_worker, _process
+
+fifo = Path(sys.argv[1])
+pool = ProcessPoolExecutor(2, initializer=_init_worker, initargs=("cub-masks", fifo.parent))
+# One worker blocks reading a FIFO nobody writes (a job in progress); the other sits idle.
+pool.submit(_process, Job(fifo, fifo.parent / "out.jpg", "out.jpg", (0, 0, 1, 1), check_existing=False))
+pool.submit(time.sleep, 0.1).result()
+print(" ".join(str(p) for p in pool._processes), flush=True)
+time.sleep(600)
+"""
+
+
+def test_worker_processes_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    fifo = tmp_path / "never_written.jpg"
+    os.mkfifo(fifo)
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(fifo)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        alive = set(workers)
+        while alive and time.monotonic() < deadline:
+            for pid in list(alive):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    alive.discard(pid)
+            time.sleep(0.1)
+        assert not alive, f"workers {sorted(alive)} outlived their killed parent"
+    finally:
+        parent.kill()
