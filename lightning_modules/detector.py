@@ -244,7 +244,7 @@ def push(folder: str, repo_id: str, private: bool = False, commit_message: str =
 def main(args: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
-    CLI([export, push], args=args)
+    print(CLI([export, push], args=args))  # the command's answer: the folder written or the commit's URL
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ def demo_args(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
         "--model.backbone.init_args.pretrained_model_name_or_path", str(model),
         "--data.init_args.root", str(data),
         "--trainer.default_root_dir", str(out),
-        "--trainer.logger.init_args.save_dir", str(out),
         *extra,
     ]
 
@@ -69,8 +68,11 @@ def test_demo_fit_writes_small_checkpoint_embedding_and_wandb_offline_run(demo_r
 def test_resume_continues_from_the_saved_step(demo_run, tiny_sd_path, cub_root, tmp_path):
     (ckpt,) = checkpoints(demo_run)
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    run_cli("fit", *demo_args(tmp_path, tiny_sd_path, cub_root, "--trainer.max_steps", "9", "--ckpt_path", str(ckpt)))
+    # --output_dir: into a folder of its own, so that the shared demo run stays at step 6
+    run_cli("fit", *demo_args(tmp_path, tiny_sd_path, cub_root, "--trainer.max_steps", "9", "--ckpt_path", str(ckpt),
+                              "--output_dir", str(tmp_path / "resumed")))
     (resumed,) = checkpoints(tmp_path)
+    assert resumed == tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     state = torch.load(resumed, map_location="cpu", weights_only=False)
     assert state["global_step"] == 9  # 3 more steps, not 9 from scratch
     assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 9
@@ -140,16 +142,18 @@ def test_test_and_predict_through_the_cli_write_their_files(demo_run, tiny_sd_pa
     from PIL import Image
 
     (ckpt,) = checkpoints(demo_run)
-    run_cli("test", *demo_args(tmp_path / "test", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt)))
+    run_cli("test", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+                               "--output_dir", str(tmp_path / "test")))
     (metrics_file,) = list((tmp_path / "test").rglob("metrics.json"))
+    assert metrics_file == tmp_path / "test" / "metrics.json"
     metrics = json.loads(metrics_file.read_text())
     assert metrics["metric"] == "normalized_keypoint_error" and 0 <= metrics["value"] < 100
     assert (metrics_file.parent / "regressor.safetensors").is_file()
     assert list((metrics_file.parent / "test_examples").glob("*.png"))
 
     images = cub_root / "images" / "001.Synthetic_Bird_1"
-    run_cli("predict", *demo_args(tmp_path / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
-                                  "--data.init_args.path", str(images)))
+    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+                                  "--data.init_args.path", str(images), "--output_dir", str(tmp_path / "predict")))
     (index_file,) = list((tmp_path / "predict").rglob("keypoints.json"))
     index = json.loads(index_file.read_text())
     assert "x, y in pixels of the original image" in index["convention"]
@@ -181,7 +185,8 @@ def test_predict_under_ddp_writes_one_index_in_dataset_order(demo_run, tiny_sd_p
     images = cub_root / "images" / "002.Synthetic_Bird_2"
     run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), "--data.init_args.path",
                                   str(images), "--trainer.devices", "2", "--trainer.strategy", "ddp"))
-    (index_file,) = list(tmp_path.rglob("keypoints.json"))
+    assert not list(tmp_path.rglob("keypoints.json"))  # from a run's checkpoint: into that run, on both ranks
+    index_file = ckpt.parent.parent / "predict" / "002.Synthetic_Bird_2" / "keypoints.json"
     paths = [entry["path"] for entry in json.loads(index_file.read_text())["images"]]
     assert paths == [str(p) for p in sorted(images.glob("*.jpg"))]  # each image once, rows from both ranks merged
     assert len(list((index_file.parent / "overlays").glob("*.png"))) == len(paths)
@@ -220,7 +225,8 @@ def test_ckpt_path_honours_evaluation_settings_and_refuses_another_token_count(d
 
     (ckpt,) = checkpoints(demo_run)
     images = cub_root / "images" / "001.Synthetic_Bird_1"
-    run_cli("predict", *demo_args(tmp_path / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+                                  "--output_dir", str(tmp_path / "predict"),
                                   "--data.init_args.path", str(images), "--model.soft_argmax_window_px", "5",
                                   "--model.augmentation_iterations", "2"))
     (config_file,) = list((tmp_path / "predict").rglob("config.yaml"))
@@ -231,3 +237,75 @@ def test_ckpt_path_honours_evaluation_settings_and_refuses_another_token_count(d
                                            "--data.init_args.path", str(images), "--model.num_tokens", "50"), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds a context of 100 tokens, but model.num_tokens=50: set --model.num_tokens 100" in result.stderr
+
+
+#: Messages every command used to print that a user can do nothing about (issue 12.8).
+NOISE = ("litlogger", "anonymous setting", "LeafSpec", "in eval mode at the start", "weights_only",
+         "dirpath has changed", "exists and is not empty", "Tracking run with wandb", "Epoch 0/-2")
+
+
+@pytest.mark.slow
+def test_one_run_folder_across_fit_test_predict_resume_and_its_detector(tiny_sd_path, cub_root, tmp_path):
+    import json
+
+    import yaml
+    from safetensors import safe_open
+
+    from lightning_modules.run_folder import code_version
+
+    fit = run_cli("fit", *demo_args(tmp_path, tiny_sd_path, cub_root, "--trainer.max_steps", "2"))
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "embedding.safetensors",
+                                                     "visualizations", "wandb"]
+    last = run / "checkpoints" / "last.ckpt"
+    for path in (run, run / "config.yaml", last, run / "embedding.safetensors"):
+        assert str(path) in fit.stderr  # fit ends by saying where everything is
+    assert not [word for word in NOISE if word in fit.stderr + fit.stdout]
+    assert "Steps: 100%" in fit.stdout and "2/2" in fit.stdout
+    config_text = (run / "config.yaml").read_text()
+    assert config_text.startswith("# Written by `run.py fit`") and f"# code_version: {code_version()}" in config_text
+    assert yaml.safe_load(config_text)["trainer"]["max_steps"] == 2
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    assert wandb_run.name.endswith(run.name)  # the W&B run id is the folder's name
+
+    elsewhere = tmp_path / "elsewhere"  # test and predict follow the checkpoint, not default_root_dir
+    run_cli("test", *demo_args(elsewhere, tiny_sd_path, cub_root, "--ckpt_path", str(last)))
+    image = sorted((cub_root / "images" / "001.Synthetic_Bird_1").glob("*.jpg"))[0]
+    run_cli("predict", *demo_args(elsewhere, tiny_sd_path, cub_root, "--ckpt_path", str(last),
+                                  "--data.init_args.path", str(image)))
+    assert not elsewhere.exists()
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    index = json.loads((run / "predict" / image.stem / "keypoints.json").read_text())
+    for record, config in ((metrics, run / "test" / "config.yaml"), (index, run / "predict" / image.stem / "config.yaml")):
+        assert (record["checkpoint"], record["config"]) == (str(last), str(config))
+        assert record["code_version"] == code_version()
+        assert config.read_text().startswith("# Written by `run.py") and f"# checkpoint: {last}" in config.read_text()
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 2  # fit's config kept
+    assert (run / "test" / "regressor.safetensors").is_file() and list((run / "test" / "test_examples").glob("*.png"))
+
+    resume = run_cli("fit", *demo_args(elsewhere, tiny_sd_path, cub_root, "--trainer.max_steps", "3",
+                                       "--ckpt_path", str(last)))
+    assert not elsewhere.exists() and not [word for word in NOISE if word in resume.stderr]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
+    assert yaml.safe_load((run / "config.resume-1.yaml").read_text())["trainer"]["max_steps"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 2
+    wandb_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(p.name.endswith(run.name) for p in wandb_runs)  # the same W&B id, continued
+    with safe_open(str(run / "embedding.safetensors"), "pt") as file:
+        meta = file.metadata()
+    assert (meta["checkpoint"], meta["started_from"], meta["global_step"]) == (str(last), str(last), "3")
+    assert meta["config"] == str(run / "config.resume-1.yaml") and meta["code_version"] == code_version()
+
+    # The detector of the resumed state: the test above scored the older state, so it is left out.
+    export = subprocess.run([sys.executable, "-m", "lightning_modules.detector", "export", str(run)], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    detector = run / "detector"
+    assert export.stdout.strip() == str(detector) and not (detector / "metrics.json").exists()
+    out = tmp_path / "from_detector"
+    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--model.pretrained_context", str(detector),
+                                  "--data.init_args.path", str(image), "--output_dir", str(out)))
+    from_detector = json.loads((out / "keypoints.json").read_text())
+    assert from_detector["checkpoint"] == str(detector)
+    with safe_open(str(detector / "embedding.safetensors"), "pt") as file:
+        assert from_detector["keypoint_tokens"] == file.get_tensor("keypoint_tokens").tolist()
