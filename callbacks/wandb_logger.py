@@ -84,7 +84,8 @@ class WandbLogger(_WandbLogger):
             raise RuntimeError("WandbLogger.use_run must be called before the W&B run starts.")
         # Lightning's WandbLogger keeps these in private fields read when the run starts.
         if self._save_dir is None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            if rank_zero_only.rank == 0:  # the W&B run starts on rank 0 only, before anything else writes there
+                Path(folder).mkdir(parents=True, exist_ok=True)
             self._save_dir = self._wandb_init["dir"] = str(folder)
         if self._wandb_init.get("id") is None:
             self._id = self._wandb_init["id"] = run_id

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks.progress import StepProgressBar
 from callbacks.wandb_logger import WandbLogger
 from lightning_modules.checkpoints import check_config_fits
-from lightning_modules.run_folder import CHECKPOINTS, RunConfigSaver, RunLayout
+from lightning_modules.run_folder import CHECKPOINTS, RunConfigSaver, RunLayout, as_source
 from lightning_modules.stable_keypoints import check_trainer_precision
 
 VALIDATE_REFUSAL = (
@@ -110,7 +110,7 @@ class StableKeypointsCLI(LightningCLI):
         config = self.config[self.subcommand]
         ckpt = config.get("ckpt_path") or config.model.get("pretrained_context")
         self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": str(layout.config_file),
-                                   "command": self.subcommand, "checkpoint": ckpt and str(Path(ckpt).resolve())}
+                                   "command": self.subcommand, "checkpoint": ckpt and as_source(ckpt)}
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = trainer_config.get("callbacks") or []
         if trainer_config.get("enable_progress_bar", True) is not False and not any(

@@ -177,6 +177,12 @@ class RunConfigSaver(SaveConfigCallback):
         path.write_text(header + path.read_text())
 
 
+def as_source(path_or_id: str) -> str:
+    """A local file or folder as an absolute path; anything else (a hub id) as it is."""
+    path = Path(path_or_id)
+    return str(path.resolve()) if path.exists() else str(path_or_id)
+
+
 def config_file_of(trainer: L.Trainer | None) -> str | None:
     """The config this command saved (``RunConfigSaver``), None without the CLI."""
     for callback in trainer.callbacks if trainer is not None else ():
@@ -190,7 +196,7 @@ def checkpoint_of(trainer: L.Trainer | None, pl_module: L.LightningModule) -> st
     if trainer is not None and trainer.ckpt_path:
         return str(Path(trainer.ckpt_path).resolve())
     pretrained = getattr(pl_module, "hparams", {}).get("pretrained_context")
-    return str(pretrained) if pretrained else None
+    return as_source(pretrained) if pretrained else None
 
 
 def provenance(trainer: L.Trainer | None, pl_module: L.LightningModule) -> dict[str, str | None]:

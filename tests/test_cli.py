@@ -61,7 +61,7 @@ def test_demo_fit_writes_small_checkpoint_embedding_and_wandb_offline_run(demo_r
         assert f.get_tensor("context").shape == (100, 32)
         assert f.get_tensor("keypoint_tokens").shape == (10,)
         assert f.metadata()["family"] == "StableDiffusion"
-    assert list((demo_run / "wandb").glob("offline-run-*"))
+    assert list((embedding.parent / "wandb").glob("offline-run-*"))  # in the run folder
 
 
 @pytest.mark.slow
@@ -86,6 +86,10 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_contexts(tiny_sd_path, cub
     run_cli("fit", *demo_args(tmp_path, tiny_sd_path, cub_root, "--trainer.max_steps", "3", "--trainer.devices", "2",
                               "--trainer.strategy", "ddp", "--trainer.callbacks+=tests.ddp_probe.SaveContextPerRank",
                               f"--trainer.callbacks.directory={probe}"))
+    # each process planned its own timestamped folder; only rank 0's exists, holding everything
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir() and p != probe]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert len(list((run / "visualizations").glob("step_*"))) == 1
     rank0, rank1 = (torch.load(probe / f"context_rank{r}.pt") for r in (0, 1))
     torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
     initial = torch.randn(100, 32, generator=torch.Generator().manual_seed(0))
