@@ -69,8 +69,6 @@ class WandbLogger(_WandbLogger):
             # Offline, W&B's banner (version, "syncing is set to offline", a sync hint) repeats what
             # finalize() says once at the end; online, `quiet` still prints the run's URL.
             kwargs["settings"] = {"silent": True} if offline else {"quiet": True}
-        if save_dir is not None:
-            Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(name=name, save_dir=save_dir, project=project, offline=offline, log_model=log_model, **kwargs)
         # Lightning passes anonymous=None, which wandb 0.31 warns about ("has no effect") on every run.
         if self._wandb_init.get("anonymous") is None:
@@ -84,13 +82,18 @@ class WandbLogger(_WandbLogger):
             raise RuntimeError("WandbLogger.use_run must be called before the W&B run starts.")
         # Lightning's WandbLogger keeps these in private fields read when the run starts.
         if self._save_dir is None:
-            if rank_zero_only.rank == 0:  # the W&B run starts on rank 0 only, before anything else writes there
-                Path(folder).mkdir(parents=True, exist_ok=True)
             self._save_dir = self._wandb_init["dir"] = str(folder)
         if self._wandb_init.get("id") is None:
             self._id = self._wandb_init["id"] = run_id
         if group is not None and self._wandb_init.get("group") is None:
             self._wandb_init["group"] = group
+
+    @property
+    def experiment(self):
+        # The folder is made when the W&B run starts (rank 0 only): a command that never logs leaves none.
+        if self._experiment is None and self._save_dir is not None and rank_zero_only.rank == 0:
+            Path(self._save_dir).mkdir(parents=True, exist_ok=True)
+        return super().experiment
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
