@@ -43,8 +43,9 @@ sys.path.insert(0, str(REPO))
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: E402
 
 from lightning_modules.augmentation import warp  # noqa: E402
-from lightning_modules.backbones import StableDiffusion, StableDiffusionXL  # noqa: E402
-from lightning_modules.backbones.sd import SD15_UNET, SD_VAE, TINY_VAE, sd_scheduler, tiny_sd_unet  # noqa: E402
+from data.demo_models import TINY_VAE, sd_scheduler, tiny_sd_unet  # noqa: E402
+from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusionXL  # noqa: E402
+from lightning_modules.backbones.sd import SD15_UNET, SD_VAE  # noqa: E402
 from lightning_modules.backbones.sdxl import SDXL_UNET  # noqa: E402
 from lightning_modules.stable_keypoints import StableKeypoints, release_freed_host_memory  # noqa: E402
 
@@ -71,7 +72,7 @@ def build_components(model: str, device: torch.device):
 
 def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
     cls, unet, vae, scheduler = build_components(args.model, device)
-    options = dict(
+    engine = Engine(
         dtype="bfloat16" if mode == "bf16" else "float32",
         stop_early=mode != "naive",
         memory_efficient_maps=mode != "naive",
@@ -80,7 +81,7 @@ def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
         compile_unet=mode == "compile",
         channels_last=device.type == "cuda" and mode != "naive",
     )
-    backbone = cls(f"random-{args.model}", **options)
+    backbone = cls(f"random-{args.model}", engine=engine)
     backbone.attach(unet, vae, scheduler)
     module = StableKeypoints(backbone, num_tokens=args.tokens, feature_upsample_res=args.res,
                              augmentation_iterations=args.iterations)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.opt_in_modes import fit_demo  # noqa: E402
 from data.demo import DEMO_SIZE, ensure_synthetic_cub  # noqa: E402
+from data.demo_models import write_tiny  # noqa: E402
 from lightning_modules.backbones import StableDiffusion, StableDiffusionXL, Zero123Plus  # noqa: E402
 
 RUNS = {
@@ -42,7 +43,7 @@ def main() -> None:
         for name, (cls, options) in RUNS.items():
             model = Path(tmp) / cls.__name__
             if not model.exists():
-                cls.write_tiny(model)
+                write_tiny(cls.__name__, model)
             _, _, history, _ = fit_demo(cls(str(model), **options), args.steps, data, tmp)
             rows.append((name, history))
     print(f"demo data, tiny random models, {args.steps} steps (first -> last step)")

@@ -25,14 +25,15 @@ sys.path.insert(0, str(REPO))
 
 from data.cub import CUBDataModule  # noqa: E402
 from data.demo import DEMO_SIZE, ensure_synthetic_cub  # noqa: E402
-from lightning_modules.backbones import StableDiffusion  # noqa: E402
+from data.demo_models import write_tiny  # noqa: E402
+from lightning_modules.backbones import Engine, StableDiffusion  # noqa: E402
 from lightning_modules.stable_keypoints import StableKeypoints  # noqa: E402
 
 MODES = {
-    "fp32": {},
-    "bf16": {"dtype": "bfloat16"},
-    "checkpointing": {"gradient_checkpointing": True},
-    "compile": {"compile_unet": True},
+    "fp32": Engine(),
+    "bf16": Engine(dtype="bfloat16"),
+    "checkpointing": Engine(gradient_checkpointing=True),
+    "compile": Engine(compile_unet=True),
 }
 
 
@@ -62,7 +63,7 @@ def fit_demo(backbone, steps: int, data: Path, out: str) -> tuple[StableKeypoint
 
 
 def run(mode: str, args, model: Path, data: Path) -> dict:
-    module, datamodule, history, seconds = fit_demo(StableDiffusion(str(model), **MODES[mode]), args.steps, data, args.out)
+    module, datamodule, history, seconds = fit_demo(StableDiffusion(str(model), engine=MODES[mode]), args.steps, data, args.out)
     images = torch.cat([b["image"] for _, b in zip(range(args.test_batches), datamodule.test_dataloader()[1])])
     keypoints = module.keypoints(images, torch.Generator().manual_seed(0))
     return {"losses": torch.tensor(history["train/loss"]), "tokens": module.keypoint_tokens.tolist(),
@@ -78,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.out = tmp
         model, data = Path(tmp) / "sd15-tiny", Path(tmp) / "CUB_200_2011"
-        StableDiffusion.write_tiny(model)
+        write_tiny("StableDiffusion", model)
         ensure_synthetic_cub(data, **DEMO_SIZE)
         results = {mode: run(mode, args, model, data) for mode in ["fp32", *[m for m in args.modes if m != "fp32"]]}
     base = results["fp32"]

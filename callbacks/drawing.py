@@ -31,6 +31,10 @@ TRUTH_RGB = (0, 160, 255)
 PREDICTION_RGB = (255, 140, 0)
 OUTLINE_RGB = (0, 0, 0)
 BACKGROUND_RGB = (32, 32, 32)
+#: Pictures a person opens are shown with their longer side in this range (pixels): a 4000 x 3000
+#: photo is drawn at 1024 x 768, a 20 x 15 one at 256 x 192 (enlarged without blur).
+DISPLAY_MIN_PX = 256
+DISPLAY_MAX_PX = 1024
 
 # Viridis at 9 evenly spaced stops (matplotlib's values); linear interpolation between them stays
 # perceptually uniform to the eye and needs no plotting library.
@@ -102,8 +106,15 @@ def draw_keypoints(
         x, y = _pil_centre(point)
         color = PALETTE[color_id % len(PALETTE)]
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=color, outline=OUTLINE_RGB, width=outline)
-        draw.text((x + radius + 1, y - radius - 1), label, fill=color, font=text_font, anchor="ld",
-                  stroke_width=outline, stroke_fill=OUTLINE_RGB)
+        # Above-right of the point; below and/or to the left where that would leave the picture.
+        _, top, right, _ = draw.textbbox((x + radius + 1, y - radius - 1), label, font=text_font, anchor="ld",
+                                         stroke_width=outline)
+        left = right > out.width and x - radius - 1 - (right - x - radius - 1) >= 0
+        below = top < 0
+        anchor = ("r" if left else "l") + ("t" if below else "d")
+        position = (x - radius - 1 if left else x + radius + 1, y + radius + 1 if below else y - radius - 1)
+        draw.text(position, label, fill=color, font=text_font, anchor=anchor, stroke_width=outline,
+                  stroke_fill=OUTLINE_RGB)
     return out
 
 
@@ -136,31 +147,117 @@ def draw_comparison(
     return out
 
 
-def colorize(heat: np.ndarray | Tensor) -> np.ndarray:
-    """heat: (h, w) any range -> (h, w, 3) uint8 viridis, normalized per map to its min..max.
+def display_scale(width: int, height: int, min_px: int = DISPLAY_MIN_PX, max_px: int = DISPLAY_MAX_PX) -> float:
+    """The factor that brings the longer side of a ``width`` x ``height`` picture into [min_px, max_px]."""
+    if not 0 < min_px <= max_px:
+        raise ValueError(f"display sizes min_px={min_px}, max_px={max_px}: need 0 < min_px <= max_px.")
+    longer = max(width, height)
+    return min(max_px, max(min_px, longer)) / longer
 
+
+def fit_for_display(image: Image.Image, min_px: int = DISPLAY_MIN_PX, max_px: int = DISPLAY_MAX_PX) -> tuple[Image.Image, float]:
+    """(``image`` resized so its longer side lies in [min_px, max_px], the scale applied).
+
+    Shrinking is antialiased (Lanczos); enlarging repeats pixels (nearest), so a tiny image shows
+    its real pixels instead of a blur. Points in continuous pixels scale by the same factor.
+    """
+    scale = display_scale(*image.size, min_px, max_px)
+    if scale == 1:
+        return image, 1.0
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    method = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST
+    return image.resize(size, method), scale
+
+
+def legend(entries: Sequence[tuple], width: int) -> Image.Image:
+    """A dark strip ``width`` wide listing ``entries`` as swatch + text, wrapped in rows.
+
+    Each entry is ``(colour, text)`` or ``(colour, text, marker)`` with ``marker`` the swatch's
+    shape, ``disc`` (default) or ``square``, as the points on the picture are drawn.
+    """
+    size = min(18, max(10, width // 40))
+    text_font = font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    row_h, gap = math.ceil(size * 1.5), size
+    placed, x, y = [], 4, 2
+    for color, text, *marker in entries:
+        item_w = size + 4 + math.ceil(probe.textlength(text, font=text_font))
+        if x > 4 and x + item_w > width - 4:
+            x, y = 4, y + row_h
+        placed.append((x, y, color, text, marker[0] if marker else "disc"))
+        x += item_w + gap
+    out = Image.new("RGB", (width, y + row_h + 2), BACKGROUND_RGB)
+    draw = ImageDraw.Draw(out)
+    for x, y, color, text, marker in placed:
+        box = (x, y + (row_h - size) // 2, x + size, y + (row_h + size) // 2)
+        (draw.ellipse if marker == "disc" else draw.rectangle)(box, fill=color, outline=OUTLINE_RGB)
+        draw.text((x + size + 4, y + row_h // 2), text, fill=(255, 255, 255), font=text_font, anchor="lm")
+    return out
+
+
+def with_legend(image: Image.Image, strip: Image.Image) -> Image.Image:
+    """``image`` with ``strip`` (e.g. a ``legend`` or ``colorbar``) below it, on the dark background."""
+    out = Image.new("RGB", (max(image.width, strip.width), image.height + strip.height), BACKGROUND_RGB)
+    out.paste(image.convert("RGB"), (0, 0))
+    out.paste(strip, (0, image.height))
+    return out
+
+
+def colorbar(width: int, low: float, high: float, label: str) -> Image.Image:
+    """A horizontal viridis bar from ``low`` (left) to ``high`` (right), numbered, titled ``label``."""
+    size = min(16, max(10, width // 45))
+    text_font = font(size)
+    bar_w, bar_h = max(16, width - 8 - 2 * round(4 * size)), max(8, size)
+    strip_h = math.ceil(size * 1.6) * 2 + bar_h
+    out = Image.new("RGB", (width, strip_h), BACKGROUND_RGB)
+    x0, y0 = (width - bar_w) // 2, math.ceil(size * 1.6)
+    ramp = VIRIDIS_LUT[np.linspace(0, 255, bar_w).round().astype(np.int64)]
+    out.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0)), (x0, y0))
+    draw = ImageDraw.Draw(out)
+    draw.text((width // 2, y0 // 2), label, fill=(255, 255, 255), font=text_font, anchor="mm")
+    below = y0 + bar_h + math.ceil(size * 0.8)
+    for fraction in (0.0, 0.5, 1.0):
+        x = x0 + fraction * (bar_w - 1)
+        draw.line((x, y0 + bar_h, x, y0 + bar_h + 3), fill=(255, 255, 255))
+        value = low + fraction * (high - low)
+        draw.text((x, below), f"{value:.3g}", fill=(255, 255, 255), font=text_font, anchor="mm")
+    return out
+
+
+def colorize(heat: np.ndarray | Tensor, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """heat: (h, w) any range -> (h, w, 3) uint8 viridis from ``low`` to ``high`` (default: the map's min..max).
+
+    A shared ``low``/``high`` puts several maps on one scale (one ``colorbar`` reads them all).
     A constant map (no contrast) is drawn at the bottom of the scale.
     """
     values = np.asarray(heat, dtype=np.float32)
     if values.ndim != 2:
         raise ValueError(f"A heat map is one (h, w) array, got shape {values.shape}.")
-    low, high = np.nanmin(values), np.nanmax(values)
+    low = float(np.nanmin(values)) if low is None else low
+    high = float(np.nanmax(values)) if high is None else high
     scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
     return VIRIDIS_LUT[np.nan_to_num(scaled * 255).round().astype(np.int64).clip(0, 255)]
 
 
-def heatmap_overlay(image: Image.Image, heat: np.ndarray | Tensor, alpha: float = 0.5) -> Image.Image:
-    """A grey ``image`` blended with heat (h, w) in viridis (normalized per map), resized to the image.
+def heatmap_overlay(
+    image: Image.Image,
+    heat: np.ndarray | Tensor,
+    alpha: float = 0.5,
+    low: float | None = None,
+    high: float | None = None,
+) -> Image.Image:
+    """A grey ``image`` blended with heat (h, w) in viridis, resized to the image.
 
     The image is turned grey first so that every hue on it comes from the colormap. ``alpha`` is
-    the heat map's weight: 0 shows the (grey) image only, 1 the heat map only.
+    the heat map's weight: 0 shows the (grey) image only, 1 the heat map only. ``low``/``high``:
+    the colour scale (``colorize``; default the map's own min..max).
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha}: use a blend weight in [0, 1].")
     values = np.asarray(heat, dtype=np.float32)
     # Resize the values, not the colours: bilinear between colours would leave the colormap.
     resized = np.asarray(Image.fromarray(values).resize(image.size, Image.Resampling.BILINEAR))
-    return Image.blend(image.convert("L").convert("RGB"), Image.fromarray(colorize(resized)), alpha)
+    return Image.blend(image.convert("L").convert("RGB"), Image.fromarray(colorize(resized, low, high)), alpha)
 
 
 def captioned(image: Image.Image, text: str) -> Image.Image:

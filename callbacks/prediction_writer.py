@@ -15,13 +15,28 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from callbacks.drawing import captioned, draw_keypoints, grid, heatmap_overlay, save_png, to_pil
+from callbacks.drawing import (
+    PALETTE,
+    captioned,
+    colorbar,
+    draw_keypoints,
+    fit_for_display,
+    grid,
+    heatmap_overlay,
+    legend,
+    save_png,
+    to_pil,
+    with_legend,
+)
+from data.images import GRAY_RGB, read_image, upright_size
 from lightning_modules.run_folder import provenance
 
 CONVENTION = (
     "x, y in pixels of the original image; origin at the top-left corner of the top-left pixel; "
     "x to the right, y down"
 )
+#: Side of each heat-map cell in pixels, whatever the model's input size S.
+HEATMAP_CELL_PX = 256
 #: Decimals kept for pixel coordinates in the index: a thousandth of a pixel is far below the error.
 PIXEL_DECIMALS = 3
 
@@ -36,17 +51,23 @@ class KeypointWriter(BasePredictionWriter):
     Files, under ``output_dir``:
     - ``keypoints.json``: ``{"convention", "keypoint_tokens", "model", "checkpoint", "config",
       "code_version", "skipped",
-      "images": [{"path", "width", "height", "keypoints": [[x, y], ...], "overlay"}]}``, images in
-      dataset order; ``overlay`` (the PNG's path relative to ``output_dir``) only with
-      ``overlays``; ``skipped`` lists the files the dataset could not decode (``path``, ``reason``).
-      Or ``keypoints.csv``: rows ``path,width,height,k,x,y`` after ``#`` comment lines (the
+      "images": [{"path", "width", "height", "keypoints": [[x, y], ...], "inside": [bool, ...],
+      "overlay"}]}``, images in dataset order. ``width``/``height`` and the points refer to the
+      upright image (EXIF orientation applied, as a viewer shows it); ``inside[k]`` says whether
+      point k lies on the photo rather than in the padding that made it square (always true unless
+      ``model.predict_within_image`` is off). ``overlay`` (the PNG's path relative to
+      ``output_dir``) only with ``overlays``; ``skipped`` lists the files left out because they
+      could not be decoded (``path``, ``reason``; ``data.skip_unreadable``).
+      Or ``keypoints.csv``: rows ``path,width,height,k,x,y,inside`` after ``#`` comment lines (the
       convention, the tokens, the model and the skipped files).
-    - ``overlays/<index>_<stem>.png``: the original image at its own size with keypoint k drawn and
-      numbered in colour k (the same colour in every image).
+    - ``overlays/<index>_<stem>.png``: the upright original with keypoint k drawn and numbered in
+      colour k (the same colour in every image), shown with its longer side in [256, 1024] px
+      (``callbacks.drawing.fit_for_display``), above a legend of each number's token.
     - ``heatmaps/<index>_<stem>.png`` (``heatmaps=True``): per keypoint, its attention map over the
-      model's S x S input, with the predicted point. The maps come from one extra pass of the model
-      without augmentation (noise seeded by the batch index), while the points average
-      ``augmentation_iterations`` augmented passes, so a map's peak can sit slightly off its point.
+      model's S x S input, with the predicted point, all on one colour scale shown by a colour bar.
+      The maps come from one extra pass of the model without augmentation (noise seeded by the
+      batch index), while the points average ``augmentation_iterations`` augmented passes, so a
+      map's peak can sit slightly off its point.
 
     Under DDP each rank draws the images it predicted; the index rows are gathered so that rank 0
     writes one index file.
@@ -91,16 +112,21 @@ class KeypointWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         pixels = prediction["keypoints_px"].detach().cpu().double().numpy()  # (B, K, 2)
+        inside = prediction.get("inside")
+        inside = np.ones(pixels.shape[:2], bool) if inside is None else inside.detach().cpu().numpy()
+        sizes = batch.get("source_size")
+        tokens = pl_module.keypoint_tokens.tolist()
+        background = getattr(trainer.datamodule, "background_rgb", GRAY_RGB)
         names = [overlay_name(int(index), path) for index, path in zip(batch["index"], batch["path"])]
-        for name, index, path, points in zip(names, batch["index"], batch["path"], pixels):
-            with Image.open(path) as source:
-                width, height = source.size  # header only: no decoding unless we draw
-                row = {"index": int(index), "path": str(path), "width": width, "height": height,
-                       "keypoints": np.round(points, PIXEL_DECIMALS).tolist()}
-                if self.overlays:
-                    # Same decoding as the datasets (no EXIF rotation): the pixels the points refer to.
-                    overlay = draw_keypoints(source.convert("RGB"), points)
-                    row["overlay"] = save_png(overlay, self._dir / "overlays" / name).relative_to(self._dir).as_posix()
+        for b, (name, index, path, points) in enumerate(zip(names, batch["index"], batch["path"], pixels)):
+            # The upright frame the dataset cropped from (EXIF orientation applied).
+            width, height = (int(v) for v in sizes[b]) if sizes is not None else upright_size(path)
+            row = {"index": int(index), "path": str(path), "width": width, "height": height,
+                   "keypoints": np.round(points, PIXEL_DECIMALS).tolist(), "inside": inside[b].tolist()}
+            if self.overlays:
+                # read_image decodes as the datasets do: the pixels the points refer to.
+                overlay = keypoint_overlay(read_image(path, background), points, tokens, inside[b])
+                row["overlay"] = save_png(overlay, self._dir / "overlays" / name).relative_to(self._dir).as_posix()
             self._rows.append(row)
         if self.heatmaps:
             self._write_heatmaps(pl_module, batch["image"], prediction["keypoints"], names, batch_idx)
@@ -117,15 +143,21 @@ class KeypointWriter(BasePredictionWriter):
         tokens = pl_module.keypoint_tokens
         generator = torch.Generator(device=pl_module.device).manual_seed(batch_idx)
         maps = pl_module.maps_of(images.to(pl_module.device), generator)[:, tokens].float().cpu()  # (B, K, R, R)
-        size = images.shape[-1]
-        for name, image, heat, points in zip(names, images, maps, keypoints.detach().cpu().double().numpy() * size):
-            base = to_pil(image)
+        for name, image, heat, points in zip(names, images, maps, keypoints.detach().cpu().double().numpy()):
+            base, _ = fit_for_display(to_pil(image), HEATMAP_CELL_PX, HEATMAP_CELL_PX)
+            points = points * base.width
+            low, high = float(heat.min()), float(heat.max())
             cells = [
-                captioned(draw_keypoints(heatmap_overlay(base, heat[k]), points[k : k + 1], [str(k)], color_ids=[k]),
-                          f"keypoint {k} · token {int(tokens[k])}")
+                captioned(
+                    draw_keypoints(heatmap_overlay(base, heat[k], low=low, high=high), points[k : k + 1], [str(k)],
+                                   color_ids=[k]),
+                    f"keypoint {k} · token {int(tokens[k])}",
+                )
                 for k in range(len(tokens))
             ]
-            save_png(grid(cells, columns=5), self._dir / "heatmaps" / name)
+            picture = grid(cells, columns=5)
+            bar = colorbar(picture.width, low, high, "attention probability (one scale for every map)")
+            save_png(with_legend(picture, bar), self._dir / "heatmaps" / name)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = sorted(gather_rows(trainer, self._rows), key=lambda row: row["index"])
@@ -164,11 +196,29 @@ class KeypointWriter(BasePredictionWriter):
             for skipped in header["skipped"]:
                 file.write(f"# skipped: {skipped['path']} ({skipped['reason']})\n")
             writer = csv.writer(file)
-            writer.writerow(["path", "width", "height", "k", "x", "y"])
+            writer.writerow(["path", "width", "height", "k", "x", "y", "inside"])
             for row in rows:
-                for k, (x, y) in enumerate(row["keypoints"]):
-                    writer.writerow([row["path"], row["width"], row["height"], k, x, y])
+                for k, ((x, y), inside) in enumerate(zip(row["keypoints"], row["inside"])):
+                    writer.writerow([row["path"], row["width"], row["height"], k, x, y, str(inside).lower()])
         return path
+
+
+def keypoint_overlay(
+    image: Image.Image, points_px: np.ndarray, tokens: list[int], inside: np.ndarray | None = None
+) -> Image.Image:
+    """The image at display size (``fit_for_display``) with points_px (K, 2) drawn, above their legend.
+
+    points_px are continuous (x, y) pixels of ``image``; the legend names each number's token and
+    marks the points outside the photo (in the padding of its square crop, so not drawn).
+    """
+    display, scale = fit_for_display(image)
+    inside = np.ones(len(points_px), bool) if inside is None else np.asarray(inside, bool)
+    drawn = draw_keypoints(display, np.asarray(points_px, dtype=np.float64) * scale)
+    entries = [
+        (PALETTE[k % len(PALETTE)], f"{k}: token {token}" + ("" if inside[k] else " (outside the photo)"))
+        for k, token in enumerate(tokens[: len(points_px)])
+    ]
+    return with_legend(drawn, legend(entries, drawn.width))
 
 
 def overlay_name(index: int, path: str) -> str:
@@ -187,11 +237,5 @@ def gather_rows(trainer: L.Trainer, rows: list[dict]) -> list[dict]:
 
 
 def skipped_files(trainer: L.Trainer) -> list[dict[str, str]]:
-    """Files the predict datasets could not decode (``ImageFolderDataset.skipped``), else []."""
-    loaders = trainer.predict_dataloaders
-    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    return [
-        {"path": str(path), "reason": reason}
-        for loader in loaders
-        for path, reason in getattr(loader.dataset, "skipped", ())
-    ]
+    """Files the DataModule left out because they could not be decoded (``KeypointDataModule.unreadable``)."""
+    return [{"path": str(path), "reason": reason} for path, reason in getattr(trainer.datamodule, "unreadable", ())]

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -23,7 +24,21 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
-from callbacks.drawing import captioned, draw_comparison, draw_keypoints, grid, heatmap_overlay, save_png, to_pil
+from callbacks.drawing import (
+    PREDICTION_RGB,
+    TRUTH_RGB,
+    captioned,
+    colorbar,
+    draw_comparison,
+    draw_keypoints,
+    fit_for_display,
+    grid,
+    heatmap_overlay,
+    legend,
+    save_png,
+    to_pil,
+    with_legend,
+)
 from lightning_modules.selection import argmax_pixels, select_tokens
 
 
@@ -46,21 +61,27 @@ def first_images(dataloader: DataLoader, num_images: int) -> Tensor:
 
 
 class AttentionVisualizer(Callback):
-    """Every ``every_n_steps`` steps, the attention maps of the tokens a step would optimize.
+    """Every ``every_n_steps`` steps, the attention maps of the tokens a step would optimize; at the
+    end of fit, those of the final keypoint tokens.
 
     At the start of training it fixes the first ``num_images`` images of
     ``trainer.datamodule.keypoint_index_dataloader()`` (no augmentation) and a noise seed, so the
-    pictures of successive steps differ by the learned context alone. For each image it selects
-    tokens as a training step does (``lightning_modules.selection.select_tokens`` with the model's
-    ``top_k``, ``furthest_point_num_samples``, ``selection`` and ``sigma_px``) and draws one grid:
-    the image with each selected token's peak, then up to ``max_tokens`` heat-map overlays
-    captioned ``token {t} · step {s}``. Token t has the colour ``PALETTE[t % 30]`` in every picture.
+    pictures of successive steps differ by the learned context alone. During training the global
+    keypoint tokens are not chosen yet (they are ranked after fit, SPEC 5.1), so for each image it
+    selects tokens as a training step does (``lightning_modules.selection.select_tokens`` with the
+    model's ``top_k``, ``furthest_point_num_samples``, ``selection`` and ``sigma_px``), and says so
+    on the picture; when the model already has its keypoint tokens (a pretrained context) those are
+    drawn instead. Each picture is one grid: the image with each token's peak, then up to
+    ``max_tokens`` heat-map overlays, all on one colour scale drawn as a colour bar below.
+    Token t has the colour ``PALETTE[t % 30]`` in every picture.
 
     Pictures go to ``<run_dir>/visualizations/step_{s:06d}/image_{i}.png`` and, with a W&B
     logger, to ``attention/heatmaps``. The first is drawn at the start of training (the initial
-    context), then whenever ``global_step`` is a multiple of ``every_n_steps``. Each costs one UNet
-    pass over ``num_images`` images, on global rank 0 only (the other ranks wait at the next
-    gradient synchronization, no longer).
+    context), then whenever ``global_step`` is a multiple of ``every_n_steps``; once fit has ranked
+    the keypoint tokens, ``visualizations/final/image_{i}.png`` shows them (captioned ``keypoint
+    k · token t``, the numbering of ``predict``). Each costs one UNet pass over ``num_images``
+    images, on global rank 0 only (the other ranks wait at the next gradient synchronization, no
+    longer).
 
     Args:
         every_n_steps: optimizer steps between pictures.
@@ -107,6 +128,12 @@ class AttentionVisualizer(Callback):
             self.visualize(trainer, pl_module)
 
     @rank_zero_only
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # After the module's on_fit_end, which ranks the final keypoint tokens.
+        if stage == "fit" and self._images is not None and pl_module.keypoint_tokens.numel():
+            self._draw(trainer, pl_module, "final", log=False)
+
+    @rank_zero_only
     @torch.no_grad()
     def visualize(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Draws and writes (and logs) the pictures of the current step, once per step."""
@@ -115,40 +142,72 @@ class AttentionVisualizer(Callback):
         if step == self._last_step:
             return
         self._last_step = step
+        self._draw(trainer, pl_module, f"step_{step:06d}", log=True)
+
+    @torch.no_grad()
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, folder_name: str, log: bool) -> None:
+        step = trainer.global_step
         hp = pl_module.hparams
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         maps = pl_module.maps_of(self._images.to(pl_module.device), generator).float()  # (N, T, R, R)
-        tokens = select_tokens(maps, hp.top_k, hp.furthest_point_num_samples, hp.selection, hp.sigma_px)
+        final = pl_module.keypoint_tokens.numel() > 0
+        if final:
+            tokens = pl_module.keypoint_tokens.to(maps.device)[None].expand(len(maps), -1)
+        else:
+            tokens = select_tokens(maps, hp.top_k, hp.furthest_point_num_samples, hp.selection, hp.sigma_px)
         tokens = tokens[:, : self.max_tokens]
         selected = maps[torch.arange(len(maps), device=maps.device)[:, None], tokens].cpu()  # (N, k, R, R)
         tokens = tokens.cpu()
         peaks = (argmax_pixels(selected).double() + 0.5) * self.cell_px / maps.shape[-1]  # (N, k, 2) cell pixels
+        if final:
+            heading, note = f"keypoint tokens · step {step}", "the final keypoint tokens"
+            captions = [f"keypoint {k} · token {t} · step {step}" for k, t in enumerate(tokens[0].tolist())]
+        else:
+            heading, captions = f"selected tokens · step {step}", None
+            note = "tokens selected for this image; the keypoint tokens are ranked after fit"
         pictures = [
-            attention_grid(image, heat, image_tokens.tolist(), points.numpy(), step, self.cell_px)
+            attention_grid(image, heat, image_tokens.tolist(), points.numpy(), step, self.cell_px, heading, captions,
+                           note)
             for image, heat, image_tokens, points in zip(self._images, selected, tokens, peaks)
         ]
-        folder = pl_module.run_dir() / "visualizations" / f"step_{step:06d}"
+        folder = pl_module.run_dir() / "visualizations" / folder_name
         for i, picture in enumerate(pictures):
             save_png(picture, folder / f"image_{i}.png")
-        logger = wandb_logger(trainer)
+        logger = wandb_logger(trainer) if log else None
         if logger is not None:
             logger.log_image(key="attention/heatmaps", images=pictures,
                              caption=[f"image {i} · step {step}" for i in range(len(pictures))], step=step)
 
 
 def attention_grid(
-    image: Tensor, maps: Tensor, tokens: list[int], points_px: np.ndarray, step: int, cell_px: int
+    image: Tensor,
+    maps: Tensor,
+    tokens: list[int],
+    points_px: np.ndarray,
+    step: int,
+    cell_px: int,
+    heading: str | None = None,
+    captions: list[str] | None = None,
+    note: str | None = None,
 ) -> Image.Image:
     """image (3, S, S), maps (k, R, R) of ``tokens`` (k,), their peaks points_px (k, 2) in pixels of a
-    cell_px picture -> one grid: the peaks on the image, then each token's heat-map overlay."""
+    cell_px picture -> one grid: the peaks on the image, then each token's heat-map overlay, on one
+    colour scale shown by a colour bar below. ``heading``/``captions`` title the first cell and the
+    maps (default ``selected tokens · step s`` and ``token t · step s``); ``note`` is added to the
+    colour bar's title (what the tokens are)."""
     base = to_pil(image).resize((cell_px, cell_px), Image.Resampling.BILINEAR)
     labels = [str(t) for t in tokens]
-    cells = [captioned(draw_keypoints(base, points_px, labels, color_ids=tokens), f"selected tokens · step {step}")]
+    heading = f"selected tokens · step {step}" if heading is None else heading
+    captions = [f"token {t} · step {step}" for t in tokens] if captions is None else captions
+    low, high = float(maps.min()), float(maps.max())
+    cells = [captioned(draw_keypoints(base, points_px, labels, color_ids=tokens), heading)]
     for j, token in enumerate(tokens):
-        heat = heatmap_overlay(base, maps[j])
+        heat = heatmap_overlay(base, maps[j], low=low, high=high)
         cells.append(captioned(draw_keypoints(heat, points_px[j : j + 1], labels[j : j + 1], color_ids=[token]),
-                               f"token {token} · step {step}"))
-    return grid(cells, columns=math.ceil(math.sqrt(len(cells))))
+                               captions[j]))
+    picture = grid(cells, columns=math.ceil(math.sqrt(len(cells))))
+    title = "attention probability, one scale for every map" + (f" · {note}" if note else "")
+    return with_legend(picture, colorbar(picture.width, low, high, title))
 
 
 def per_image_error(metric: Metric, preds: Tensor, target: Tensor, visible: Tensor) -> Tensor:
@@ -182,8 +241,9 @@ class TestResultsTable(Callback):
     Reads the test split's batches (dataloader 1) and the ``predictions`` (B, J, 2) that
     ``test_step`` returns for them, and scores each image with the functional twin of
     ``pl_module.test_metric`` (its ``per_image``; for PCK the value is a percentage, higher is better).
-    At the end of the test it writes ``<run_dir>/test_examples/example_{i:03d}.png`` (blue disc:
-    ground truth, orange square: prediction, white line: the error) and ``examples.csv``
+    At the end of the test it writes ``<run_dir>/test_examples/example_{i:03d}.png`` (the model's
+    input at display size, longer side in [256, 1024] px; blue disc: ground truth, orange square:
+    prediction, white line: the error; the file name, the error and this legend on the picture) and ``examples.csv``
     (path, image, ground_truth, prediction, error; points normalized (x, y), ``null`` = not
     visible) and, with a W&B logger, a ``test/examples`` table of the same columns. Under DDP the
     rows are the first test images of rank 0's share.
@@ -225,11 +285,15 @@ class TestResultsTable(Callback):
         preds = outputs["predictions"].detach().cpu()
         target, visible = batch["keypoints"].cpu(), batch["visible"].cpu()
         errors = per_image_error(pl_module.test_metric, preds, target, visible)
+        metric = type(pl_module.test_metric).__name__
         for b in range(min(len(preds), self.max_rows - len(self._examples))):
-            image = to_pil(batch["image"][b])
-            scale = np.array(image.size, dtype=np.float64)  # normalized -> pixels of the model's image
+            image, _ = fit_for_display(to_pil(batch["image"][b]))
+            scale = np.array(image.size, dtype=np.float64)  # normalized -> pixels of the displayed image
             picture = draw_comparison(image, target[b].double().numpy() * scale, preds[b].double().numpy() * scale,
                                       visible[b].numpy())
+            picture = captioned(picture, f"{Path(str(batch['path'][b])).name} · {metric} {float(errors[b]):.4g}")
+            key = [(TRUTH_RGB, "ground truth"), (PREDICTION_RGB, "prediction", "square"), ((255, 255, 255), "error")]
+            picture = with_legend(picture, legend(key, picture.width))
             self._examples.append(
                 _Example(str(batch["path"][b]), picture, _points(target[b], visible[b]), _points(preds[b]),
                          float(errors[b]))

@@ -9,6 +9,15 @@ Crops follow StableKeypoints (from CMR): the box, padded by 5 % of its size on e
 each side also jittered by up to 5 %, and a random mirror), made square around its centre, cropped
 (outside the image filled) and resized to S. ``cub_aligned`` uses the tight square crop of the box
 with no augmentation, like the pre-cropped "aligned" CUB of AutoLink that StableKeypoints used.
+
+Splits. By default the official ``train_test_split.txt`` (``cub_all`` keeps images with at least
+6 visible parts). StableKeypoints' published numbers used the cleaned split files of CMR's
+cachedir instead (``datasets/cub_parts.py``, ``CUBDataset``: ``<cachedir>/data/{train,test}_cub_cleaned.mat``;
+AutoLink built the ``cub.h5`` of ``cub_aligned`` from the same two files): 5964 train images and a
+test split of 2874 (a seeded random half of CMR's cleaned official test images), so per class
+29/17 (001), 30/14 (002), 30/15 (003). ``cmr_cachedir`` reads the image lists of those files
+(scipy needed) and takes every image's annotations from the official text files as usual, so the
+splits are exactly SK's.
 """
 
 from __future__ import annotations
@@ -27,13 +36,12 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 from tqdm import tqdm
 
-from data.base import KeypointDataModule
-from data.folder import crop_resize
+from data.base import STAGE_SPLITS, KeypointDataModule, crop_matrix, crop_points, crop_resize, image_region, image_tensor
+from data.images import GRAY_RGB, read_image
 from lightning_modules.errors import ConfigError, MissingFileError
 
 #: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
@@ -59,6 +67,14 @@ JITTER_FRAC = 0.05
 #: StableKeypoints drops `cub_all` images with fewer visible parts than this.
 MIN_VISIBLE_PARTS = 6
 _DOWNLOAD_CHUNK_BYTES = 1 << 20
+#: The split files StableKeypoints reads from CMR's cachedir (``datasets/cub_parts.py``:
+#: ``'%s_cub_cleaned.mat' % split`` under ``<cachedir>/data``); its ``sfm/anno_*.mat`` hold camera
+#: poses no keypoint protocol uses, so they are not needed here.
+CMR_SPLIT_FILES: dict[str, str] = {"train": "data/train_cub_cleaned.mat", "test": "data/test_cub_cleaned.mat"}
+CMR_SOURCE = (
+    "CMR's CUB cachedir comes from https://github.com/akanazawa/cmr (cachedir.tar.gz, see its issue 3); "
+    "point data.init_args.cmr_cachedir at its cachedir/cub folder, the one holding data/train_cub_cleaned.mat."
+)
 
 
 def _missing_message(path: Path) -> str:
@@ -179,14 +195,71 @@ def load_annotations(root: str | Path) -> CUBAnnotations:
     )
 
 
-def select_rows(annotations: CUBAnnotations, subset: Subset, split: Split) -> np.ndarray:
-    """(M,) int64 rows of ``annotations`` in ``subset`` and the official ``split``."""
-    keep = annotations.is_train == (split == "train")
-    if subset == "cub_all":
-        keep &= annotations.visible.sum(1) >= MIN_VISIBLE_PARTS
-    elif subset != "cub_aligned":
-        keep &= annotations.class_ids == int(subset.removeprefix("cub_"))
-    return np.flatnonzero(keep)
+def _import_loadmat():
+    try:
+        from scipy.io import loadmat
+    except ImportError as error:
+        raise ConfigError(
+            "data.init_args.cmr_cachedir is set, and reading CMR's .mat split files needs scipy: pip install scipy "
+            "(or leave cmr_cachedir unset to use the official split)."
+        ) from error
+    return loadmat
+
+
+def cmr_split_file(cachedir: str | Path, split: Split) -> Path:
+    """The cleaned split file of ``split`` in CMR's cachedir; a MissingFileError naming it when absent."""
+    path = Path(cachedir) / CMR_SPLIT_FILES[split]
+    if not path.is_file():
+        raise MissingFileError(f"data.init_args.cmr_cachedir={str(cachedir)!r} has no {CMR_SPLIT_FILES[split]}. {CMR_SOURCE}")
+    return path
+
+
+def read_cmr_split(cachedir: str | Path, split: Split) -> list[str]:
+    """Image paths (relative to ``images/``) of CMR's cleaned ``split``, in file order.
+
+    The file holds one struct array ``images`` whose entries have ``rel_path``, ``bbox``, ``parts``
+    (1-based pixels), ``mask``, ``class_id``...; it is read as StableKeypoints reads it
+    (``loadmat(..., struct_as_record=False, squeeze_me=True)['images']``) and only ``rel_path`` is
+    kept: the annotations come from the official text files.
+    """
+    loadmat = _import_loadmat()
+    path = cmr_split_file(cachedir, split)
+    contents = loadmat(str(path), struct_as_record=False, squeeze_me=True)
+    if "images" not in contents:
+        raise ConfigError(f"{path} holds no 'images' struct array: it is not one of CMR's *_cub_cleaned.mat files.")
+    try:
+        return [str(image.rel_path) for image in np.atleast_1d(contents["images"])]
+    except AttributeError as error:
+        raise ConfigError(f"{path}: an entry of 'images' has no rel_path: it is not one of CMR's *_cub_cleaned.mat files.") from error
+
+
+def select_rows(
+    annotations: CUBAnnotations, subset: Subset, split: Split, split_paths: Sequence[str] | None = None
+) -> np.ndarray:
+    """(M,) int64 rows of ``annotations`` in ``subset`` and ``split``.
+
+    Without ``split_paths``: the official split, and for ``cub_all`` at least
+    ``MIN_VISIBLE_PARTS`` visible parts. With ``split_paths`` (a CMR split, ``read_cmr_split``):
+    exactly those images, in that order, with no further filter (CMR's cleaning already dropped
+    truncated birds); a class subset keeps its class, as StableKeypoints' ``single_class`` does.
+    """
+    if split_paths is None:
+        keep = annotations.is_train == (split == "train")
+        if subset == "cub_all":
+            keep &= annotations.visible.sum(1) >= MIN_VISIBLE_PARTS
+        rows = np.flatnonzero(keep)
+    else:
+        row_of_path = {path: row for row, path in enumerate(annotations.paths)}
+        unknown = [path for path in split_paths if path not in row_of_path]
+        if unknown:
+            raise ConfigError(
+                f"The CMR {split} split lists {len(unknown)} images that images.txt of this CUB root does not, "
+                f"e.g. {unknown[0]!r}: cmr_cachedir and root must belong to the same CUB-200-2011."
+            )
+        rows = np.array([row_of_path[path] for path in split_paths], dtype=np.int64)
+    if subset not in ("cub_all", "cub_aligned"):
+        rows = rows[annotations.class_ids[rows] == int(subset.removeprefix("cub_"))]
+    return rows
 
 
 def square_crop_box(box_xywh: Sequence[float], outward_frac: Sequence[float] = (0.0, 0.0, 0.0, 0.0)) -> tuple[float, float, float, float]:
@@ -207,24 +280,11 @@ def square_crop_box(box_xywh: Sequence[float], outward_frac: Sequence[float] = (
     return cx - half, cy - half, cx + half, cy + half
 
 
-def normalize_parts(parts_px: np.ndarray, visible: np.ndarray, crop_box: Sequence[float]) -> np.ndarray:
-    """(J, 2) float32 (x, y) in [0, 1] over ``crop_box`` from (J, 2) pixel indices; invisible -> (0, 0)."""
-    x0, y0, x1, y1 = crop_box
-    centres = np.asarray(parts_px, dtype=np.float64) + 0.5
-    normalized = (centres - (x0, y0)) / (x1 - x0, y1 - y0)
-    return np.where(np.asarray(visible)[:, None], normalized, 0.0).astype(np.float32)
-
-
-def mirror_keypoints(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keypoints (J, 2) normalized and visible (J,) of the horizontally mirrored image.
-
-    x becomes 1 - x and left/right parts trade places; invisible parts stay (0, 0).
-    """
+def mirror_parts(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keypoints (J, 2) and visible (J,) of a mirrored image, whose points already moved: the
+    bird's left parts are now on the image's right, so left and right parts trade names."""
     permutation = list(FLIP_PERMUTATION)
-    mirrored = keypoints[permutation].clone()
-    visible = visible[permutation]
-    mirrored[:, 0] = torch.where(visible, 1 - mirrored[:, 0], mirrored[:, 0])
-    return mirrored, visible
+    return keypoints[permutation], visible[permutation]
 
 
 class CUBDataset(Dataset):
@@ -245,6 +305,9 @@ class CUBDataset(Dataset):
             gray-background tree written by ``data.cub_preprocess``.
         fill_rgb: 0-255 colour of crop regions outside the image.
         annotations: already parsed annotations of ``root`` (saves re-reading the files).
+        background_rgb: 0-255 colour under transparent pixels (``images_dir`` trees may hold RGBA PNGs).
+        split_paths: the images of ``split`` (paths relative to ``images/``) instead of the
+            official split, e.g. ``read_cmr_split(cachedir, split)`` for StableKeypoints' splits.
     """
 
     def __init__(
@@ -257,6 +320,8 @@ class CUBDataset(Dataset):
         images_dir: str | Path | None = None,
         fill_rgb: tuple[int, int, int] = (0, 0, 0),
         annotations: CUBAnnotations | None = None,
+        background_rgb: tuple[int, int, int] = GRAY_RGB,
+        split_paths: Sequence[str] | None = None,
     ) -> None:
         if subset not in get_args(Subset):
             raise ConfigError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
@@ -264,9 +329,10 @@ class CUBDataset(Dataset):
             raise ConfigError(f"split={split!r}: choose 'train' or 'test'.")
         self.annotations = load_annotations(root) if annotations is None else annotations
         self.images_dir = Path(root) / "images" if images_dir is None else Path(images_dir)
-        self.rows = select_rows(self.annotations, subset, split)
+        self.rows = select_rows(self.annotations, subset, split, split_paths)
         self.image_size = image_size
         self.fill_rgb = fill_rgb
+        self.background_rgb = background_rgb
         aligned = subset == "cub_aligned"
         self.pad_frac = 0.0 if aligned else PAD_FRAC
         self.jitter_frac = JITTER_FRAC if augment and not aligned else 0.0
@@ -282,19 +348,20 @@ class CUBDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         path = self.image_path(index)
-        with Image.open(path) as source:
-            image = source.convert("RGB")  # a few CUB images are grayscale
+        image = image_tensor(read_image(path, self.background_rgb))  # a few CUB images are grayscale
+        height, width = image.shape[-2:]
         outward = [self.pad_frac] * 4
         if self.jitter_frac:  # evaluation samples leave the global RNG untouched
             outward = (self.pad_frac + self.jitter_frac * (2 * torch.rand(4, dtype=torch.float64) - 1)).tolist()
         box = square_crop_box(self.annotations.boxes_xywh[row], outward)
-        visible = torch.from_numpy(self.annotations.visible[row].copy())
-        keypoints = torch.from_numpy(normalize_parts(self.annotations.parts_px[row], self.annotations.visible[row], box))
-        pixels = crop_resize(image, box, self.image_size, self.fill_rgb)
         flipped = self.mirror and bool(torch.rand(()) < 0.5)
+        # The crop, the resize and the mirror are one matrix, for the pixels and the parts alike.
+        pixels = crop_resize(image, box, self.image_size, self.fill_rgb, mirror=flipped)
+        visible = torch.from_numpy(self.annotations.visible[row].copy())
+        keypoints = crop_points(self.annotations.parts_px[row], crop_matrix(box, self.image_size, flipped), self.image_size)
         if flipped:
-            pixels = pixels.flip(-1)
-            keypoints, visible = mirror_keypoints(keypoints, visible)
+            keypoints, visible = mirror_parts(keypoints, visible)
+        keypoints = keypoints.masked_fill(~visible[:, None], 0.0)
         return {
             "image": pixels,
             "keypoints": keypoints,
@@ -303,6 +370,8 @@ class CUBDataset(Dataset):
             "path": str(path),
             "crop_box": torch.tensor(box, dtype=torch.float32),
             "flipped": flipped,
+            "source_size": torch.tensor([width, height]),
+            "image_region": image_region(box, width, height, flipped),
         }
 
 
@@ -394,8 +463,9 @@ def _safe_extract(archive: Path, destination: Path) -> None:
 class CUBDataModule(KeypointDataModule):
     """CUB-200-2011 from the official archive layout.
 
-    Splits: ``fit`` trains on the official train split (augmented); ``test`` fits the regressor on the
-    train split (no augmentation) and scores the official test split.
+    Splits: ``fit`` trains on the train split (augmented); ``test`` fits the regressor on the
+    train split (no augmentation) and scores the test split. The splits are the official ones, or
+    StableKeypoints' (CMR's cleaned split files) with ``cmr_cachedir``.
 
     Args:
         root: the ``CUB_200_2011/`` folder.
@@ -408,6 +478,9 @@ class CUBDataModule(KeypointDataModule):
         generate_synthetic: demo only: if ``root`` is missing and is the demo's folder
             (``data.demo.DEMO_CUB_ROOT``, ``.demo/CUB_200_2011``), write the small synthetic dataset
             of ``data.demo`` there (and say so); a missing ``root`` anywhere else is an error.
+        cmr_cachedir: CMR's ``cachedir/cub`` folder: take the train and test images from its
+            ``data/train_cub_cleaned.mat`` and ``data/test_cub_cleaned.mat``, the splits of
+            StableKeypoints' published numbers (needs scipy); ``None``: the official split.
         kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
     """
 
@@ -421,6 +494,7 @@ class CUBDataModule(KeypointDataModule):
         fill_rgb: tuple[int, int, int] = (0, 0, 0),
         download: bool = False,
         generate_synthetic: bool = False,
+        cmr_cachedir: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -438,6 +512,11 @@ class CUBDataModule(KeypointDataModule):
         self.fill_rgb = fill_rgb
         self.download = download
         self.generate_synthetic = generate_synthetic
+        self.cmr_cachedir = cmr_cachedir
+        if cmr_cachedir is not None:  # before any download or model loading
+            _import_loadmat()
+            for split in get_args(Split):
+                cmr_split_file(cmr_cachedir, split)
         self._datasets: dict[str, CUBDataset] = {}
 
     def prepare_data(self) -> None:
@@ -450,14 +529,23 @@ class CUBDataModule(KeypointDataModule):
             ensure_synthetic_cub(self.root, **DEMO_SIZE)
 
     def setup(self, stage: str | None = None) -> None:
+        self._build_datasets()
+        if stage == "predict" and self.path is not None:
+            self.path_dataset()
+            return
+        for split in ("train", "regression", "test") if stage is None else STAGE_SPLITS.get(stage, ()):
+            self._datasets[split] = self.checked(self._datasets[split], split)
+
+    def _build_datasets(self) -> None:
         if self._datasets:
             return
         annotations = load_annotations(self.root)
-        common = dict(root=self.root, subset=self.subset, image_size=self.image_size, images_dir=self.images_dir, fill_rgb=self.fill_rgb, annotations=annotations)
+        common = dict(root=self.root, subset=self.subset, image_size=self.image_size, images_dir=self.images_dir, fill_rgb=self.fill_rgb, annotations=annotations, background_rgb=self.background_rgb)
+        split_paths = {split: None if self.cmr_cachedir is None else read_cmr_split(self.cmr_cachedir, split) for split in get_args(Split)}
         self._datasets = {
-            "train": CUBDataset(split="train", augment=True, **common),
-            "regression": CUBDataset(split="train", augment=False, **common),
-            "test": CUBDataset(split="test", augment=False, **common),
+            "train": CUBDataset(split="train", augment=True, split_paths=split_paths["train"], **common),
+            "regression": CUBDataset(split="train", augment=False, split_paths=split_paths["train"], **common),
+            "test": CUBDataset(split="test", augment=False, split_paths=split_paths["test"], **common),
         }
         for dataset in (self._datasets["train"], self._datasets["test"]):
             missing = [dataset.image_path(i) for i in range(len(dataset)) if not dataset.image_path(i).is_file()]
@@ -469,9 +557,10 @@ class CUBDataModule(KeypointDataModule):
             if missing:
                 raise MissingFileError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
 
-    def _dataset(self, name: str) -> CUBDataset:
+    def _dataset(self, name: str) -> Dataset:
         if not self._datasets:
-            self.setup()
+            self._build_datasets()
+        self._datasets[name] = self.checked(self._datasets[name], name)
         return self._datasets[name]
 
     def train_dataset(self) -> Dataset:

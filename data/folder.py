@@ -10,76 +10,58 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data.base import KeypointDataModule, crop_resize, list_images
+from data.base import KeypointDataModule, crop_resize, image_region, image_tensor, list_images
+from data.images import GRAY_RGB, read_image
 
-PAD_RGB = (127, 127, 127)
-# JPEG draft decoding at 1/8 scale reads the whole stream (so truncation is caught) for little cost.
-_CHECK_DRAFT_PX = 64
-
-
-def _unreadable_reason(path: Path) -> str | None:
-    """Why ``path`` cannot be decoded as an image, or None when it can."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (_CHECK_DRAFT_PX, _CHECK_DRAFT_PX))
-            image.load()
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        return f"{type(error).__name__}: {error}"
-    return None
+PAD_RGB = GRAY_RGB
 
 
 class ImageFolderDataset(Dataset):
     """Unlabelled images of ``path`` (a folder searched recursively, or one image file).
 
-    Files that cannot be decoded are skipped with a warning naming each one; they are listed in
-    ``skipped`` as ``(path, reason)``, so a run over a scraped folder does not die on one bad file.
+    Files are read with ``data.images.read_image`` (upright, transparency on ``background_rgb``);
+    the DataModule decode-checks them at set-up (``KeypointDataModule.checked``).
 
     Args:
         path: folder or image file.
         image_size: side S of the returned images, in pixels.
         mirror: randomly mirror half of the samples (training augmentation; torch's RNG, so
             seeding and DataLoader worker seeds apply).
+        background_rgb: 0-255 colour under transparent pixels.
     """
 
-    def __init__(self, path: str | Path, image_size: int, mirror: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, image_size: int, mirror: bool = False, background_rgb: tuple[int, int, int] = GRAY_RGB
+    ) -> None:
         self.image_size = image_size
         self.mirror = mirror
-        self.files: list[Path] = []
-        self.skipped: list[tuple[Path, str]] = []
-        for file in list_images(path):
-            reason = _unreadable_reason(file)
-            if reason is None:
-                self.files.append(file)
-            else:
-                self.skipped.append((file, reason))
-                rank_zero_warn(f"Skipping unreadable image {str(file)!r} ({reason}).")
-        if not self.files:
-            raise FileNotFoundError(f"data.path={str(path)!r}: none of its {len(self.skipped)} image files can be decoded.")
+        self.background_rgb = background_rgb
+        self.files: list[Path] = list_images(path)
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def image_path(self, index: int) -> Path:
+        return self.files[index]
+
     def __getitem__(self, index: int) -> dict:
         path = self.files[index]
-        with Image.open(path) as source:
-            image = source.convert("RGB")
-        width, height = image.size
+        image = image_tensor(read_image(path, self.background_rgb))
+        height, width = image.shape[-2:]
         side = max(width, height)
         box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-        pixels = crop_resize(image, box, self.image_size, PAD_RGB)
         flipped = self.mirror and bool(torch.rand(()) < 0.5)
-        if flipped:
-            pixels = pixels.flip(-1)
+        pixels = crop_resize(image, box, self.image_size, PAD_RGB, mirror=flipped)
         return {
             "image": pixels,
             "index": index,
             "path": str(path),
             "crop_box": torch.tensor(box, dtype=torch.float32),
             "flipped": flipped,
+            "source_size": torch.tensor([width, height]),
+            "image_region": image_region(box, width, height, flipped),
         }
 
 
@@ -91,12 +73,23 @@ class ImageFolderDataModule(KeypointDataModule):
         image_size: side S of the square images fed to the model, in pixels.
         batch_size: images per device and step.
         num_workers: DataLoader worker processes.
+        background_rgb: 0-255 colour under transparent pixels (see ``KeypointDataModule``).
+        skip_unreadable: leave out (and list) files that cannot be decoded instead of failing at set-up.
     """
 
-    def __init__(self, path: str, image_size: int = 512, batch_size: int = 4, num_workers: int = 2) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path)
-        self._train: ImageFolderDataset | None = None
-        self._plain: ImageFolderDataset | None = None
+    def __init__(
+        self,
+        path: str,
+        image_size: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        background_rgb: tuple[int, int, int] = GRAY_RGB,
+        skip_unreadable: bool = False,
+    ) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, path=path,
+                         background_rgb=background_rgb, skip_unreadable=skip_unreadable)
+        self._train: Dataset | None = None
+        self._plain: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "test":
@@ -105,7 +98,11 @@ class ImageFolderDataModule(KeypointDataModule):
                 "keypoints. Use a labelled DataModule (e.g. data.cub.CUBDataModule) or run `predict`."
             )
         if stage in (None, "fit") and self._train is None:
-            self._train = ImageFolderDataset(self.path, self.image_size, mirror=True)
+            self._train = self.checked(
+                ImageFolderDataset(self.path, self.image_size, mirror=True, background_rgb=self.background_rgb), "train"
+            )
+        if stage == "predict":
+            self.path_dataset()
 
     def train_dataset(self) -> Dataset:
         if self._train is None:
@@ -113,8 +110,8 @@ class ImageFolderDataModule(KeypointDataModule):
         return self._train
 
     def keypoint_index_dataloader(self) -> DataLoader:
-        # No labelled regression split here: rank the keypoint tokens on the unaugmented images
-        # (built once: the dataset checks every file when it is made).
+        # No labelled regression split here: rank the keypoint tokens on the unaugmented images.
         if self._plain is None:
-            self._plain = ImageFolderDataset(self.path, self.image_size)
+            self._plain = self.checked(ImageFolderDataset(self.path, self.image_size, background_rgb=self.background_rgb),
+                                       "train")
         return self._loader(self._plain, shuffle=False)

@@ -19,24 +19,27 @@ regression loader of the same files maps them with ``2k - 1`` to [-1, 1] and rea
 Here the columns are swapped to (x, y). A file holding pixel
 values instead fails loudly (see ``Human36MDataset``). All joints are visible, as in SK.
 
-Reading the ``.mat`` files needs scipy, which the project does not require: it is imported only
-when a labelled split is built.
+Reading the ``.mat`` files needs scipy (pinned in ``requirements.txt`` for the tests, but optional):
+it is imported only when a labelled split is built.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
 from data.base import crop_resize, require_file
+from data.images import read_image
 from data.whole_image import SplitsDataModule, WholeImageDataset
+
+if TYPE_CHECKING:
+    from lightning_modules.regressor import LinearKeypointRegressor
 
 
 H36M_SOURCE = (
@@ -99,13 +102,14 @@ class Human36MDataset(WholeImageDataset):
         frame = self.files[index]
         return require_file(frame.parents[2] / folder / frame.parent.name / (frame.stem + suffix), H36M_SOURCE)
 
-    def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        image, size = super()._load(index)
-        with Image.open(self._sibling(index, "BackgroudMask", ".png")) as mask:
-            # Binarized first: the masks are bilevel, stored as 0/1 or 0/255 depending on the writer.
-            mask = Image.fromarray(np.where(np.array(mask.convert("L")) > 0, 255, 0).astype(np.uint8))
+    def _load(self, index: int, mirror: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        image, size = super()._load(index, mirror)
+        mask = read_image(self._sibling(index, "BackgroudMask", ".png"))
+        # Binarized first: the masks are bilevel, stored as 0/1 or 0/255 depending on the writer.
+        mask = torch.from_numpy(np.array(mask.convert("L")) > 0).float().expand(3, -1, -1)
         # Resized like the image so its edge is as soft as SK's bilinear-upsampled mask.
-        return image * crop_resize(mask.convert("RGB"), (0, 0, *mask.size), self.image_size, (0, 0, 0)), size
+        height, width = mask.shape[-2:]
+        return image * crop_resize(mask, (0, 0, width, height), self.image_size, (0, 0, 0), mirror=mirror), size
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._loadmat is None:
@@ -124,8 +128,8 @@ class Human36MDataModule(SplitsDataModule):
     """Human3.6M, background masked (SK's ``human3.6m``).
 
     Splits: train (unlabelled) and regression are the frames of ``train_subjects``, test those of
-    ``test_subjects``. Metric: mean joint error x128, the smaller of the plain and the
-    left/right-swapped ground truth.
+    ``test_subjects``. Regressor: StableKeypoints' orientation-invariant fit (``fit_regressor``).
+    Metric: mean joint error x128, the smaller of the plain and the left/right-swapped ground truth.
 
     Args:
         root: the folder holding ``S1/``, ``S5/``, ...
@@ -160,3 +164,11 @@ class Human36MDataModule(SplitsDataModule):
         from lightning_modules.metrics import H36M_LEFT_RIGHT_SWAP, OrientationInvariantError
 
         return OrientationInvariantError(scale=128, swap=H36M_LEFT_RIGHT_SWAP)
+
+    def fit_regressor(self, keypoints: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor) -> LinearKeypointRegressor:
+        """StableKeypoints' orientation-invariant fit (``regressor.fit_orientation_invariant_regressor``)."""
+        from lightning_modules.metrics import H36M_LEFT_RIGHT_SWAP, swap_permutation
+        from lightning_modules.regressor import LinearKeypointRegressor
+
+        swap = swap_permutation(targets.shape[1], H36M_LEFT_RIGHT_SWAP)
+        return LinearKeypointRegressor.fit_orientation_invariant(keypoints, targets, visible, swap=swap)

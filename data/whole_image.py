@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from data.base import KeypointDataModule, crop_resize, require_file
+from data.base import STAGE_SPLITS, KeypointDataModule, crop_resize, image_region, image_tensor, require_file
+from data.images import GRAY_RGB, read_image
 
 
 class WholeImageDataset(Dataset):
@@ -22,33 +22,47 @@ class WholeImageDataset(Dataset):
     labelled subclasses never pass it: a mirrored label would also need its left/right swap).
     """
 
-    def __init__(self, files: Sequence[Path], image_size: int, source: str, flip_prob: float = 0.0) -> None:
+    def __init__(
+        self,
+        files: Sequence[Path],
+        image_size: int,
+        source: str,
+        flip_prob: float = 0.0,
+        background_rgb: tuple[int, int, int] = GRAY_RGB,
+    ) -> None:
         self.files = list(files)
         self.image_size = image_size
         self.source = source
         self.flip_prob = flip_prob
+        self.background_rgb = background_rgb
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(image (3, S, S) in [0, 1], (W, H) of the source image in pixels)."""
-        with Image.open(require_file(self.files[index], self.source)) as image:
-            return crop_resize(image.convert("RGB"), (0, 0, *image.size), self.image_size, (0, 0, 0)), image.size
+    def image_path(self, index: int) -> Path:
+        return self.files[index]
+
+    def _load(self, index: int, mirror: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(image (3, S, S) in [0, 1], mirrored when ``mirror``; (W, H) of the upright source image in pixels)."""
+        pixels = image_tensor(read_image(require_file(self.files[index], self.source), self.background_rgb))
+        height, width = pixels.shape[-2:]
+        return crop_resize(pixels, (0, 0, width, height), self.image_size, (0, 0, 0), mirror=mirror), (width, height)
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(keypoints (J, 2) (x, y) in [0, 1], visible (J,) bool) of sample ``index``; None when unlabelled."""
         return None
 
     def __getitem__(self, index: int) -> dict:
-        image, (width, height) = self._load(index)
         flipped = bool(self.flip_prob > 0 and torch.rand(()) < self.flip_prob)
+        image, (width, height) = self._load(index, mirror=flipped)
         sample = {
-            "image": image.flip(-1) if flipped else image,
+            "image": image,
             "index": index,
             "path": str(self.files[index]),
             "crop_box": torch.tensor([0.0, 0.0, width, height]),
             "flipped": flipped,
+            "source_size": torch.tensor([width, height]),
+            "image_region": image_region((0, 0, width, height), width, height, flipped),
         }
         labels = self._labels(index, width, height)
         if labels is not None:
@@ -61,10 +75,10 @@ class WholeImageDataset(Dataset):
 class SplitsDataModule(KeypointDataModule):
     """Builds each split once, on first use; ``setup`` builds the splits its stage needs.
 
-    Building in ``setup`` makes a missing file fail before the model loads its weights.
+    Building in ``setup`` makes a missing or unreadable file fail before the model loads its weights.
     """
 
-    _STAGE_SPLITS = {"fit": ("train", "regression"), "test": ("regression", "test"), "predict": ("test",)}
+    _STAGE_SPLITS = STAGE_SPLITS
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -75,11 +89,15 @@ class SplitsDataModule(KeypointDataModule):
 
     def _split(self, split: Literal["train", "regression", "test"]) -> Dataset:
         if split not in self._datasets:
-            self._datasets[split] = self._build(split)
+            dataset = self._build(split)
+            if isinstance(dataset, WholeImageDataset):
+                dataset.background_rgb = self.background_rgb  # one setting for every split's reader
+            self._datasets[split] = self.checked(dataset, split)
         return self._datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.path is not None:
+            self.path_dataset()
             return
         for split in ("train", "regression", "test") if stage is None else self._STAGE_SPLITS.get(stage, ()):
             self._split(split)

@@ -8,18 +8,28 @@ behaviour), unless ``replace_output`` reproduces StableXLKeypoints. Nothing afte
 layer can change the maps, so the forward pass stops there.
 
 Uses diffusers' attention-processor API: each captured ``Attention`` module gets a
-``CaptureProcessor`` wrapping its original processor; every other layer keeps its fused default.
+``CaptureProcessor`` wrapping its original processor; every other layer keeps its fused default
+(wrapped so that it accepts the per-call argument). The state of one UNet call (resolution, the
+maps recorded so far, which layers ran) is an ``AttentionCall`` passed with the call as
+``cross_attention_kwargs={"call": ...}``, the way zero123plus' own reference UNet passes its mode
+and stored states, so a gradient-checkpointing recompute is pure. The early stop raises out of the
+last captured layer; under checkpointing, torch's recompute ends once the last saved tensor is
+rebuilt (its default early stop), which is before that raise.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
+
+from lightning_modules.errors import ConfigError
 
 
 class _StopForward(Exception):
@@ -160,6 +170,51 @@ def upsampled_queries(q: Tensor, weights: Tensor | None) -> Tensor:
     return queries.block(0, queries.length)
 
 
+@dataclass(eq=False)
+class AttentionCall:
+    """The state of one UNet call, passed to every processor as ``cross_attention_kwargs={"call": ...}``.
+
+    Nothing about a call lives in a processor or in the capture: a recompute of part of the call
+    (gradient checkpointing replays blocks in backward) sees exactly what the first forward saw and
+    takes the same branches. What a recompute writes is ignored: each layer records its maps once.
+
+    Args:
+        resolution: R, the side of the maps.
+        record: compute and record maps at the captured layers (``False``: run through them, e.g. a
+            reference-attention write pass).
+        family: per-call state of a family's own processors (zero123plus keeps its reference pass here).
+    """
+
+    resolution: int
+    record: bool = True
+    family: dict[str, Any] = field(default_factory=dict)
+    #: Captured layers in the order the first forward recorded them, and the running sum of their maps.
+    recorded: list[str] = field(default_factory=list)
+    total: Tensor | None = None
+    #: Captured layers this call reached, and the one that completed the set (learned by the first forward).
+    visited: set[str] = field(default_factory=set)
+    last: str | None = None
+
+
+class PerCallProcessor:
+    """Wraps a layer's processor so that it accepts (and ignores) the per-call ``call`` argument.
+
+    diffusers drops ``cross_attention_kwargs`` a processor does not name, with a warning per call.
+    """
+
+    def __init__(self, original: Callable) -> None:
+        self.original = original
+
+    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, call: AttentionCall | None = None) -> Tensor:
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def accepts_call(processor: Callable) -> bool:
+    """Whether a processor takes the per-call ``call`` argument."""
+    return "call" in inspect.signature(processor.__call__).parameters
+
+
 class CaptureProcessor:
     """Attention processor that records upsampled cross-attention maps, then runs the original."""
 
@@ -168,24 +223,29 @@ class CaptureProcessor:
         self.name = name
         self.original = original
 
-    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *args, **kwargs) -> Tensor:
+    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, call: AttentionCall | None = None) -> Tensor:
+        if call is None:  # a plain UNet call, outside AttentionCapture.maps
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         capture = self.capture
-        if not capture.recording:
-            output = self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-            capture._visited(self.name)
-            return output
-        maps, replaced = self._maps(attn, hidden_states, encoder_hidden_states)
-        capture._record(self.name, maps)
-        if replaced is not None:
-            output = replaced
-        elif capture._is_last(self.name) and capture.stop_early:
-            output = None  # nothing downstream is needed: skip the layer's own attention
-        else:
-            output = self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        capture._visited(self.name)
+        if call.last is None and len(call.visited | {self.name}) == len(capture.layers):
+            call.last = self.name
+        stop_here = capture.stop_early and self.name == call.last
+        output = None
+        if call.record:
+            maps, output = self._maps(attn, hidden_states, encoder_hidden_states, call.resolution)
+            if self.name not in call.recorded:
+                # A running sum: one (B, R*R, T) tensor alive instead of one per layer.
+                call.recorded.append(self.name)
+                call.total = maps if call.total is None else call.total + maps
+        if output is None and not stop_here:  # the forward stops here: nothing reads the layer's output
+            output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        call.visited.add(self.name)
+        if stop_here:
+            raise _StopForward
         return output
 
-    def _maps(self, attn: Attention, hidden_states: Tensor, context: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _maps(self, attn: Attention, hidden_states: Tensor, context: Tensor, res: int) -> tuple[Tensor, Tensor | None]:
         capture = self.capture
         batch, length, channels = hidden_states.shape
         side = round(length**0.5)
@@ -193,14 +253,13 @@ class CaptureProcessor:
             raise ValueError(f"Layer {self.name} sees a non-square {length}-pixel feature map; use square images.")
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        res = capture.resolution
         weights = None
         if capture.upsample_queries:
             # to_q is affine per pixel and bicubic weights sum to 1, so upsampling the projected
             # queries equals projecting the upsampled features (StableKeypoints' order) at
             # (R / side)^2 fewer FLOPs; the upsampling itself happens inside the attention blocks.
             q = attn.to_q(hidden_states)
-            weights = capture.bicubic_weights(side, q.device)
+            weights = capture.bicubic_weights(side, res, q.device)
         else:
             q = attn.to_q(_upsample_tokens(hidden_states, side, res))
         k = attn.to_k(context)
@@ -213,25 +272,33 @@ class CaptureProcessor:
         if capture.replace_output:
             probs = torch.softmax(upsampled_queries(q, weights) @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (B, H, R*R, T)
             maps = probs.mean(dim=1)
-            replaced = self._replaced_output(attn, probs, context, side)
+            replaced = self._replaced_output(attn, probs, context, side, res)
         else:
             maps = head_mean_attention(q, k, attn.scale, capture.memory_efficient, weights)
         return maps, replaced
 
-    def _replaced_output(self, attn: Attention, probs: Tensor, context: Tensor, side: int) -> Tensor:
-        """StableXLKeypoints' layer output: attention at R x R, downsampled back to the layer's size."""
+    def _replaced_output(self, attn: Attention, probs: Tensor, context: Tensor, side: int, res: int) -> Tensor:
+        """StableXLKeypoints' layer output: attention at R x R, bicubically downsampled back to the layer's size."""
+        if attn.residual_connection:
+            raise ValueError(f"replace_output does not support residual attention at {self.name}.")
         batch, heads = probs.shape[:2]
         v = attn.to_v(context)
         v = v.view(batch, -1, heads, v.shape[-1] // heads).transpose(1, 2).float()
         out = (probs @ v).transpose(1, 2).reshape(batch, -1, v.shape[-1] * heads)  # (B, R*R, C)
-        res = self.capture.resolution
-        out = out.transpose(1, 2).reshape(batch, -1, res, res)
-        out = F.interpolate(out, size=(side, side), mode="bilinear", align_corners=False)
-        out = out.flatten(2).transpose(1, 2).to(attn.to_out[0].weight.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            raise ValueError(f"replace_output does not support residual attention at {self.name}.")
-        return out / attn.rescale_output_factor
+        return replaced_attention_output(attn, out, side, res)
+
+
+def replaced_attention_output(attn: Attention, out: Tensor, side: int, resolution: int) -> Tensor:
+    """out: (B, R*R, C) attention output at R x R -> (B, side*side, C_out) the layer's replaced output.
+
+    Downsampled bicubically (align_corners=False), as StableXLKeypoints' processor does, then the
+    layer's own output projection.
+    """
+    batch = out.shape[0]
+    grid = out.transpose(1, 2).reshape(batch, -1, resolution, resolution)
+    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    out = grid.flatten(2).transpose(1, 2).to(attn.to_out[0].weight.dtype)
+    return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
 def _upsample_tokens(tokens: Tensor, side: int, resolution: int) -> Tensor:
@@ -247,8 +314,31 @@ def cross_attention_layers(unet: nn.Module) -> list[str]:
     return [name for name, module in unet.named_modules() if isinstance(module, Attention) and name.endswith("attn2")]
 
 
+def check_layer_names(unet: nn.Module, layers: Sequence[str]) -> None:
+    """Raises ConfigError unless ``layers`` are distinct cross-attention layers of ``unet``.
+
+    Works on a UNet built on the meta device (no weights), so that a wrong name is reported
+    before any weight loads.
+    """
+    valid = cross_attention_layers(unet)
+    if not layers:
+        raise ConfigError(f"No captured layers given. Valid cross-attention layers of this UNet: {valid}")
+    unknown = [name for name in layers if name not in valid]
+    if unknown:
+        self_attention = [name for name in unknown if name.endswith("attn1")]
+        hint = ""
+        if self_attention:
+            hint = (f" {self_attention} are self-attention layers (attn1): their maps are over pixels, not "
+                    "context tokens; capture the attn2 of the same block instead.")
+        raise ConfigError(f"Unknown cross-attention layer names {unknown}.{hint} Valid names for this UNet: {valid}")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"Captured layers must be distinct, got {list(layers)}.")
+
+
 class AttentionCapture:
     """Installs capture processors on named ``attn2`` layers of a UNet and returns their maps.
+
+    Holds only configuration; the state of a UNet call travels with the call (``AttentionCall``).
 
     Args:
         unet: the (frozen) UNet2DConditionModel.
@@ -271,88 +361,60 @@ class AttentionCapture:
         replace_output: bool = False,
         upsample_queries: bool = True,
     ) -> None:
-        valid = cross_attention_layers(unet)
-        unknown = [name for name in layers if name not in valid]
-        if unknown or not layers:
-            raise ValueError(
-                f"Unknown or empty cross-attention layer names {unknown or list(layers)}. "
-                f"Valid names for this UNet: {valid}"
-            )
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"Captured layers must be distinct, got {list(layers)}.")
+        check_layer_names(unet, layers)
         self.layers = list(layers)
         self.stop_early = stop_early
         self.memory_efficient = memory_efficient
         self.replace_output = replace_output
         self.upsample_queries = upsample_queries
         self._weights: dict[tuple[int, int, torch.device], Tensor] = {}
-        self.recording = True
-        self.resolution = 0
-        self._sum: Tensor | None = None
-        self._recorded: list[str] = []
-        self._seen: set[str] = set()
-        modules = dict(unet.named_modules())
-        self._originals = {name: modules[name].processor for name in self.layers}
-        for name in self.layers:
-            modules[name].set_processor(CaptureProcessor(self, name, self._originals[name]))
-        self._modules = {name: modules[name] for name in self.layers}
+        self._originals: dict[str, Callable] = {}
+        self._modules: dict[str, Attention] = {}
+        for name, module in unet.named_modules():
+            if not isinstance(module, Attention):
+                continue
+            original = module.processor
+            if name in self.layers:
+                processor = CaptureProcessor(self, name, original)
+            elif not accepts_call(original):
+                processor = PerCallProcessor(original)
+            else:
+                continue
+            self._originals[name], self._modules[name] = original, module
+            module.set_processor(processor)
 
     def remove(self) -> None:
         """Restores the original processors."""
         for name, module in self._modules.items():
             module.set_processor(self._originals[name])
 
-    def bicubic_weights(self, side: int, device: torch.device) -> Tensor:
-        """(R, side) fp32 upsampling weights at the current resolution, cached."""
-        key = (side, self.resolution, device)
+    def bicubic_weights(self, side: int, resolution: int, device: torch.device) -> Tensor:
+        """(R, side) fp32 upsampling weights, cached."""
+        key = (side, resolution, device)
         if key not in self._weights:
-            self._weights[key] = bicubic_weights(side, self.resolution).float().to(device)
+            self._weights[key] = bicubic_weights(side, resolution).float().to(device)
         return self._weights[key]
 
-    def _record(self, name: str, maps: Tensor) -> None:
-        # A running sum: one (B, R*R, T) tensor alive instead of one per layer.
-        self._recorded.append(name)
-        self._sum = maps if self._sum is None else self._sum + maps
-
-    def _is_last(self, name: str) -> bool:
-        return len(self._seen | {name}) == len(self.layers)
-
-    def _visited(self, name: str) -> None:
-        self._seen.add(name)
-        if self.stop_early and len(self._seen) == len(self.layers):
-            raise _StopForward
-
-    @contextmanager
-    def paused(self):
-        """Runs the UNet without recording (e.g. a reference-attention write pass); early stop stays."""
-        self.recording = False
+    def run(self, forward: Callable[[dict], object], call: AttentionCall) -> None:
+        """Calls ``forward(cross_attention_kwargs)`` (one UNet call) for ``call``, stopping after the last captured layer."""
         try:
-            yield
-        finally:
-            self.recording = True
-
-    def run_unet(self, forward: Callable[[], object]) -> None:
-        """Calls ``forward`` (one UNet call), stopping after the last captured layer if enabled."""
-        self._seen = set()
-        try:
-            forward()
+            forward({"call": call})
         except _StopForward:
             pass
-        missing = [name for name in self.layers if name not in self._seen]
-        self._seen = set()
+        missing = [name for name in self.layers if name not in call.visited]
         if missing:
             raise RuntimeError(f"The UNet call never reached captured layers {missing}.")
 
-    def maps(self, forward: Callable[[], object], resolution: int) -> Tensor:
-        """Runs one UNet call and returns maps (B, T, R, R): probabilities over tokens, layer-averaged."""
-        self.resolution = resolution
-        self._sum, self._recorded = None, []
-        try:
-            self.run_unet(forward)
-            if sorted(self._recorded) != sorted(self.layers):
-                raise RuntimeError(f"Captured {self._recorded}, expected each of {self.layers} once.")
-            mean = self._sum / len(self.layers)  # (B, R*R, T)
-        finally:
-            self._sum, self._recorded = None, []
+    def maps(self, forward: Callable[[AttentionCall], object], resolution: int) -> Tensor:
+        """Runs ``forward(call)`` and returns maps (B, T, R, R): probabilities over tokens, layer-averaged.
+
+        ``forward`` makes the UNet call(s) for ``call``, passing it on with ``run``.
+        """
+        call = AttentionCall(resolution)
+        forward(call)
+        if sorted(call.recorded) != sorted(self.layers):
+            raise RuntimeError(f"Captured {call.recorded}, expected each of {self.layers} once.")
+        mean = call.total / len(self.layers)  # (B, R*R, T)
+        call.total = None  # a checkpointed graph keeps the call alive until backward: not the sum
         batch, _, tokens = mean.shape
         return mean.transpose(1, 2).reshape(batch, tokens, resolution, resolution)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from kornia.geometry.subpix import spatial_expectation2d
 from torch import Tensor
 
 from lightning_modules.augmentation import AffineAugmentation, unwarp, warp
@@ -24,13 +25,37 @@ def rank_keypoint_tokens(selections: Tensor, num_tokens: int, top_k: int) -> tup
     return order[:top_k], counts
 
 
-def locate_peaks(maps: Tensor, soft_argmax_window_px: int | None = None) -> Tensor:
+def region_mask(regions: Tensor, height: int, width: int) -> Tensor:
+    """regions: (B, 4) normalized (x0, y0, x1, y1) -> (B, 1, H, W) bool, True at pixels whose centre is inside.
+
+    A region thinner than one pixel still keeps the pixel nearest its centre, so no map is all masked.
+    """
+    xs = (torch.arange(width, device=regions.device, dtype=torch.float32) + 0.5) / width
+    ys = (torch.arange(height, device=regions.device, dtype=torch.float32) + 0.5) / height
+    x0, y0, x1, y1 = (regions[:, i, None].float() for i in range(4))
+    centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
+    in_x = ((xs >= x0) & (xs <= x1)) | ((xs - centre_x).abs() <= 0.5 / width)  # (B, W)
+    in_y = ((ys >= y0) & (ys <= y1)) | ((ys - centre_y).abs() <= 0.5 / height)  # (B, H)
+    return (in_y[:, :, None] & in_x[:, None, :])[:, None]
+
+
+def inside_region(keypoints: Tensor, regions: Tensor) -> Tensor:
+    """keypoints (B, K, 2) normalized (x, y), regions (B, 4) -> (B, K) bool: the point lies in its image's region."""
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    x0, y0, x1, y1 = (regions[:, i, None].to(keypoints.dtype) for i in range(4))
+    return (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+
+
+def locate_peaks(maps: Tensor, soft_argmax_window_px: int | None = None, valid: Tensor | None = None) -> Tensor:
     """maps: (B, K, H, W) -> (B, K, 2) normalized (x, y) of each map's peak (pixel centres).
 
     With ``soft_argmax_window_px`` (odd, e.g. 5), the peak is refined to the map-weighted mean of
-    the pixel centres in that window around the argmax.
+    the pixel centres in that window around the argmax. ``valid`` (B, 1, H, W) bool restricts both
+    to the pixels where it is True (``region_mask``: the image, not the padding around it).
     """
     height, width = maps.shape[-2:]
+    if valid is not None:
+        maps = maps.masked_fill(~valid, float("-inf"))  # never the argmax; weight 0 after clamp_min(0)
     peak = argmax_pixels(maps).float() + 0.5  # (B, K, 2) in pixels
     if soft_argmax_window_px:
         if soft_argmax_window_px % 2 == 0:
@@ -41,10 +66,10 @@ def locate_peaks(maps: Tensor, soft_argmax_window_px: int | None = None) -> Tens
         in_x = (xs - peak[..., 0, None]).abs() <= half  # (B, K, W)
         in_y = (ys - peak[..., 1, None]).abs() <= half  # (B, K, H)
         weights = maps.float().clamp_min(0) * in_y[..., :, None] * in_x[..., None, :]
-        total = weights.sum(dim=(-2, -1)).clamp_min(1e-12)
-        peak = torch.stack(
-            [(weights.sum(-2) * xs).sum(-1) / total, (weights.sum(-1) * ys).sum(-1) / total], dim=-1
-        )
+        total = weights.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        # kornia's expectation over pixel indices; +0.5 turns indices into pixel centres. (Not
+        # kornia's spatial_soft_argmax2d: that takes a softmax of the whole map, this the window.)
+        peak = spatial_expectation2d(weights / total, normalized_coordinates=False) + 0.5
     return peak / torch.tensor([width, height], device=maps.device, dtype=torch.float32)
 
 
@@ -57,8 +82,12 @@ def augmented_keypoints(
     generator: torch.Generator | None = None,
     soft_argmax_window_px: int | None = None,
     chunk_size: int | None = None,
+    regions: Tensor | None = None,
 ) -> Tensor:
     """images: (B, 3, S, S) -> keypoints (B, K, 2), normalized (x, y), averaged over augmentations.
+
+    ``regions`` (B, 4), normalized (x0, y0, x1, y1), restricts each image's keypoints to that part
+    of it (the samples' ``image_region``: the photo, not the padding of its square crop).
 
     Each of the ``iterations`` random affine transforms warps the image; the K tokens' maps of the
     warped image are upsampled to S, warped back, and summed; the sum is divided by how often
@@ -66,16 +95,17 @@ def augmented_keypoints(
     ``maps_of`` (images -> (N, T, R, R), fresh noise inside) together, ``chunk_size`` at a time.
     """
     batch, _, height, width = images.shape
-    theta = augmentation.sample(batch * iterations, generator, images.device)
-    warped = warp(images.repeat_interleave(iterations, dim=0), theta)
+    transform = augmentation.sample(batch * iterations, generator, images.device)
+    warped = warp(images.repeat_interleave(iterations, dim=0), transform)
     chunks = [warped] if not chunk_size else warped.split(chunk_size)
     maps = torch.cat([maps_of(chunk)[:, tokens] for chunk in chunks])  # (B*I, K, R, R)
     maps = F.interpolate(maps.float(), size=(height, width), mode="bilinear", align_corners=False)
-    back = unwarp(maps, theta).view(batch, iterations, len(tokens), height, width).sum(1)
+    back = unwarp(maps, transform).view(batch, iterations, len(tokens), height, width).sum(1)
     ones = torch.ones(batch * iterations, 1, height, width, device=images.device)
-    coverage = unwarp(ones, theta).view(batch, iterations, 1, height, width).sum(1)
+    coverage = unwarp(ones, transform).view(batch, iterations, 1, height, width).sum(1)
     mean = torch.where(coverage > 0, back / coverage.clamp_min(1e-12), torch.zeros_like(back))
-    return locate_peaks(mean, soft_argmax_window_px)
+    valid = None if regions is None else region_mask(regions.to(mean.device), height, width)
+    return locate_peaks(mean, soft_argmax_window_px, valid)
 
 
 def to_source_pixels(keypoints: Tensor, crop_box: Tensor, flipped: Tensor | None = None) -> Tensor:

@@ -15,23 +15,23 @@ def localization_loss(maps: Tensor, sigma_px: float) -> Tensor:
     The target has no gradient: it only says where each map should concentrate.
     """
     with torch.no_grad():
-        target = gaussian_maps(argmax_pixels(maps) + 0.5, maps.shape[-1], sigma_px)
+        target = gaussian_maps(argmax_pixels(maps), maps.shape[-1], sigma_px)
     return (maps - target).pow(2).mean()
 
 
-def equivariance_loss(maps: Tensor, maps_transformed: Tensor, theta: Tensor, mask: bool = False) -> Tensor:
-    """maps, maps_transformed: (B, K, R, R), theta: (B, 3, 3) -> scalar.
+def equivariance_loss(maps: Tensor, maps_transformed: Tensor, transform: Tensor, mask: bool = False) -> Tensor:
+    """maps, maps_transformed: (B, K, R, R), transform: (B, 3, 3) normalized (``augmentation.py``) -> scalar.
 
-    ``maps_transformed`` are the same tokens' maps on the image warped by ``theta``; warped back
+    ``maps_transformed`` are the same tokens' maps on the image warped by ``transform``; warped back
     they should equal ``maps``. Without ``mask`` (StableKeypoints), pixels that the warp leaves
     uncovered count as zeros; with it, the mean runs over covered pixels only, per image.
     """
-    back = unwarp(maps_transformed, theta)
+    back = unwarp(maps_transformed, transform)
     sq = (maps - back).pow(2)
     if not mask:
         return sq.mean()
     with torch.no_grad():
         ones = torch.ones_like(maps[:, :1])
-        coverage = (unwarp(ones, theta) > 0.999).to(maps.dtype)  # (B, 1, R, R)
+        coverage = (unwarp(ones, transform) > 0.999).to(maps.dtype)  # (B, 1, R, R)
     per_image = (sq * coverage).sum(dim=(1, 2, 3)) / (coverage.sum(dim=(1, 2, 3)) * maps.shape[1]).clamp_min(1)
     return per_image.mean()

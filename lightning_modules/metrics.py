@@ -15,16 +15,18 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-#: Left/right joint pairs of the 32-joint (simplified) Human3.6M skeleton of Thewlis et al. and
-#: Zhang et al., 0-based. Joint names as in KeypointGAN's ``data/human36m_skeleton.py``:
-#: right hip, knee, ankle, ball, toes = 1-5 <-> left 6-10; right shoulder group 24-31 <-> left
-#: 16-23 (unknown, shoulder, elbow, wrist, wrist_2, thumb, little, little_2). Joints 0 (hip), 11
-#: (pelvis), 12 (thorax), 13 (neck), 14 (head centre) and 15 (head back) lie on the midline.
-#: The StableKeypoints copy lists (21, 28) where (21, 29) is meant (SPEC section 9, bug 9), so joint
-#: 28 is swapped twice and 29 never; ``swap_permutation`` rejects such a list.
+#: Left/right joint pairs of the 32-joint Human3.6M skeleton, 0-based, exactly StableKeypoints'
+#: list (``unsupervised_keypoints/eval.py``, ``swap_points``) except one pair. The joints: right
+#: hip, knee, ankle, foot, toes = 1-5 <-> left 6-10; left shoulder, elbow, wrist, hand, small
+#: finger, centre finger, thumb = 17-23 <-> right 25-31. Joints 0 and 11 (hip), 12-15 (spine, neck,
+#: head) lie on the midline, and 16 and 24 are duplicates of a midline joint in the 32-joint
+#: release (SK leaves them unswapped too). SK lists (21, 28) where (21, 29) is meant (SPEC
+#: section 9, bug 9): with joint 28 paired twice, SK's "swap" copies joint 28 into both 20 and 21,
+#: drops joint 20 and never moves 29. Here it is (21, 29), the two small fingers, so the swap is a
+#: permutation; ``swap_permutation`` rejects a list that names a joint twice.
 H36M_LEFT_RIGHT_SWAP: tuple[tuple[int, int], ...] = (
     (1, 6), (2, 7), (3, 8), (4, 9), (5, 10),
-    (16, 24), (17, 25), (18, 26), (19, 27), (20, 28), (21, 29), (22, 30), (23, 31),
+    (17, 25), (18, 26), (19, 27), (20, 28), (21, 29), (22, 30), (23, 31),
 )  # fmt: skip
 
 
@@ -150,8 +152,7 @@ def percentage_correct_keypoints(
     """preds, target: (B, J, 2), visible: (B, J) -> (B,) DeepFashion PCK per image, in percent.
 
     A visible keypoint is correct when ||e - g|| x ``scale`` < ``threshold_px`` (strictly). NaN for
-    an image with no visible keypoint. The ``Metric`` pools keypoints over all images instead of
-    averaging these per-image values.
+    an image with no visible keypoint. ``PercentageCorrectKeypoints`` averages these over images.
     """
     correct, n_visible = _correct_keypoints(preds, target, visible, scale, threshold_px)
     return _skipped_as_nan(correct.to(torch.float64) / n_visible.clamp_min(1) * 100, n_visible > 0)
@@ -283,35 +284,27 @@ class OrientationInvariantError(_PerImageMean):
         return _orientation_invariant_error(preds, target, visible, self.scale, self.swap)
 
 
-class PercentageCorrectKeypoints(Metric):
-    """DeepFashion PCK, in percent (0-100): share of all visible keypoints, pooled over every image,
-    with ||e - g|| x ``scale`` < ``threshold_px``. Higher is better.
+class PercentageCorrectKeypoints(_PerImageMean):
+    """DeepFashion PCK, in percent (0-100): per image, the share of its visible keypoints with
+    ||e - g|| x ``scale`` < ``threshold_px``; mean over images. Higher is better.
+
+    Averaged per image as StableKeypoints does (``unsupervised_keypoints/eval.py``, ``evaluate``:
+    ``(l2 < 6).float().mean()`` per test image, then the mean over images), not pooled over all
+    keypoints; the two differ when images have different numbers of visible keypoints. Images
+    with no visible keypoint are skipped.
 
     Args:
         scale: side of the image, in pixels, the coordinates are multiplied by.
         threshold_px: a keypoint closer than this (strictly) is correct.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, scale: float = 256.0, threshold_px: float = 6.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.scale = scale
         self.threshold_px = threshold_px
-        self.add_state("num_correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("num_visible", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def per_image(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> Tensor:
-        """preds, target: (B, J, 2) normalized (x, y) -> (B,) percentage correct per image (NaN: none visible)."""
-        return percentage_correct_keypoints(preds, target, visible, self.scale, self.threshold_px)
-
-    def update(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> None:
-        """preds, target: (B, J, 2) normalized (x, y); visible: (B, J) bool or None."""
+    def _per_image(self, preds: Tensor, target: Tensor, visible: Tensor | None) -> tuple[Tensor, Tensor]:
         correct, n_visible = _correct_keypoints(preds, target, visible, self.scale, self.threshold_px)
-        self.num_correct += correct.sum()
-        self.num_visible += n_visible.sum()
-
-    def compute(self) -> Tensor:
-        return self.num_correct.to(torch.float64) / self.num_visible * 100
+        return correct.to(torch.float64) / n_visible.clamp_min(1) * 100, n_visible > 0

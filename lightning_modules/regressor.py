@@ -8,6 +8,7 @@ normal equations square the condition number of X.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,6 +77,74 @@ def apply_regressor(keypoints: Tensor, weight: Tensor) -> Tensor:
     return out.unflatten(-1, (-1, 2)).to(keypoints.dtype)
 
 
+def _mean_distances(predictions: Tensor, targets: Tensor, visible: Tensor) -> Tensor:
+    """(N, J, 2), (N, J, 2), (N, J) -> (N,) mean distance over each image's visible keypoints."""
+    distances = torch.linalg.vector_norm(predictions - targets, dim=-1)
+    return torch.where(visible, distances, torch.zeros_like(distances)).sum(-1) / visible.sum(-1).clamp_min(1)
+
+
+def fit_orientation_invariant_regressor(
+    keypoints: Tensor,
+    targets: Tensor,
+    swap: Tensor,
+    visible: Tensor | None = None,
+    max_images_left: int = 10,
+    max_iterations: int = 100,
+) -> tuple[Tensor, Tensor]:
+    """keypoints: (N, K, 2), targets: (N, J, 2), swap: (J,) long -> W (2K, 2J) float64 and swapped (N,) bool.
+
+    StableKeypoints' orientation-invariant fit for Human3.6M (``unsupervised_keypoints/
+    keypoint_regressor.py``, ``return_regressor_human36m``): an unsupervised detector cannot tell a
+    person's left from right when they turn round, so the ground truth of such images is mirrored
+    to agree with the others before the final fit. Repeat: fit W (``fit_regressor``); for every
+    image, compare the mean distance of its prediction to its ground truth and to the
+    left/right-swapped ground truth (``targets[:, swap]``); if more than ``max_images_left``
+    images are closer to the swapped one, swap their ground truth and refit; else stop and return
+    the last fit (as SK, the at most ``max_images_left`` images still wanting a swap keep theirs).
+
+    Args:
+        swap: the left/right permutation of the J joints (``metrics.swap_permutation``); it must be
+            its own inverse, so that swapping twice restores an image's ground truth.
+        visible: (N, J) bool or None; distances and fits use visible keypoints only (SK's
+            Human3.6M has all joints visible, where this changes nothing).
+        max_images_left: stop when this many images or fewer still want a swap (SK: 10).
+        max_iterations: fits before giving up; SK has no limit and can loop forever when images
+            keep trading places. Reaching it warns and returns the last fit.
+
+    Returns:
+        W, and which images ended with their ground truth swapped.
+    """
+    _check_points(targets, "targets")
+    swap = torch.as_tensor(swap, dtype=torch.long, device=targets.device)
+    if swap.shape != (targets.shape[1],) or not torch.equal(swap[swap], torch.arange(len(swap), device=swap.device)):
+        raise ValueError(
+            f"swap must be a ({targets.shape[1]},) permutation that is its own inverse: build it with "
+            "lightning_modules.metrics.swap_permutation from left/right pairs."
+        )
+    if max_images_left < 0 or max_iterations < 1:
+        raise ValueError(f"max_images_left={max_images_left} and max_iterations={max_iterations}: use >= 0 and >= 1.")
+    visible = torch.ones(targets.shape[:2], dtype=torch.bool, device=targets.device) if visible is None else visible.bool()
+    targets = targets.to(torch.float64)
+    swapped = torch.zeros(len(targets), dtype=torch.bool, device=targets.device)
+    for _ in range(max_iterations):
+        weight = fit_regressor(keypoints, targets, visible)
+        predictions = apply_regressor(keypoints.to(torch.float64), weight)
+        straight = _mean_distances(predictions, targets, visible)
+        mirrored = _mean_distances(predictions, targets[:, swap], visible[:, swap])
+        want = straight > mirrored
+        if int(want.sum()) <= max_images_left:
+            return weight, swapped
+        targets = torch.where(want[:, None, None], targets[:, swap], targets)
+        visible = torch.where(want[:, None], visible[:, swap], visible)
+        swapped ^= want
+    warnings.warn(
+        f"The orientation-invariant regressor still had more than {max_images_left} images wanting a left/right swap "
+        f"after {max_iterations} fits; the last fit is used. Raise max_iterations to let it settle.",
+        stacklevel=2,
+    )
+    return weight, swapped
+
+
 class LinearKeypointRegressor(nn.Module):
     """The fitted map W: (2K, 2J) float64, kept as a buffer and saved as a small safetensors file.
 
@@ -103,6 +172,14 @@ class LinearKeypointRegressor(nn.Module):
     def fit(cls, keypoints: Tensor, targets: Tensor, visible: Tensor | None = None) -> LinearKeypointRegressor:
         """keypoints: (N, K, 2), targets: (N, J, 2), visible: (N, J) or None -> the fitted regressor."""
         return cls(fit_regressor(keypoints, targets, visible))
+
+    @classmethod
+    def fit_orientation_invariant(
+        cls, keypoints: Tensor, targets: Tensor, visible: Tensor | None = None, *, swap: Tensor, **kwargs
+    ) -> LinearKeypointRegressor:
+        """Like ``fit``, with the left/right swaps of ``fit_orientation_invariant_regressor`` (Human3.6M)."""
+        weight, _ = fit_orientation_invariant_regressor(keypoints, targets, swap, visible, **kwargs)
+        return cls(weight)
 
     def forward(self, keypoints: Tensor) -> Tensor:
         """keypoints: (..., K, 2) -> (..., J, 2) predicted ground-truth keypoints, normalized (x, y)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from kornia.geometry.subpix import render_gaussian2d
 from torch import Tensor
 
 RankingMethod = Literal["gaussian", "entropy", "consistent"]
@@ -21,16 +22,18 @@ def argmax_pixels(maps: Tensor) -> Tensor:
     return torch.stack([flat % width, flat // width], dim=-1)
 
 
-def gaussian_maps(centers: Tensor, size: int, sigma_px: float) -> Tensor:
-    """centers: (..., 2) (x, y) in pixels of a size x size grid -> (..., size, size) Gaussians, peak 1.
+def gaussian_maps(pixels: Tensor, size: int, sigma_px: float) -> Tensor:
+    """pixels: (..., 2) integer (x, y) pixel indices on a size x size grid -> (..., size, size) Gaussians, peak 1.
 
-    Pixel i has its centre at i + 0.5; a centre given as an integer pixel index is read as that
-    pixel's centre (the caller adds 0.5). Not normalized: the localization target of SPEC section 4.
+    Each Gaussian is centred on its pixel's centre (continuous coordinate index + 0.5) and is
+    exp(-d^2 / (2 sigma^2)), not normalized: the localization target of SPEC section 4. kornia's
+    ``render_gaussian2d`` draws it as a PDF (sum 1 over the grid); centred on a pixel, the PDF's
+    maximum is its value at the centre, so dividing by it gives the peak-1 Gaussian (to float32
+    rounding, 1e-7).
     """
-    coords = torch.arange(size, device=centers.device, dtype=torch.float32) + 0.5
-    dx = coords - centers[..., 0, None].float()  # (..., size) along x
-    dy = coords - centers[..., 1, None].float()  # (..., size) along y
-    return torch.exp(-(dy[..., :, None] ** 2 + dx[..., None, :] ** 2) / (2 * sigma_px**2))
+    mean = pixels.float()
+    pdf = render_gaussian2d(mean, torch.full_like(mean, sigma_px), (size, size), normalized_coordinates=False)
+    return pdf / pdf.amax(dim=(-2, -1), keepdim=True)
 
 
 def gaussian_kl_scores(maps: Tensor, sigma_px: float, eps: float = 1e-5) -> Tensor:
@@ -40,7 +43,7 @@ def gaussian_kl_scores(maps: Tensor, sigma_px: float, eps: float = 1e-5) -> Tens
     normalized to sum 1; softmax(A) is the spatial softmax of the map at temperature 1.
     """
     size = maps.shape[-1]
-    target = gaussian_maps(argmax_pixels(maps) + 0.5, size, sigma_px).flatten(-2) + eps
+    target = gaussian_maps(argmax_pixels(maps), size, sigma_px).flatten(-2) + eps
     target = target / target.sum(dim=-1, keepdim=True)
     log_p = torch.log_softmax(maps.flatten(-2).float(), dim=-1)
     return (target * (target.log() - log_p)).sum(dim=-1)

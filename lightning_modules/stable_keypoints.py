@@ -18,16 +18,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_modules.augmentation import AffineAugmentation, warp
+from lightning_modules.augmentation import AffineAugmentation, PhotometricAugmentation, warp
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_fits, checkpoint_record
 from lightning_modules.concentration import attention_concentration
+from lightning_modules.detector import detector_embedding, embedding_metadata
 from lightning_modules.errors import CheckpointMismatchError, ConfigError, MissingFileError, NonFiniteError
-from lightning_modules.keypoints import augmented_keypoints, rank_keypoint_tokens, to_source_pixels
+from lightning_modules.keypoints import augmented_keypoints, inside_region, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
 from lightning_modules.regressor import LinearKeypointRegressor
-from lightning_modules.detector import detector_embedding, embedding_metadata
-from lightning_modules.errors import CheckpointMismatchError
 from lightning_modules.run_folder import EMBEDDING_FILE, METRICS_FILE, REGRESSOR_FILE, provenance
 from lightning_modules.seeding import seeded_generator
 from lightning_modules.selection import RankingMethod, select_tokens
@@ -62,6 +61,8 @@ class StableKeypoints(L.LightningModule):
         equivariance_mask: average the equivariance loss over pixels the warp covers only
             (off = StableKeypoints: uncovered pixels count as zeros).
         augmentation: ranges of the random affine transform.
+        photometric: opt-in colour jitter, grayscale and blur of the transformed copy in training
+            (kornia; ``None`` or all zeros = off, StableKeypoints). Extraction never uses it.
         optimizer: the optimizer of the context; ``None`` = Adam(lr=5e-3), StableKeypoints' choice.
         num_indices: training images whose selections rank the global keypoint tokens.
         augmentation_iterations: random transforms averaged per image when extracting keypoints.
@@ -69,6 +70,10 @@ class StableKeypoints(L.LightningModule):
             the image); ``None`` = plain argmax.
         extraction_chunk_size: warped images per UNet call during extraction (``None`` = all
             ``batch_size x augmentation_iterations`` at once; lower it to save memory).
+        predict_within_image: ``predict`` places keypoints on the photo only, never in the padding
+            that makes a non-square image square (the batch's ``image_region``); ``False`` searches
+            the whole square, as ``test`` does (StableKeypoints). Either way each point says
+            whether it is ``inside`` the photo.
         pretrained_context: start from a trained context instead of a random one: a detector folder
             or its hub id (``lightning_modules/detector.py``), this project's ``embedding.safetensors``
             (with its keypoint tokens) or StableKeypoints' ``embedding.pt``.
@@ -93,11 +98,13 @@ class StableKeypoints(L.LightningModule):
         equivariance_weight: float = 1000.0,
         equivariance_mask: bool = False,
         augmentation: AffineAugmentation = AffineAugmentation(),
+        photometric: PhotometricAugmentation | None = None,
         optimizer: OptimizerCallable | None = None,
         num_indices: int = 100,
         augmentation_iterations: int = 10,
         soft_argmax_window_px: int | None = None,
         extraction_chunk_size: int | None = None,
+        predict_within_image: bool = True,
         pretrained_context: str | None = None,
         pretrained_keypoint_tokens: str | None = None,
         allow_tf32: bool = True,
@@ -119,6 +126,7 @@ class StableKeypoints(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
         self.augmentation = augmentation
+        self.photometric = photometric
         self.optimizer_factory = optimizer
         # Created in configure_model, once the backbone says how wide a token is.
         self.context: nn.Parameter | None = None
@@ -265,8 +273,8 @@ class StableKeypoints(L.LightningModule):
         noise = self.backbone.sample_noise(latents, generator)
         return self.backbone.attention_maps(latents, noise, self.context, self.hparams.feature_upsample_res)
 
-    def losses(self, maps: Tensor, maps_transformed: Tensor, theta: Tensor) -> dict[str, Tensor]:
-        """maps, maps_transformed: (B, T, R, R); theta: (B, 3, 3) -> the loss terms of one step."""
+    def losses(self, maps: Tensor, maps_transformed: Tensor, transform: Tensor) -> dict[str, Tensor]:
+        """maps, maps_transformed: (B, T, R, R); transform: (B, 3, 3) -> the loss terms of one step."""
         hp = self.hparams
         with torch.no_grad():
             fps_source = maps_transformed if hp.fps_maps == "transformed" else None
@@ -281,7 +289,7 @@ class StableKeypoints(L.LightningModule):
         rows = torch.arange(maps.shape[0], device=maps.device)[:, None]
         selected, selected_transformed = maps[rows, tokens], maps_transformed[rows, tokens]  # (B, K, R, R)
         loss_loc = localization_loss(selected, hp.sigma_px)
-        loss_equiv = equivariance_loss(selected, selected_transformed, theta, mask=hp.equivariance_mask)
+        loss_equiv = equivariance_loss(selected, selected_transformed, transform, mask=hp.equivariance_mask)
         mass, entropy = attention_concentration(selected, hp.sigma_px)
         return {
             "loss": hp.localization_weight * loss_loc + hp.equivariance_weight * loss_equiv,
@@ -292,14 +300,21 @@ class StableKeypoints(L.LightningModule):
             "tokens": tokens,
         }
 
+    def equivariance_pair(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """images: (B, 3, S, S) -> (maps (2B, T, R, R) of the images then of their transformed copies,
+        transforms (B, 3, 3) normalized, see ``augmentation.py``)."""
+        transform = self.augmentation.sample(images.shape[0], generator, self.device)
+        transformed = warp(images, transform)
+        if self.photometric is not None:
+            transformed = self.photometric(transformed, generator)
+        # The image and its transformed copy share one VAE call and one UNet call.
+        return self.maps_of(torch.cat([images, transformed]), generator), transform
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
         batch_size = images.shape[0]
-        generator = self.step_generator(batch_idx)
-        theta = self.augmentation.sample(batch_size, generator, self.device)
-        # The image and its transformed copy share one VAE call and one UNet call.
-        maps = self.maps_of(torch.cat([images, warp(images, theta)]), generator)
-        out = self.losses(maps[:batch_size], maps[batch_size:], theta)
+        maps, transform = self.equivariance_pair(images, self.step_generator(batch_idx))
+        out = self.losses(maps[:batch_size], maps[batch_size:], transform)
         if not torch.isfinite(out["loss"]):
             raise NonFiniteError(
                 f"Training stopped at step {self.global_step}: the loss is {out['loss'].item()} "
@@ -357,8 +372,13 @@ class StableKeypoints(L.LightningModule):
         return self.keypoint_tokens
 
     @torch.no_grad()
-    def keypoints(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """images: (B, 3, S, S) in [0, 1] -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2)."""
+    def keypoints(
+        self, images: Tensor, generator: torch.Generator | None = None, regions: Tensor | None = None
+    ) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2).
+
+        ``regions`` (B, 4) normalized (x0, y0, x1, y1): search each image's keypoints there only.
+        """
         hp = self.hparams
         return augmented_keypoints(
             lambda x: self.maps_of(x, generator),
@@ -369,6 +389,7 @@ class StableKeypoints(L.LightningModule):
             generator,
             hp.soft_argmax_window_px,
             hp.extraction_chunk_size,
+            regions,
         )
 
     def _eval_generator(self, batch_idx: int, dataloader_idx: int = 0) -> torch.Generator:
@@ -407,7 +428,7 @@ class StableKeypoints(L.LightningModule):
             keypoints, targets, visible = (self.all_gather(t).flatten(0, 1) for t in (keypoints, targets, visible))
         self._regression = []
         self._num_regression_images = len(keypoints)
-        return LinearKeypointRegressor.fit(keypoints, targets, visible.bool()).to(self.device)
+        return self.trainer.datamodule.fit_regressor(keypoints, targets, visible.bool()).to(self.device)
 
     def on_test_epoch_end(self) -> None:
         if self.regressor is None:
@@ -436,10 +457,14 @@ class StableKeypoints(L.LightningModule):
         self.ensure_keypoint_tokens()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """-> keypoints (B, K, 2): normalized in the model's image, and (x, y) pixels of the source image."""
-        keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx))
+        """-> keypoints (B, K, 2): normalized in the model's image, and (x, y) pixels of the source image;
+        ``inside`` (B, K) bool: the point lies on the photo (not the padding of its square crop)."""
+        regions = batch.get("image_region")
+        restrict = regions if self.hparams.predict_within_image else None
+        keypoints = self.keypoints(batch["image"], self._eval_generator(batch_idx, dataloader_idx), restrict)
         pixels = to_source_pixels(keypoints, batch["crop_box"], batch.get("flipped"))
-        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels}
+        inside = inside_region(keypoints, regions) if regions is not None else torch.ones_like(keypoints[..., 0]).bool()
+        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels, "inside": inside}
 
     # ------------------------------------------------------------------ export
     def run_dir(self) -> Path:
@@ -502,7 +527,7 @@ def check_trainer_precision(precision: str | int | None) -> None:
     raise ConfigError(
         f"trainer.precision={str(precision)!r} is refused: fp16 does not converge for this method and "
         "mixed precision would also cast the context, maps and losses. Keep trainer.precision at 32 and "
-        "set model.backbone.init_args.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
+        "set model.backbone.init_args.engine.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
     )
 
 

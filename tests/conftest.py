@@ -17,11 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _tiny_model(tmp_path_factory, family: str, name: str) -> Path:
     """Writes the tiny random model of ``lightning_modules.backbones.<family>`` into a session folder."""
-    import lightning_modules.backbones as backbones
+    from data.demo_models import write_tiny
 
-    path = tmp_path_factory.mktemp("models") / name
-    getattr(backbones, family).write_tiny(path)
-    return path
+    return write_tiny(family, tmp_path_factory.mktemp("models") / name)
+
+
+@pytest.fixture(autouse=True)
+def image_check_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's decode-check cache (data.decode_check) in its own folder, never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder / "stable_keypoints"
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.attention import AttentionCapture, cross_attention_layers, head_mean_attention
-from lightning_modules.backbones import StableDiffusion
+from unittest import mock
+
+from lightning_modules.attention import (
+    AttentionCall,
+    AttentionCapture,
+    cross_attention_layers,
+    head_mean_attention,
+    replaced_attention_output,
+)
+from lightning_modules.backbones import Engine, StableDiffusion
+from lightning_modules.errors import ConfigError, MissingFileError
 
 
 def _maps(module, images, noise_seed=0):
@@ -44,13 +53,14 @@ def test_early_stop_gives_the_same_maps_as_the_full_forward(tiny_sd_module, imag
 
 
 def test_capture_leaves_the_unet_output_unchanged(tiny_sd_path):
-    backbone = StableDiffusion(str(tiny_sd_path), stop_early=False)
+    backbone = StableDiffusion(str(tiny_sd_path), engine=Engine(stop_early=False))
     backbone.load()
     unet = backbone.unet
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     context = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2))
-    backbone.capture.resolution = 16
-    with_capture = unet(z, backbone.timestep, encoder_hidden_states=context).sample
+    call = AttentionCall(16)
+    with_capture = unet(z, backbone.timestep, encoder_hidden_states=context, cross_attention_kwargs={"call": call}).sample
+    assert sorted(call.recorded) == sorted(backbone.layers) and call.total.shape == (1, 16 * 16, 7)
     backbone.capture.remove()
     plain = unet(z, backbone.timestep, encoder_hidden_states=context).sample
     torch.testing.assert_close(with_capture, plain)
@@ -89,13 +99,19 @@ def test_memory_efficient_head_mean_matches_autograd():
                                                                                 k[:1].detach().requires_grad_()))
 
 
-def test_unknown_layer_name_lists_the_valid_ones(tiny_sd_path):
-    backbone = StableDiffusion(str(tiny_sd_path), layers=["up_blocks.9.attentions.0.transformer_blocks.0.attn2"])
-    with pytest.raises(ValueError) as err:
-        backbone.load()
+@pytest.mark.parametrize("layer", ["up_blocks.9.attentions.0.transformer_blocks.0.attn2",
+                                   "up_blocks.1.attentions.0.transformer_blocks.0.attn1"])
+def test_a_wrong_layer_name_fails_before_the_weights_load_and_lists_the_valid_ones(layer, tiny_sd_path):
+    from diffusers import UNet2DConditionModel
+
+    backbone = StableDiffusion(str(tiny_sd_path), layers=[layer])
+    with mock.patch.object(UNet2DConditionModel, "from_pretrained", side_effect=AssertionError("weights loaded")):
+        with pytest.raises(ConfigError) as err:
+            backbone.load()
     message = str(err.value)
-    assert "up_blocks.9" in message
+    assert layer in message
     assert "up_blocks.1.attentions.0.transformer_blocks.0.attn2" in message
+    assert ("self-attention layers (attn1)" in message) == layer.endswith("attn1")
 
 
 def test_default_layers_are_cross_attention_layers_7_to_10_counting_from_0(tiny_sd_path):
@@ -148,7 +164,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_sd_path, images):
 
     grads = []
     for checkpointing in (False, True):
-        module = StableKeypoints(StableDiffusion(str(tiny_sd_path), gradient_checkpointing=checkpointing),
+        module = StableKeypoints(StableDiffusion(str(tiny_sd_path), engine=Engine(gradient_checkpointing=checkpointing)),
                                  num_tokens=30, feature_upsample_res=16, top_k=3, furthest_point_num_samples=6)
         module.configure_model()
         theta = module.augmentation.sample(2, torch.Generator().manual_seed(0))
@@ -158,8 +174,46 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_sd_path, images):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_replaced_output_is_downsampled_bicubically_as_stablexlkeypoints_did():
+    """A 4 x 4 attention output with one 1 at (1, 1), downsampled to 2 x 2 through identity projections.
+
+    Bicubic (a = -0.75, align_corners False) samples source rows 0.5 and 2.5: row weights
+    [0.5, 0.59375, -0.09375, 0] and [0, -0.09375, 0.59375, 0.5] (borders clamped), so the (1, 1)
+    one-hot gives the outer product of [0.59375, -0.09375]; bilinear would give [[0.25, 0], [0, 0]].
+    """
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=2, heads=1, dim_head=2)
+    with torch.no_grad():
+        attn.to_out[0].weight.copy_(torch.eye(2))
+        attn.to_out[0].bias.zero_()
+    grid = torch.zeros(1, 4, 4, 2)
+    grid[0, 1, 1] = torch.tensor([1.0, -2.0])
+    out = replaced_attention_output(attn, grid.reshape(1, 16, 2), side=2, resolution=4)
+    expected = torch.tensor([[0.3525390625, -0.0556640625], [-0.0556640625, 0.0087890625]])
+    torch.testing.assert_close(out[0, :, 0].view(2, 2), expected)
+    torch.testing.assert_close(out[0, :, 1].view(2, 2), -2 * expected)
+
+
+def test_replace_output_changes_the_maps_of_later_layers_only(tiny_sd_path, images):
+    maps = {}
+    for replace in (False, True):
+        backbone = StableDiffusion(str(tiny_sd_path), layers=["up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+                                                               "up_blocks.1.attentions.1.transformer_blocks.0.attn2"],
+                                   engine=Engine(replace_output=replace))
+        backbone.load()
+        latents = backbone.encode(images)
+        noise = backbone.sample_noise(latents, torch.Generator().manual_seed(0))
+        context = torch.randn(12, 32, generator=torch.Generator().manual_seed(3))
+        first = StableDiffusion(str(tiny_sd_path), layers=backbone.layers[:1], engine=Engine(replace_output=replace))
+        first.load()
+        maps[replace] = (first.attention_maps(latents, noise, context, 16), backbone.attention_maps(latents, noise, context, 16))
+    torch.testing.assert_close(maps[True][0], maps[False][0])  # the first captured layer sees the plain network
+    assert (maps[True][1] - maps[False][1]).abs().max() > 1e-6  # the second sees the replaced output (3e-6 here)
+
+
 def test_a_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(OSError, match="local folder in diffusers layout or a hub id"):
+    with pytest.raises(MissingFileError, match="no such folder"):
         StableDiffusion(str(tmp_path / "no-such-model"), local_files_only=True).load()
 
 
@@ -167,7 +221,7 @@ def test_upsampling_queries_equals_upsampling_features(tiny_sd_path, images):
     """Projecting then upsampling (the default) gives StableKeypoints' upsample-then-project maps."""
     maps = []
     for upsample_queries in (True, False):
-        backbone = StableDiffusion(str(tiny_sd_path), upsample_queries=upsample_queries)
+        backbone = StableDiffusion(str(tiny_sd_path), engine=Engine(upsample_queries=upsample_queries))
         backbone.load()
         latents = backbone.encode(images)
         noise = backbone.sample_noise(latents, torch.Generator().manual_seed(0))

@@ -30,7 +30,7 @@ from callbacks.drawing import (
 from callbacks.prediction_writer import CONVENTION, KeypointWriter
 from callbacks.visualization import AttentionVisualizer, TestResultsTable, per_image_error
 from data.folder import ImageFolderDataModule
-from lightning_modules.keypoints import to_source_pixels
+from lightning_modules.keypoints import inside_region, to_source_pixels
 from lightning_modules.metrics import NormalizedKeypointError, normalized_keypoint_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -61,6 +61,7 @@ class StubKeypointModel(L.LightningModule):
         self.backbone.pretrained_model_name_or_path = "stub/model"
         self._run_dir = Path(run_dir)
         self.test_metric = None
+        self.points = POINTS  # what predict_step finds in every image
 
     def run_dir(self) -> Path:
         return self._run_dir
@@ -83,9 +84,10 @@ class StubKeypointModel(L.LightningModule):
         return torch.optim.SGD([self.context], lr=0.1)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        keypoints = POINTS.expand(len(batch["image"]), -1, -1)
+        keypoints = self.points.expand(len(batch["image"]), -1, -1)
         pixels = to_source_pixels(keypoints, batch["crop_box"], batch.get("flipped"))
-        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels, "image": batch["image"]}
+        inside = inside_region(keypoints, batch["image_region"])
+        return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels, "inside": inside}
 
     def on_test_start(self) -> None:
         self.test_metric = NormalizedKeypointError()
@@ -207,6 +209,17 @@ def test_draw_keypoints_colours_each_point_and_leaves_the_input_alone():
         draw_keypoints(image, points, labels=["0"])
 
 
+def test_labels_at_the_border_stay_on_the_picture():
+    image = Image.new("RGB", (100, 80), DARK)
+    # A point in the top-right corner: its label goes below and to the left instead of off the picture.
+    out = np.asarray(draw_keypoints(image, np.array([[97.5, 6.5]]), labels=["88"], radius=6)).astype(int)
+    label = np.abs(out - PALETTE[0]).sum(-1) < 60
+    label[:13, 91:] = False  # the disc itself (y 0..12, x 91..99)
+    rows, cols = label.nonzero()
+    # Above-right would put the text at y < 0 and x > 100; it sits below (y >= 13), left of the disc.
+    assert len(rows) > 20 and rows.min() >= 13 and cols.max() < 91
+
+
 def test_heatmap_overlay_is_resized_and_peaks_in_the_top_colour():
     image = Image.new("RGB", (64, 48), DARK)
     heat = np.zeros((8, 8), dtype=np.float32)
@@ -241,7 +254,7 @@ def test_grid_size_and_png_bytes(tmp_path):
 # ------------------------------------------------------------------ prediction writer
 def predict(tmp_path: Path, folder: Path, writer: KeypointWriter) -> StubKeypointModel:
     model = StubKeypointModel(str(tmp_path / "run"))
-    data = ImageFolderDataModule(str(folder), image_size=32, batch_size=2, num_workers=0)
+    data = ImageFolderDataModule(str(folder), image_size=32, batch_size=2, num_workers=0, skip_unreadable=True)
     with pytest.warns(UserWarning, match="broken.jpg"):
         trainer(tmp_path, [writer]).predict(model, datamodule=data, return_predictions=False)
     return model
@@ -258,13 +271,16 @@ def test_keypoint_writer_json_overlays_and_heatmaps(tmp_path, image_folder):
     assert found == EXPECTED_PX
     sizes = {Path(e["path"]).name: (e["width"], e["height"]) for e in index["images"]}
     assert sizes == {"tall.jpg": (40, 60), "wide.png": (64, 32)}
+    assert all(e["inside"] == [True, True, True] for e in index["images"])
     for entry in index["images"]:
         overlay_path = out / entry["overlay"]
         assert is_png(overlay_path)
         overlay = Image.open(overlay_path).convert("RGB")
-        assert overlay.size == (entry["width"], entry["height"])  # drawn on the original, at its size
+        # The small originals are enlarged to a 256 px longer side, with the legend below.
+        scale = 256 / max(entry["width"], entry["height"])
+        assert overlay.width == round(entry["width"] * scale) and overlay.height > round(entry["height"] * scale)
         for k, (x, y) in enumerate(entry["keypoints"]):
-            assert overlay.getpixel((int(x), int(y))) == PALETTE[k]
+            assert overlay.getpixel((int(x * scale), int(y * scale))) == PALETTE[k]
     heatmaps = sorted((out / "heatmaps").glob("*.png"))
     assert [p.name for p in heatmaps] == [Path(e["overlay"]).name for e in index["images"]]
     assert all(is_png(p) for p in heatmaps)
@@ -278,7 +294,7 @@ def test_keypoint_writer_csv(tmp_path, image_folder):
     rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
     assert len(rows) == 2 * len(POINTS)
     wide = [r for r in rows if r["path"].endswith("wide.png")]
-    assert [(r["width"], r["height"], r["k"]) for r in wide] == [("64", "32", str(k)) for k in range(3)]
+    assert [(r["width"], r["height"], r["k"], r["inside"]) for r in wide] == [("64", "32", str(k), "true") for k in range(3)]
     assert [[float(r["x"]), float(r["y"])] for r in wide] == EXPECTED_PX["wide.png"]
     assert not (tmp_path / "out" / "overlays").exists()
 
@@ -289,13 +305,37 @@ def test_keypoint_writer_rejects_unknown_format():
 
 
 # ------------------------------------------------------------------ attention visualizer
-def test_attention_visualizer_writes_pngs_at_start_and_every_n_steps(tmp_path):
-    model = StubKeypointModel(str(tmp_path / "run"))
+class RanksTokensAfterFit(StubKeypointModel):
+    """Like StableKeypoints: no keypoint tokens while training, TOKENS once fit ends."""
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__(run_dir)
+        self.keypoint_tokens = torch.empty(0, dtype=torch.long)
+
+    def on_fit_end(self) -> None:
+        self.keypoint_tokens = torch.tensor(TOKENS)
+
+
+def test_attention_visualizer_writes_pngs_at_start_and_every_n_steps(tmp_path, monkeypatch):
+    import callbacks.visualization as visualization
+
+    drawn = []
+    original = visualization.attention_grid
+    monkeypatch.setattr(visualization, "attention_grid",
+                        lambda *args: drawn.append((args[2], args[7], args[8])) or original(*args))
+    model = RanksTokensAfterFit(str(tmp_path / "run"))
     visualizer = AttentionVisualizer(every_n_steps=2, num_images=3, max_tokens=2, cell_px=48)
     logger = CSVLogger(tmp_path / "logs")
     trainer(tmp_path, [visualizer], logger=logger, max_steps=4).fit(model, datamodule=StubDataModule())
     folder = tmp_path / "run" / "visualizations"
-    assert sorted(p.name for p in folder.iterdir()) == ["step_000000", "step_000002", "step_000004"]
+    assert sorted(p.name for p in folder.iterdir()) == ["final", "step_000000", "step_000002", "step_000004"]
+    # During training: each image's selected tokens, labelled as such; at the end the final keypoint tokens.
+    assert all("keypoint tokens are ranked after fit" in note for _, _, note in drawn[:-3])
+    assert [tokens for tokens, _, _ in drawn[-3:]] == [TOKENS[:2]] * 3
+    assert all(note == "the final keypoint tokens" for _, _, note in drawn[-3:])
+    assert all(captions is None for _, captions, _ in drawn[:-3])
+    assert drawn[-1][1] == ["keypoint 0 · token 3 · step 4", "keypoint 1 · token 0 · step 4"]
+    assert len(list((folder / "final").glob("image_*.png"))) == 3
     pictures = sorted((folder / "step_000004").glob("*.png"))
     assert [p.name for p in pictures] == ["image_0.png", "image_1.png", "image_2.png"]
     assert all(is_png(p) for p in pictures)
@@ -354,3 +394,89 @@ def test_per_image_error_needs_a_known_metric():
     points = torch.zeros(1, 2, 2)
     with pytest.raises(TypeError, match="per_image"):
         per_image_error(torch.nn.Identity(), points, points, torch.ones(1, 2, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------ pictures at a size a person can read
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Gradients, discs and sensor-like noise: compresses like a photo, not like a flat test card."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([xs / width * 200, ys / height * 180, (xs + ys) / (width + height) * 255], axis=-1)
+    for _ in range(12):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.03, 0.2) * min(width, height)
+        pixels[(xs - cx) ** 2 + (ys - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    pixels += rng.normal(0, 6, pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(("size", "shown"), [((4000, 3000), (1024, 768)), ((20, 15), (256, 192)), ((600, 400), (600, 400))])
+def test_overlay_long_side_is_clamped_and_legend_is_on_the_picture(tmp_path, size, shown):
+    from callbacks.prediction_writer import keypoint_overlay
+
+    image = photo_like(*size)
+    points = np.array([[0.25, 0.5], [0.5, 0.5], [0.75, 0.6]]) * np.array(size)
+    overlay = keypoint_overlay(image, points, TOKENS, np.array([True, True, False]))
+    assert overlay.width == shown[0] and shown[1] < overlay.height < shown[1] + 80  # the legend strip below
+    scale = shown[0] / size[0]
+    for k, (x, y) in enumerate(points[:2]):
+        assert overlay.getpixel((int(x * scale), int(y * scale))) == PALETTE[k]
+    legend_strip = np.asarray(overlay)[shown[1]:]
+    assert all((legend_strip == PALETTE[k]).all(-1).any() for k in range(3))  # a swatch per keypoint
+    path = save_png(overlay, tmp_path / "overlay.png")
+    assert path.stat().st_size < 3_000_000  # was 7.8 MB for a 4000 x 3000 photo at full size
+
+
+def test_display_scale_bounds():
+    from callbacks.drawing import display_scale
+
+    assert display_scale(4000, 3000) == 1024 / 4000 and display_scale(20, 15) == 256 / 20
+    assert display_scale(300, 500) == 1.0 and display_scale(300, 500, 600, 800) == 600 / 500
+    with pytest.raises(ValueError, match="min_px"):
+        display_scale(10, 10, 500, 100)
+
+
+def test_colorbar_spans_the_shared_scale_of_a_heatmap_grid():
+    from callbacks.drawing import colorbar, colorize
+
+    bar = np.asarray(colorbar(300, 0.0, 0.5, "attention"))
+    row = bar[(bar == VIRIDIS_LUT[0]).all(-1).any(1)][0]  # a row of the bar itself
+    assert (row == VIRIDIS_LUT[0]).all(-1).any() and (row == VIRIDIS_LUT[255]).all(-1).any()
+    # One scale for several maps: a map reaching half of the shared maximum is drawn mid-scale.
+    half = colorize(np.array([[0.0, 0.25]]), low=0.0, high=0.5)
+    assert half[0, 1].tolist() == VIRIDIS_LUT[128].tolist()
+    assert colorize(np.array([[0.0, 0.25]]))[0, 1].tolist() == VIRIDIS_LUT[255].tolist()  # per map by default
+
+
+def test_test_examples_are_enlarged_with_their_legend(tmp_path):
+    model = StubKeypointModel(str(tmp_path / "run"))
+    trainer(tmp_path, [TestResultsTable(max_rows=2)]).test(model, datamodule=StubDataModule(size=2))
+    picture = np.asarray(Image.open(tmp_path / "run" / "test_examples" / "example_000.png").convert("RGB"))
+    assert picture.shape[1] == 256 and picture.shape[0] > 256 + 20  # 32 px inputs shown at 256, caption + legend
+    below = picture[-30:]
+    assert (below == TRUTH_RGB).all(-1).any() and (below == PREDICTION_RGB).all(-1).any()
+
+
+def test_keypoint_writer_panorama_and_phone_photo(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo_like(1200, 300).save(folder / "panorama.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 400 x 300, shown turned 90 degrees clockwise: 300 x 400
+    photo_like(400, 300, seed=1).save(folder / "phone.jpg", exif=exif, quality=90)
+    model = StubKeypointModel(str(tmp_path / "run"))
+    model.points = torch.tensor([[0.5, 0.1], [0.5, 0.5], [0.9, 0.7]])
+    data = ImageFolderDataModule(str(folder), image_size=32, batch_size=2, num_workers=0)
+    trainer(tmp_path, [KeypointWriter(output_dir=str(tmp_path / "out"))]).predict(model, datamodule=data,
+                                                                               return_predictions=False)
+    images = {Path(e["path"]).name: e for e in json.loads((tmp_path / "out" / "keypoints.json").read_text())["images"]}
+    panorama, phone = images["panorama.jpg"], images["phone.jpg"]
+    # The panorama fills rows 0.375..0.625 of its square: y = 0.1 and 0.7 are in the padding.
+    assert (panorama["width"], panorama["height"]) == (1200, 300)
+    assert panorama["inside"] == [False, True, False]
+    assert panorama["keypoints"][1] == [600.0, 150.0]
+    # The phone photo in its upright frame: 300 wide, 400 tall; x 0.5 of the square (400) is 150.
+    assert (phone["width"], phone["height"]) == (300, 400)
+    assert phone["keypoints"] == [[150.0, 40.0], [150.0, 200.0], [310.0, 280.0]]
+    assert phone["inside"] == [True, True, False]
+    overlay = Image.open(tmp_path / "out" / phone["overlay"])
+    assert overlay.width == 300 and overlay.height > 400  # upright, at its size, legend below

@@ -107,7 +107,7 @@ def test_missing_dataset_error_names_the_file_and_the_fix(tiny_sd_path, tmp_path
 def test_print_config_is_instant_and_loads_no_weights(capsys):
     from run import main
 
-    for name in ("sd15", "sdxl", "zero123plus", "demo"):
+    for name in ("sd15", "sdxl", "sdxl_reproduce", "zero123plus", "demo"):
         start = time.perf_counter()
         with pytest.raises(SystemExit) as exit_:
             main(["fit", "--config", str(REPO / "conf" / f"{name}.yaml"), "--print_config"])
@@ -166,11 +166,14 @@ def test_test_and_predict_through_the_cli_write_their_files(demo_run, tiny_sd_pa
     first = index["images"][0]
     with Image.open(first["path"]) as source:
         assert (first["width"], first["height"]) == source.size
-    assert len(first["keypoints"]) == 10
+    assert len(first["keypoints"]) == 10 and first["inside"] == [True] * 10  # predict_within_image by default
     overlays = sorted((index_file.parent / "overlays").glob("*.png"))
     assert len(overlays) == len(sources)
-    with Image.open(overlays[0]) as overlay:
-        assert overlay.format == "PNG" and overlay.size == (first["width"], first["height"])
+    from callbacks.drawing import display_scale
+
+    with Image.open(overlays[0]) as overlay:  # at display size, the legend below
+        shown = round(first["width"] * display_scale(first["width"], first["height"]))
+        assert overlay.format == "PNG" and overlay.width == shown and overlay.height > first["height"] * shown / first["width"]
 
 
 def test_a_missing_predict_path_fails_before_any_model_loads(capsys):
@@ -194,6 +197,29 @@ def test_predict_under_ddp_writes_one_index_in_dataset_order(demo_run, tiny_sd_p
     paths = [entry["path"] for entry in json.loads(index_file.read_text())["images"]]
     assert paths == [str(p) for p in sorted(images.glob("*.jpg"))]  # each image once, rows from both ranks merged
     assert len(list((index_file.parent / "overlays").glob("*.png"))) == len(paths)
+
+
+def test_sdxl_reproduce_holds_stablexlkeypoints_settings_and_sdxl_the_right_ones(capsys):
+    import yaml
+
+    from run import main
+
+    configs = {}
+    for name in ("sdxl_reproduce", "sdxl"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(REPO / "conf" / f"{name}.yaml"), "--print_config"])
+        configs[name] = yaml.safe_load(capsys.readouterr().out)
+    config = configs["sdxl_reproduce"]
+    backbone = config["model"]["backbone"]["init_args"]
+    assert backbone["layers"] == [f"up_blocks.0.attentions.0.transformer_blocks.{i}.attn2" for i in range(3)]
+    assert backbone["latent_scaling_factor"] == 0.18215 and backbone["engine"]["replace_output"] is True
+    assert config["model"]["optimizer"] == {"class_path": "torch.optim.AdamW",
+                                            "init_args": {**config["model"]["optimizer"]["init_args"], "lr": 0.005,
+                                                          "weight_decay": 0.0001}}
+    assert config["trainer"]["max_steps"] == 200
+    assert (config["data"]["init_args"]["batch_size"], config["data"]["init_args"]["image_size"]) == (4, 512)
+    right = configs["sdxl"]["model"]["backbone"]["init_args"]
+    assert right["latent_scaling_factor"] is None and right["engine"]["replace_output"] is False
 
 
 @pytest.mark.slow

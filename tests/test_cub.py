@@ -20,8 +20,7 @@ from data.cub import (
     CUBDataModule,
     CUBDataset,
     load_annotations,
-    mirror_keypoints,
-    normalize_parts,
+    mirror_parts,
     read_bounding_boxes,
     read_classes,
     read_image_class_labels,
@@ -32,7 +31,7 @@ from data.cub import (
     square_crop_box,
 )
 from data.demo import ensure_synthetic_cub, write_synthetic_cub
-from data.folder import crop_resize
+from data.base import crop_matrix, crop_points, crop_resize, image_tensor
 
 S = 64  # small images keep the tests fast
 
@@ -120,19 +119,38 @@ def test_aligned_is_the_tight_square_and_never_augmented(root: Path) -> None:
         assert np.allclose(sample["crop_box"].numpy(), expected, atol=1e-3)
 
 
-def test_mirror_keypoints_swaps_left_right() -> None:
-    keypoints = torch.zeros(15, 2)
+def test_mirror_parts_swaps_left_right() -> None:
+    keypoints = torch.arange(30.0).view(15, 2)
     visible = torch.zeros(15, dtype=torch.bool)
-    keypoints[PART_NAMES.index("left eye")] = torch.tensor([0.2, 0.3])
     visible[PART_NAMES.index("left eye")] = True
-    keypoints[PART_NAMES.index("beak")] = torch.tensor([0.1, 0.4])
     visible[PART_NAMES.index("beak")] = True
-    mirrored, mirrored_visible = mirror_keypoints(keypoints, visible)
-    assert mirrored[PART_NAMES.index("right eye")].tolist() == pytest.approx([0.8, 0.3])
-    assert mirrored[PART_NAMES.index("beak")].tolist() == pytest.approx([0.9, 0.4])
-    assert not mirrored_visible[PART_NAMES.index("left eye")]
-    assert mirrored[PART_NAMES.index("left eye")].tolist() == [0.0, 0.0]  # right eye was invisible
+    mirrored, mirrored_visible = mirror_parts(keypoints, visible)
+    for name, source in (("right eye", "left eye"), ("left eye", "right eye"), ("left leg", "right leg"),
+                         ("right wing", "left wing"), ("beak", "beak"), ("tail", "tail")):
+        assert mirrored[PART_NAMES.index(name)].tolist() == keypoints[PART_NAMES.index(source)].tolist()
+    assert mirrored_visible[PART_NAMES.index("right eye")] and not mirrored_visible[PART_NAMES.index("left eye")]
     assert mirrored_visible.sum() == 2
+
+
+def test_augmented_dot_stays_on_its_part_and_the_mirror_renames_it(root_copy: Path) -> None:
+    """Jittered crops and mirrors of an image that is one dot on the bird's right wing: the dot is
+    always where the sample's keypoint of that wing says, named "left wing" when mirrored."""
+    px, py = _plant_dot(root_copy, 1, "right wing")
+    dataset = CUBDataset(root_copy, "train", "cub_001", image_size=S, augment=True)
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        sample = dataset[0]
+        seen.add(sample["flipped"])
+        name = "left wing" if sample["flipped"] else "right wing"
+        assert sample["visible"][PART_NAMES.index(name)]
+        kx, ky = sample["keypoints"][PART_NAMES.index(name)].tolist()
+        iy, ix = divmod(int(sample["image"].sum(0).argmax()), S)
+        assert abs((ix + 0.5) / S - kx) <= 1 / S and abs((iy + 0.5) / S - ky) <= 1 / S
+        x0, y0, x1, y1 = sample["crop_box"].double().tolist()
+        source_x = x1 - kx * (x1 - x0) if sample["flipped"] else x0 + kx * (x1 - x0)
+        assert source_x == pytest.approx(px + 0.5, abs=1e-3) and y0 + ky * (y1 - y0) == pytest.approx(py + 0.5, abs=1e-3)
+    assert seen == {True, False}
 
 
 def test_training_mirror_flips_image_and_parts(root: Path) -> None:
@@ -144,18 +162,20 @@ def test_training_mirror_flips_image_and_parts(root: Path) -> None:
         seen.add(sample["flipped"])
         box = sample["crop_box"].double().tolist()
         row = dataset.rows[1]
-        image = Image.open(sample["path"]).convert("RGB")
+        image = image_tensor(Image.open(sample["path"]))
         plain = crop_resize(image, box, S, (0, 0, 0))
-        keypoints = torch.from_numpy(normalize_parts(dataset.annotations.parts_px[row], dataset.annotations.visible[row], box))
+        keypoints = crop_points(dataset.annotations.parts_px[row], crop_matrix(box, S), S)
         visible = torch.from_numpy(dataset.annotations.visible[row])
         if sample["flipped"]:
             plain = plain.flip(-1)
-            keypoints, visible = mirror_keypoints(keypoints, visible)
+            keypoints[:, 0] = 1 - keypoints[:, 0]
+            keypoints, visible = mirror_parts(keypoints, visible)
             # The bird's visible right-side parts become left-side ones.
             original = dataset.annotations.visible[row]
             assert sample["visible"][PART_NAMES.index("left wing")] == bool(original[PART_NAMES.index("right wing")])
-        # crop_box is float32, the crop used float64: allow one gray level of resampling rounding.
-        assert torch.allclose(sample["image"], plain, atol=1.5 / 255)
+        keypoints = keypoints.masked_fill(~visible[:, None], 0.0)
+        # crop_box is float32, the crop used float64: allow a little resampling difference.
+        assert torch.allclose(sample["image"], plain, atol=1e-3)
         assert torch.allclose(sample["keypoints"], keypoints, atol=1e-4)
         assert torch.equal(sample["visible"], visible)
     assert seen == {True, False}
@@ -334,3 +354,89 @@ def test_generate_synthetic_uses_an_existing_root_as_it_is(cub_root: Path) -> No
     datamodule = CUBDataModule(str(cub_root), image_size=S, generate_synthetic=True)
     datamodule.prepare_data()
     assert (cub_root / "images.txt").stat().st_mtime_ns == stamp
+
+
+# ---- StableKeypoints' splits: CMR's cleaned cachedir .mat files ----
+
+
+def write_cmr_split(path: Path, annotations, rows: list[int]) -> None:
+    """One ``*_cub_cleaned.mat`` as CMR wrote it: a 1 x N struct array ``images`` (1-based pixels)."""
+    savemat = pytest.importorskip("scipy.io").savemat
+    fields = ["id", "rel_path", "train", "test", "bbox", "width", "height", "parts", "mask", "class_id"]
+    images = np.zeros((1, len(rows)), dtype=[(name, "O") for name in fields])
+    for k, row in enumerate(rows):
+        x, y, w, h = annotations.boxes_xywh[row]
+        parts = np.vstack([(annotations.parts_px[row] + 1).T * annotations.visible[row], annotations.visible[row]])
+        bbox = np.zeros((1, 1), dtype=[(name, "O") for name in ("x1", "y1", "x2", "y2")])
+        bbox[0, 0] = (x + 1, y + 1, x + w, y + h)
+        images[0, k] = (
+            int(annotations.image_ids[row]), annotations.paths[row], int(annotations.is_train[row]),
+            int(not annotations.is_train[row]), bbox, 160, 128, parts.astype(np.float64),
+            np.zeros((4, 4), dtype=np.uint8), int(annotations.class_ids[row]),
+        )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(str(path), {"images": images})
+
+
+@pytest.fixture
+def cmr_cachedir(root: Path, tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """A cachedir whose splits differ from the official one: -> (cachedir, train paths, test paths)."""
+    annotations = load_annotations(root)
+    official_train = [row for row in range(36) if annotations.is_train[row]]
+    official_test = [row for row in range(36) if not annotations.is_train[row]]
+    # Train: the official train images with >= 6 visible parts, less class 1's first (30 -> 29 in SK).
+    train = [row for row in official_train if annotations.visible[row].sum() >= 6][1:]
+    # Test: a shuffled half of the official test images, occluded ones included (2874 of 5747 in SK).
+    test = official_test[::-2]
+    cachedir = tmp_path / "cachedir" / "cub"
+    write_cmr_split(cachedir / "data" / "train_cub_cleaned.mat", annotations, train)
+    write_cmr_split(cachedir / "data" / "test_cub_cleaned.mat", annotations, test)
+    return cachedir, [annotations.paths[r] for r in train], [annotations.paths[r] for r in test]
+
+
+def test_cmr_cachedir_gives_exactly_its_splits(root: Path, cmr_cachedir) -> None:
+    cachedir, train_paths, test_paths = cmr_cachedir
+    assert cub.read_cmr_split(cachedir, "train") == train_paths and cub.read_cmr_split(cachedir, "test") == test_paths
+    sizes = {}
+    for subset in ("cub_all", "cub_001", "cub_002", "cub_003", "cub_aligned"):
+        datamodule = CUBDataModule(str(root), subset=subset, cmr_cachedir=str(cachedir), image_size=S, num_workers=0)
+        datamodule.setup("test")
+        train, regression, test = datamodule.train_dataset(), datamodule.regression_dataset(), datamodule.test_dataset()
+        paths = [[dataset.annotations.paths[r] for r in dataset.rows] for dataset in (train, regression, test)]
+        prefix = "" if subset in ("cub_all", "cub_aligned") else subset.removeprefix("cub_") + "."
+        # The files' images in the files' order, only filtered by class; no visibility filter.
+        assert paths[0] == paths[1] == [p for p in train_paths if p.startswith(prefix)]
+        assert paths[2] == [p for p in test_paths if p.startswith(prefix)]
+        sizes[subset] = (len(train), len(test))
+    assert sizes == {"cub_all": (17, 6), "cub_001": (5, 2), "cub_002": (6, 2), "cub_003": (6, 2), "cub_aligned": (17, 6)}
+    # The official split of the same root, for contrast (test_subset_sizes_and_visibility_filter).
+    official = CUBDataModule(str(root), subset="cub_001", image_size=S, num_workers=0)
+    official.setup("test")
+    assert (len(official.train_dataset()), len(official.test_dataset())) == (8, 4)
+    # cub_all keeps the files' occluded test birds: CMR's cleaning, not the >= 6 parts filter, decides.
+    cub_all = CUBDataModule(str(root), subset="cub_all", cmr_cachedir=str(cachedir), image_size=S, num_workers=0)
+    cub_all.setup("test")
+    assert (load_annotations(root).visible[cub_all.test_dataset().rows].sum(1) < 6).sum() == 3
+
+
+def test_cmr_cachedir_errors_name_the_file_and_the_fix(root: Path, cmr_cachedir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from lightning_modules.errors import ConfigError, MissingFileError
+
+    cachedir, _, _ = cmr_cachedir
+    (cachedir / "data" / "test_cub_cleaned.mat").unlink()
+    with pytest.raises(MissingFileError, match="data/test_cub_cleaned.mat"):
+        CUBDataModule(str(root), cmr_cachedir=str(cachedir))
+    with pytest.raises(MissingFileError, match="train_cub_cleaned.mat"):
+        CUBDataModule(str(root), cmr_cachedir=str(tmp_path / "nowhere"))
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # makes `from scipy.io import loadmat` fail
+    with pytest.raises(ConfigError, match="pip install scipy"):
+        CUBDataModule(str(root), cmr_cachedir=str(cachedir))
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="999.Unknown/x.jpg"):
+        cub.select_rows(load_annotations(root), "cub_all", "train", ["999.Unknown/x.jpg"])
+    savemat = pytest.importorskip("scipy.io").savemat
+    savemat(str(cachedir / "data" / "test_cub_cleaned.mat"), {"sfm_anno": np.zeros(3)})
+    with pytest.raises(ConfigError, match="no 'images' struct array"):
+        cub.read_cmr_split(cachedir, "test")

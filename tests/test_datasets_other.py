@@ -2,7 +2,7 @@
 
 Each fixture draws a red dot on the pixel of one annotated keypoint, so a test checks both the
 label convention (normalized (x, y), pixel centres) and that the image agrees with it.
-Tai-Chi needs pandas and Human3.6M scipy to read their labels (neither is a project requirement):
+Tai-Chi needs pandas and Human3.6M scipy to read their labels (optional; requirements.txt pins scipy):
 those tests skip without them.
 """
 
@@ -36,9 +36,12 @@ def draw(path: Path, width: int, height: int, dot_xy: tuple[int, int], backgroun
 
 def check_sample(sample: dict, num_keypoints: int | None) -> None:
     """The ``data.base`` contract: keys, shapes, dtypes, ranges, invisible keypoints at (0, 0)."""
-    expected = {"image", "index", "path", "crop_box", "flipped"}
+    expected = {"image", "index", "path", "crop_box", "flipped", "source_size", "image_region"}
     expected |= {"keypoints", "visible"} if num_keypoints else set()
     assert set(sample) == expected
+    # Whole images: the crop is the source image, all of the model's image shows it.
+    assert sample["crop_box"][2:].tolist() == sample["source_size"].tolist()
+    assert sample["image_region"].tolist() == [0.0, 0.0, 1.0, 1.0]
     assert sample["image"].shape == (3, S, S) and sample["image"].dtype == torch.float32
     assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
     assert sample["crop_box"].shape == (4,) and sample["crop_box"].dtype == torch.float32
@@ -152,6 +155,19 @@ def test_celeba_datamodule_loaders(tmp_path: Path) -> None:
     regression, test = data.test_dataloader()
     assert (len(regression.dataset), len(test.dataset)) == (3, 2)
     assert len(data.keypoint_names) == 5
+
+
+def test_splits_read_16_bit_and_rgba_on_the_datamodule_background(tmp_path: Path) -> None:
+    """SplitsDataModule's datasets read through data.images: 16-bit scaled, RGBA on background_rgb."""
+    root = make_celeba(tmp_path, "aligned")
+    width, height = CELEBA_SIZES[4]
+    Image.fromarray(np.full((height, width), 128 * 257, np.uint16)).save(root / "Img/img_align_celeba_png/000004.png")
+    Image.fromarray(np.zeros((46, 38, 4), np.uint8), mode="RGBA").save(root / "Img/img_align_celeba_png/000005.png")
+    data = CelebADataModule(str(root), image_size=S, num_workers=0, background_rgb=(0, 255, 0))
+    data.setup("test")
+    sixteen, transparent = data.test_dataset()[0]["image"], data.test_dataset()[1]["image"]
+    assert torch.allclose(sixteen, torch.full_like(sixteen, 128 / 255))  # PIL's convert("RGB") gave 1.0
+    assert transparent[:, S // 2, S // 2].tolist() == [0.0, 1.0, 0.0]
 
 
 # ----------------------------------------------------------------------------------------------

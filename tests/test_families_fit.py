@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data.cub import CUBDataModule
-from lightning_modules.backbones import StableDiffusionXL, Zero123Plus
+from lightning_modules.backbones import Engine, StableDiffusionXL, Zero123Plus
 from lightning_modules.stable_keypoints import StableKeypoints
 
 
@@ -15,8 +15,8 @@ from lightning_modules.stable_keypoints import StableKeypoints
     "family, options",
     [
         ("sdxl", {}),
-        ("sdxl", {"pooled_embedding": "prompt", "replace_output": True}),
-        ("zero123plus", {"mode": "reference_attention"}),
+        ("sdxl", {"pooled_embedding": "prompt", "engine": Engine(replace_output=True)}),
+        ("zero123plus", {"mode": "reference_attention", "engine": Engine(gradient_checkpointing=True)}),
         ("zero123plus", {"naive": True}),
     ],
 )

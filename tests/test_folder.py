@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from data.folder import PAD_RGB, ImageFolderDataModule, ImageFolderDataset
+from lightning_modules.errors import ConfigError
 
 S = 40
 
@@ -29,11 +30,21 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_unreadable_files_are_skipped_with_a_warning(folder: Path) -> None:
-    with pytest.warns(UserWarning, match="unreadable") as records:
-        dataset = ImageFolderDataset(folder, S)
-    assert [f.name for f in dataset.files] == ["tall.jpg", "wide.png"]
-    assert sorted(path.name for path, _ in dataset.skipped) == ["garbage.jpg", "truncated.jpg"]
+def test_unreadable_files_fail_setup_with_their_list(folder: Path) -> None:
+    datamodule = ImageFolderDataModule(str(folder), image_size=S, num_workers=0)
+    with pytest.raises(ConfigError, match="2 of the 4 images of the train split cannot be decoded") as error:
+        datamodule.setup("fit")
+    assert "garbage.jpg" in str(error.value) and "truncated.jpg" in str(error.value)
+    assert "skip_unreadable=true" in str(error.value)
+
+
+def test_skip_unreadable_leaves_them_out_with_a_warning(folder: Path) -> None:
+    datamodule = ImageFolderDataModule(str(folder), image_size=S, num_workers=0, skip_unreadable=True)
+    with pytest.warns(UserWarning, match="Skipping 2 unreadable images") as records:
+        datamodule.setup("fit")
+    train = datamodule.train_dataset()
+    assert sorted(Path(train[i]["path"]).name for i in range(len(train))) == ["tall.jpg", "wide.png"]
+    assert sorted(path.name for path, _ in datamodule.unreadable) == ["garbage.jpg", "truncated.jpg"]
     warned = " ".join(str(record.message) for record in records)
     assert "garbage.jpg" in warned and "truncated.jpg" in warned
 
@@ -41,9 +52,13 @@ def test_unreadable_files_are_skipped_with_a_warning(folder: Path) -> None:
 def test_padding_geometry_maps_back_to_source_pixels(folder: Path) -> None:
     dataset = ImageFolderDataset(folder / "wide.png", S)
     sample = dataset[0]
-    assert sample["image"].shape == (3, S, S) and set(sample) == {"image", "index", "path", "crop_box", "flipped"}
+    assert sample["image"].shape == (3, S, S) and set(sample) == {
+        "image", "index", "path", "crop_box", "flipped", "source_size", "image_region"
+    }
     # 40 x 20 padded to a 40 x 40 square centred on the image: 10 gray rows above and below.
     assert sample["crop_box"].tolist() == [0.0, -10.0, 40.0, 30.0]
+    assert sample["source_size"].tolist() == [40, 20]
+    assert sample["image_region"].tolist() == [0.0, 0.25, 1.0, 0.75]
     assert torch.allclose(sample["image"][:, :9], torch.tensor(PAD_RGB).view(3, 1, 1) / 255)
     iy, ix = divmod(int(sample["image"].sum(0).argmax()), S)
     x0, y0, x1, y1 = sample["crop_box"].tolist()
@@ -64,15 +79,15 @@ def test_mirror_flips_image(folder: Path) -> None:
     assert flips == {True, False}
 
 
-def test_all_unreadable_raises(tmp_path: Path) -> None:
+def test_all_unreadable_raises_even_when_skipping(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
-    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="none of its 1 image files"):
-        ImageFolderDataset(tmp_path, S)
+    datamodule = ImageFolderDataModule(str(tmp_path), image_size=S, num_workers=0, skip_unreadable=True)
+    with pytest.raises(ConfigError, match="1 of the 1 images of the train split cannot be decoded"):
+        datamodule.setup("fit")
 
 
-@pytest.mark.filterwarnings("ignore:Skipping unreadable image")
 def test_datamodule_train_predict_and_no_test(folder: Path) -> None:
-    datamodule = ImageFolderDataModule(str(folder), image_size=S, batch_size=2, num_workers=0)
+    datamodule = ImageFolderDataModule(str(folder), image_size=S, batch_size=2, num_workers=0, skip_unreadable=True)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["image"].shape == (2, 3, S, S)

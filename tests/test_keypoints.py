@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from lightning_modules.augmentation import AffineAugmentation
-from lightning_modules.keypoints import augmented_keypoints, locate_peaks, rank_keypoint_tokens, to_source_pixels
+from lightning_modules.keypoints import (
+    augmented_keypoints,
+    inside_region,
+    locate_peaks,
+    rank_keypoint_tokens,
+    region_mask,
+    to_source_pixels,
+)
 from lightning_modules.stable_keypoints import load_context
 
 
@@ -76,6 +83,53 @@ def test_locate_peaks_argmax_and_soft_argmax():
     torch.testing.assert_close(soft, torch.tensor([7.0 / 10, 4.5 / 10]))
 
 
+def test_region_mask_keeps_pixel_centres_inside():
+    mask = region_mask(torch.tensor([[0.0, 0.25, 1.0, 0.75], [0.45, 0.0, 0.46, 1.0]]), 4, 10)
+    assert mask.shape == (2, 1, 4, 10)
+    assert mask[0, 0, :, 0].tolist() == [False, True, True, False]  # row centres 0.125, 0.375, 0.625, 0.875
+    assert mask[0, 0, 1:3].all() and not mask[0, 0, [0, 3]].any()
+    # Thinner than a pixel: the pixel at its centre (0.455 -> column 4) is kept.
+    assert mask[1, 0, 0].nonzero().flatten().tolist() == [4]
+
+
+def test_locate_peaks_restricted_to_the_valid_region():
+    maps = torch.zeros(1, 2, 10, 10)
+    maps[0, :, 0, 5] = 2.0  # the strongest peak, in the padding (row 0)
+    maps[0, 0, 3, 2] = 1.0  # a weaker one on the photo
+    maps[0, 1, 2, 7] = 1.0  # next to the border: the soft-argmax window reaches the padding
+    maps[0, 1, 1, 7] = 1.0
+    valid = region_mask(torch.tensor([[0.0, 0.2, 1.0, 0.8]]), 10, 10)  # rows 2..7
+    torch.testing.assert_close(locate_peaks(maps)[0, 0], torch.tensor([0.55, 0.05]))
+    torch.testing.assert_close(locate_peaks(maps, valid=valid)[0, 0], torch.tensor([0.25, 0.35]))
+    # Soft-argmax: without the mask, row 1 (padding) pulls the point up to y = 2.0 px.
+    torch.testing.assert_close(locate_peaks(maps, 3, valid)[0, 1], torch.tensor([0.75, 0.25]))
+
+
+def test_panorama_keypoints_stay_on_the_photo():
+    """A 1200 x 300 panorama padded to a square: 3/8 of the square above and below is padding.
+
+    The model's maps peak in the padding for most tokens; restricted, every point is inside."""
+    size = 32
+    region = torch.tensor([[0.0, 0.375, 1.0, 0.625]])  # image_region of 1200 x 300 in its square
+    peaks = [(0.1, 0.1), (0.5, 0.9), (0.8, 0.2), (0.3, 0.5), (0.6, 0.05)]  # 4 of 5 in the padding
+
+    def maps_of(images: torch.Tensor) -> torch.Tensor:
+        ys, xs = torch.meshgrid(torch.arange(16) + 0.5, torch.arange(16) + 0.5, indexing="ij")
+        blobs = [torch.exp(-((xs - 16 * x) ** 2 + (ys - 16 * y) ** 2) / 8) for x, y in peaks]
+        # A faint ramp keeps the photo's rows distinguishable where every blob is far.
+        return (torch.stack(blobs) + 1e-3 * ys / 16).expand(len(images), -1, -1, -1)
+
+    images = torch.zeros(1, 3, size, size)
+    tokens = torch.arange(len(peaks))
+    common = dict(augmentation=AffineAugmentation(degrees=0, translate_frac=0, scale=(1.0, 1.0)), iterations=2,
+                  generator=torch.Generator().manual_seed(0))
+    free = augmented_keypoints(maps_of, images, tokens, **common)
+    restricted = augmented_keypoints(maps_of, images, tokens, regions=region, **common)
+    assert inside_region(free, region)[0].tolist() == [False, False, False, True, False]
+    assert inside_region(restricted, region).all()
+    assert restricted[0, 3].tolist() == free[0, 3].tolist()  # the point already inside does not move
+
+
 def test_to_source_pixels_with_crop_box_and_flip():
     keypoints = torch.tensor([[[0.25, 0.5]], [[0.25, 0.5]]])
     box = torch.tensor([[100.0, 50.0, 300.0, 250.0], [100.0, 50.0, 300.0, 250.0]])
@@ -94,3 +148,29 @@ def test_load_context_from_stablekeypoints_files(tmp_path):
     save_file({"context": context[0], "keypoint_tokens": torch.tensor([1, 0])}, str(tmp_path / "e.safetensors"))
     loaded, tokens = load_context(str(tmp_path / "e.safetensors"))
     assert tokens.tolist() == [1, 0] and loaded.shape == (20, 32)
+
+
+def test_predict_step_restricts_to_the_photo_unless_told_not_to(tiny_sd_module, monkeypatch):
+    """The module's predict_within_image flag, both ways, on a 1200 x 300 panorama's square."""
+    from data.base import image_region
+
+    module = tiny_sd_module
+    monkeypatch.setattr(module, "keypoint_tokens", torch.tensor([0, 1, 2, 3]))
+    box = (0.0, -450.0, 1200.0, 750.0)  # the panorama centred in its 1200 x 1200 square
+    batch = {
+        "image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+        "path": ["panorama.jpg"],
+        "crop_box": torch.tensor([box]),
+        "flipped": torch.tensor([False]),
+        "image_region": image_region(box, 1200, 300)[None],
+    }
+    monkeypatch.setitem(module.hparams, "augmentation_iterations", 2)
+    monkeypatch.setitem(module.hparams, "predict_within_image", False)
+    free = module.predict_step(batch, 0)
+    monkeypatch.setitem(module.hparams, "predict_within_image", True)
+    restricted = module.predict_step(batch, 0)
+    assert not free["inside"].all()  # the tiny random model's peaks fall in the padding
+    assert restricted["inside"].all()
+    y = restricted["keypoints_px"][0, :, 1]
+    assert ((y >= 0) & (y <= 300)).all()  # pixels of the photo
+    torch.testing.assert_close(inside_region(free["keypoints"], batch["image_region"]), free["inside"])

@@ -22,7 +22,7 @@ def test_localization_loss_by_hand():
 def test_localization_loss_is_zero_on_its_own_target_and_sends_gradient_to_maps_only():
     from lightning_modules.selection import gaussian_maps
 
-    target = gaussian_maps(torch.tensor([[[4.5, 2.5], [1.5, 6.5]]]), 8, 1.5).requires_grad_()
+    target = gaussian_maps(torch.tensor([[[4, 2], [1, 6]]]), 8, 1.5).requires_grad_()
     loss = localization_loss(target, sigma_px=1.5)
     assert loss.item() == 0
     loss.backward()

@@ -44,10 +44,12 @@ def np_summed(e: np.ndarray, g: np.ndarray, vis: np.ndarray) -> float:
     return float(np.linalg.norm((e - g) * 256, axis=-1)[vis].sum())
 
 
-def np_pck(e: np.ndarray, g: np.ndarray, vis: np.ndarray) -> tuple[int, int]:
-    """-> (correct, visible) counts of one image."""
+def np_pck(e: np.ndarray, g: np.ndarray, vis: np.ndarray) -> float:
+    """Percentage of the image's visible keypoints within 6 px at 256 px."""
+    if not vis.any():
+        return float("nan")
     correct = np.linalg.norm((e - g) * 256, axis=-1) < 6
-    return int(correct[vis].sum()), int(vis.sum())
+    return float(correct[vis].mean() * 100)
 
 
 def np_orientation_invariant(e: np.ndarray, g: np.ndarray, vis: np.ndarray) -> float:
@@ -69,6 +71,7 @@ PER_IMAGE_METRICS: dict[str, tuple[Callable[[], Metric], Callable, PerImage, int
     "celeba": (InterOcularError, inter_ocular_error, np_inter_ocular, 5),
     "taichi": (SummedKeypointError, summed_keypoint_error, np_summed, 18),
     "human36m": (OrientationInvariantError, orientation_invariant_error, np_orientation_invariant, 32),
+    "deepfashion": (PercentageCorrectKeypoints, percentage_correct_keypoints, np_pck, 8),
 }
 PER_IMAGE_METRICS_JOINTS = {make: joints for make, _, _, joints in PER_IMAGE_METRICS.values()}
 
@@ -135,30 +138,18 @@ def test_per_image_metric_matches_numpy(name: str) -> None:
     np.testing.assert_allclose(metric.compute().item(), np.nanmean(numpy_per_image(reference, batches[1:2])), rtol=1e-12)
 
 
-def test_pck_matches_numpy_pooled_over_keypoints() -> None:
-    batches = random_batches(8, seed=11)
-    counts = np.array([np_pck(*image) for image in images(batches)])
-    expected = counts[:, 0].sum() / counts[:, 1].sum() * 100
-
+def test_pck_averages_per_image_not_pooled_over_keypoints() -> None:
+    # Image 0: its one visible keypoint is correct (100 %); image 1: none of its 3 is (0 %).
+    target = torch.full((2, 4, 2), 0.5)
+    preds = target.clone()
+    preds[1, 1:] += 10 / 256
+    visible = torch.tensor([[True, False, False, False], [False, True, True, True]])
     metric = PercentageCorrectKeypoints()
     assert metric.higher_is_better
-    for batch in batches:
-        metric.update(*batch)
-    np.testing.assert_allclose(metric.compute().item(), expected, rtol=1e-12)
-
-    at_once = PercentageCorrectKeypoints()
-    at_once.update(*concatenated(batches))
-    assert at_once.compute().item() == metric.compute().item()
-
-    # Pooled over keypoints, not averaged over per-image percentages.
-    per_image = torch.cat([percentage_correct_keypoints(*batch) for batch in batches]).numpy()
-    with np.errstate(invalid="ignore"):
-        np.testing.assert_allclose(per_image, counts[:, 0] / counts[:, 1] * 100, rtol=1e-12, equal_nan=True)
-
-    metric.reset()
-    metric.update(*batches[2])
-    counts_2 = counts[len(batches[0][0]) + len(batches[1][0]) :]
-    np.testing.assert_allclose(metric.compute().item(), counts_2[:, 0].sum() / counts_2[:, 1].sum() * 100, rtol=1e-12)
+    metric.update(preds, target, visible)
+    # StableKeypoints' mean of per-image fractions: (100 + 0) / 2; pooled would be 1 / 4 = 25 %.
+    assert metric.compute().item() == 50.0
+    assert percentage_correct_keypoints(preds, target, visible).tolist() == [100.0, 0.0]
 
 
 def test_pck_threshold_is_strict() -> None:
@@ -213,9 +204,16 @@ def test_h36m_swap_is_a_permutation_and_an_involution() -> None:
     assert torch.equal(torch.sort(perm).values, torch.arange(32))  # each index exactly once
     assert torch.equal(perm[perm], torch.arange(32))
     midline = (perm == torch.arange(32)).nonzero().flatten().tolist()
-    assert midline == [0, 11, 12, 13, 14, 15]
-    # Right leg 1-5 <-> left leg 6-10, right arm/hand 24-31 <-> left 16-23.
-    assert perm[1:6].tolist() == [6, 7, 8, 9, 10] and perm[16:24].tolist() == list(range(24, 32))
+    # Midline joints, and 16 and 24 (duplicates of midline joints), stay, as in StableKeypoints.
+    assert midline == [0, 11, 12, 13, 14, 15, 16, 24]
+    # Right leg 1-5 <-> left leg 6-10, left arm/hand 17-23 <-> right 25-31 (21 <-> 29, not SK's 28).
+    assert perm[1:6].tolist() == [6, 7, 8, 9, 10] and perm[17:24].tolist() == list(range(25, 32))
+
+
+def test_h36m_swap_pairs_are_stable_keypoints_list_with_the_duplicate_fixed() -> None:
+    # unsupervised_keypoints/eval.py, swap_points, with (21, 28) -> (21, 29).
+    sk = [(1, 6), (2, 7), (3, 8), (4, 9), (5, 10), (17, 25), (18, 26), (19, 27), (20, 28), (21, 28), (22, 30), (23, 31)]
+    assert list(H36M_LEFT_RIGHT_SWAP) == [pair if pair != (21, 28) else (21, 29) for pair in sk]
 
 
 def test_swap_list_with_the_reference_bug_is_rejected() -> None:
@@ -230,7 +228,7 @@ def test_swap_list_with_the_reference_bug_is_rejected() -> None:
         swap_permutation(4, [(2, 2)])
 
 
-ALL_METRICS: list[Callable[[], Metric]] = [*PER_IMAGE_METRICS_JOINTS, PercentageCorrectKeypoints]
+ALL_METRICS: list[Callable[[], Metric]] = list(PER_IMAGE_METRICS_JOINTS)
 
 
 @pytest.mark.parametrize("make", ALL_METRICS, ids=lambda make: make.__name__)

@@ -121,3 +121,102 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert loaded.weight.dtype == torch.float64
     assert torch.equal(loaded.weight, regressor.weight)
     torch.testing.assert_close(loaded(keypoints.float()), regressor(keypoints.float()), atol=0, rtol=0)
+
+
+# ---- StableKeypoints' orientation-invariant fit (Human3.6M) ----
+
+#: One keypoint, two ground-truth joints: joint 0 is the keypoint and joint 1 its point reflection
+#: through the centre, so swapping the joints is what a person turning round does to the labels.
+W_MIRROR = torch.tensor([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+SWAP_2 = torch.tensor([1, 0])
+
+
+def mirrored_labels(num_distinct: int, num_swapped: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keypoints (3 n, 1, 2) and targets (3 n, 2, 2): ``num_distinct`` keypoints, each thrice, the
+    first ``num_swapped`` of the last copy labelled with left and right exchanged."""
+    g = torch.Generator().manual_seed(3)
+    distinct = torch.rand(num_distinct, 1, 2, generator=g, dtype=torch.float64)
+    keypoints = distinct.repeat(3, 1, 1)
+    targets = apply_regressor(keypoints, W_MIRROR)
+    swapped = torch.zeros(len(keypoints), dtype=torch.bool)
+    swapped[2 * num_distinct : 2 * num_distinct + num_swapped] = True
+    targets[swapped] = targets[swapped][:, SWAP_2]
+    return keypoints, targets, swapped
+
+
+def test_orientation_invariant_fit_unswaps_turned_round_labels() -> None:
+    from lightning_modules.regressor import fit_orientation_invariant_regressor
+
+    keypoints, targets, swapped = mirrored_labels(20, 20)  # 20 of 60 images turned round
+    # A plain fit averages the two orientations: (2 - 1) / 3 of the true map.
+    torch.testing.assert_close(fit_regressor(keypoints, targets), W_MIRROR / 3, rtol=0, atol=1e-12)
+    weight, ended_swapped = fit_orientation_invariant_regressor(keypoints, targets, SWAP_2)
+    torch.testing.assert_close(weight, W_MIRROR, rtol=0, atol=1e-12)
+    assert torch.equal(ended_swapped, swapped)
+    regressor = LinearKeypointRegressor.fit_orientation_invariant(keypoints, targets, swap=SWAP_2)
+    torch.testing.assert_close(regressor.weight, W_MIRROR, rtol=0, atol=1e-12)
+
+
+def test_orientation_invariant_fit_stops_when_ten_or_fewer_images_want_a_swap() -> None:
+    from lightning_modules.regressor import fit_orientation_invariant_regressor
+
+    keypoints, targets, _ = mirrored_labels(10, 10)  # exactly 10 want a swap after the first fit
+    weight, ended_swapped = fit_orientation_invariant_regressor(keypoints, targets, SWAP_2)
+    torch.testing.assert_close(weight, W_MIRROR / 3, rtol=0, atol=1e-12)  # SK keeps the first fit
+    assert not ended_swapped.any()
+    weight, ended_swapped = fit_orientation_invariant_regressor(keypoints, targets, SWAP_2, max_images_left=9)
+    torch.testing.assert_close(weight, W_MIRROR, rtol=0, atol=1e-12)
+    assert int(ended_swapped.sum()) == 10
+
+
+def test_orientation_invariant_fit_warns_when_it_does_not_settle_and_rejects_a_non_involution() -> None:
+    from lightning_modules.regressor import fit_orientation_invariant_regressor
+
+    keypoints, targets, _ = mirrored_labels(20, 20)
+    with pytest.warns(UserWarning, match="after 1 fits"):
+        weight, _ = fit_orientation_invariant_regressor(keypoints, targets, SWAP_2, max_iterations=1)
+    torch.testing.assert_close(weight, W_MIRROR / 3, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="its own inverse"):
+        fit_orientation_invariant_regressor(keypoints, targets, torch.tensor([0, 0]))
+
+
+def test_human36m_datamodule_fits_the_orientation_invariant_regressor_with_sk_pairs() -> None:
+    from data.cub import CUBDataModule
+    from data.human36m import Human36MDataModule
+    from lightning_modules.metrics import H36M_LEFT_RIGHT_SWAP, swap_permutation
+
+    keypoints, targets, weight = synthetic(n=60, k=4, j=32, seed=5)
+    perm = swap_permutation(32, H36M_LEFT_RIGHT_SWAP)
+    labels = targets.clone()
+    labels[:20] = labels[:20][:, perm]  # a third of the people face the other way
+    visible = torch.ones(60, 32, dtype=torch.bool)
+    h36m = Human36MDataModule(root="unused").fit_regressor(keypoints, labels, visible)
+    torch.testing.assert_close(h36m.weight, weight, rtol=0, atol=1e-9)
+    # Every other dataset keeps the plain visible-rows fit, which the swapped labels pull off.
+    plain = CUBDataModule(root="unused").fit_regressor(keypoints, labels, visible)
+    torch.testing.assert_close(plain.weight, fit_regressor(keypoints, labels, visible), rtol=0, atol=0)
+    assert (plain.weight - weight).abs().max() > 0.1
+
+
+@pytest.mark.slow
+def test_the_test_stage_fits_the_regressor_the_datamodule_chooses(tiny_sd_path, cub_root, tmp_path) -> None:
+    import lightning as L
+
+    from data.cub import CUBDataModule
+    from lightning_modules.backbones import StableDiffusion
+    from lightning_modules.stable_keypoints import StableKeypoints
+
+    calls = []
+
+    class Recording(CUBDataModule):
+        def fit_regressor(self, keypoints, targets, visible):
+            calls.append((keypoints.shape, targets.shape, visible.shape))
+            return super().fit_regressor(keypoints, targets, visible)
+
+    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=40, feature_upsample_res=16, top_k=4,
+                             furthest_point_num_samples=8, sigma_px=1.0, num_indices=4, augmentation_iterations=2)
+    data = Recording(str(cub_root), subset="cub_001", image_size=64, batch_size=4, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.test(module, datamodule=data)
+    assert calls == [((8, 4, 2), (8, 15, 2), (8, 15))]  # once, on the 8 training images of class 001

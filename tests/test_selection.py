@@ -43,16 +43,21 @@ def test_argmax_pixels_is_x_then_y():
 
 
 def test_gaussian_maps_peak_at_pixel_centres():
-    g = gaussian_maps(torch.tensor([[3.5, 1.5]]), 8, sigma_px=1.0)[0]
+    g = gaussian_maps(torch.tensor([[3, 1]]), 8, sigma_px=1.0)[0]
     assert g[1, 3] == 1.0
     assert math.isclose(g[1, 4].item(), math.exp(-0.5), rel_tol=1e-6)
     assert math.isclose(g[2, 4].item(), math.exp(-1.0), rel_tol=1e-6)
+    # kornia renders a PDF normalized over the grid: at a border too, it is exp(-d^2 / 2 sigma^2).
+    corner = gaussian_maps(torch.tensor([[0, 7], [5, 2]]), 8, sigma_px=2.0)
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    for (x, y), g in zip([(0, 7), (5, 2)], corner):
+        torch.testing.assert_close(g, torch.exp(-((xs - x) ** 2 + (ys - y) ** 2) / 8), rtol=0, atol=1e-6)
 
 
 def test_gaussian_kl_score_by_hand():
     maps = torch.zeros(1, 1, 4, 4)
     maps[0, 0, 1, 2] = 2.0
-    target = gaussian_maps(torch.tensor([[2.5, 1.5]]), 4, 2.0).flatten() + 1e-5
+    target = gaussian_maps(torch.tensor([[2, 1]]), 4, 2.0).flatten() + 1e-5
     target = target / target.sum()
     p = torch.softmax(maps.flatten(), dim=0)
     expected = (target * (target.log() - p.log())).sum()
@@ -61,7 +66,7 @@ def test_gaussian_kl_score_by_hand():
 
 def test_ranking_prefers_sharp_maps():
     size = 16
-    sharp = gaussian_maps(torch.tensor([[4.5, 9.5]]), size, 1.0)[0] * 10
+    sharp = gaussian_maps(torch.tensor([[4, 9]]), size, 1.0)[0] * 10
     flat = torch.ones(size, size)
     maps = torch.stack([flat, sharp, flat * 0.5])[None]
     assert rank_candidates(maps, "gaussian", 1, 1.0).item() == 1
@@ -72,7 +77,7 @@ def test_ranking_prefers_sharp_maps():
 
 def test_select_tokens_spreads_over_distinct_blobs():
     size = 16
-    centres = [(2.5, 2.5), (2.5, 13.5), (13.5, 2.5), (13.5, 13.5), (3.5, 2.5)]
+    centres = [(2, 2), (2, 13), (13, 2), (13, 13), (3, 2)]
     maps = torch.stack([gaussian_maps(torch.tensor([c]), size, 1.0)[0] * 10 for c in centres])[None]
     tokens = select_tokens(maps, top_k=4, num_candidates=5, method="gaussian", sigma_px=1.0)[0]
     # Token 4 duplicates token 0's location: furthest point sampling keeps the four corners.

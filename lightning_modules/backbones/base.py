@@ -9,20 +9,21 @@ LightningModule only calls ``encode``, ``sample_noise`` and ``attention_maps``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-from typing import ClassVar, Literal
+from functools import cached_property
+from typing import ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from lightning_modules.attention import AttentionCapture
+from lightning_modules.attention import AttentionCall, AttentionCapture, check_layer_names
+from lightning_modules.backbones.engine import Engine
+from lightning_modules.backbones.hub import ModelSource
+from lightning_modules.errors import ConfigError
 
 #: Latents of a batch, by name: ``latents`` (B, 4, h, w) always; a family may add more
 #: (zero123plus' reference mode adds its ``condition`` latents). Noise has the same keys.
 Latents = dict[str, Tensor]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Backbone(nn.Module):
@@ -35,25 +36,20 @@ class Backbone(nn.Module):
         pretrained_model_name_or_path: hub id or local folder in diffusers layout
             (``unet/``, ``vae/``, ``scheduler/`` subfolders).
         revision: hub revision (branch, tag or commit).
-        variant: weight file variant, e.g. ``fp16`` (loaded, then upcast to ``dtype``).
+        variant: weight file variant, e.g. ``fp16`` (loaded, then upcast to ``engine.dtype``).
         local_files_only: never touch the network; fail if the files are not cached/local.
         layers: full names of the captured cross-attention layers; ``None`` = the family default.
+            Checked against the UNet's config before any weight loads.
         noise_level: index into the scheduler's ``num_inference_steps`` timestep grid; -1 is the
             least noisy step (SPEC section 2).
         num_inference_steps: size of the DDIM timestep grid that ``noise_level`` indexes.
-        dtype: ``float32`` (default) or ``bfloat16`` for the frozen UNet/VAE; the context, maps and
-            losses stay fp32 either way. float16 is refused: it does not converge (SPEC section 8).
-        stop_early: end the UNet forward after the last captured layer (same maps, less work).
-        memory_efficient_maps: average heads inside the capture and recompute per head in backward.
-        upsample_queries: upsample the layer's queries rather than its features before ``to_q``
-            (equal numbers, up to float rounding; far fewer FLOPs). ``False`` is StableKeypoints' order.
-        replace_output: replace the captured layers' outputs with the downsampled high-resolution
-            attention, as StableXLKeypoints did (changes the network; for reproduction only).
-        gradient_checkpointing: trade compute for memory in the UNet's backward pass.
-        channels_last: run the UNet in channels-last memory format (faster convolutions on GPU).
-        compile_unet: ``torch.compile`` the UNet's blocks.
-        create_tiny_if_missing: demo and tests only: if ``pretrained_model_name_or_path`` is a
-            folder that does not exist, write a tiny random model of this family there first.
+        latent_scaling_factor: the factor VAE latents are multiplied by; ``None`` = the VAE config's
+            ``scaling_factor`` (0.13025 for SDXL). StableXLKeypoints used SD's 0.18215 for SDXL.
+        engine: how the UNet runs and the maps are captured (``Engine``: dtype, early stop,
+            checkpointing, ...), the same options for every family.
+        create_tiny_if_missing: demo only: if ``pretrained_model_name_or_path`` is the demo's own
+            folder (``data.demo_models.DEMO_MODELS``) and missing, write a tiny random model there
+            first; any other missing path is an error.
     """
 
     #: Captured layers when ``layers`` is not given.
@@ -68,25 +64,14 @@ class Backbone(nn.Module):
         layers: list[str] | None = None,
         noise_level: int = -1,
         num_inference_steps: int = 50,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        stop_early: bool = True,
-        memory_efficient_maps: bool = True,
-        upsample_queries: bool = True,
-        replace_output: bool = False,
-        gradient_checkpointing: bool = False,
-        channels_last: bool = False,
-        compile_unet: bool = False,
+        latent_scaling_factor: float | None = None,
+        engine: Engine = Engine(),
         create_tiny_if_missing: bool = False,
     ) -> None:
         super().__init__()
-        if dtype == "float16":
-            raise ValueError(
-                "backbone dtype=float16 is refused: the context's gradients vanish in half precision and "
-                "training does not converge (both follow-up projects report it). Use float32, or bfloat16 "
-                "for the frozen UNet/VAE (context, maps and losses stay fp32)."
-            )
-        if dtype not in DTYPES:
-            raise ValueError(f"backbone dtype={dtype!r}: use one of {sorted(DTYPES)}.")
+        if latent_scaling_factor is not None and not latent_scaling_factor > 0:
+            raise ConfigError(f"latent_scaling_factor={latent_scaling_factor}: give a positive factor, or null for the "
+                              "VAE config's.")
         self.pretrained_model_name_or_path = pretrained_model_name_or_path
         self.revision = revision
         self.variant = variant
@@ -94,46 +79,32 @@ class Backbone(nn.Module):
         self.layers = list(layers) if layers is not None else list(self.default_layers)
         self.noise_level = noise_level
         self.num_inference_steps = num_inference_steps
-        self.dtype = DTYPES[dtype]
-        self.stop_early = stop_early
-        self.memory_efficient_maps = memory_efficient_maps
-        self.upsample_queries = upsample_queries
-        self.replace_output = replace_output
-        self.gradient_checkpointing = gradient_checkpointing
-        self.channels_last = channels_last
-        self.compile_unet = compile_unet
+        self.latent_scaling_factor = latent_scaling_factor
+        self.engine = engine
+        self.dtype = engine.torch_dtype
         self.create_tiny_if_missing = create_tiny_if_missing
         self.unet: UNet2DConditionModel | None = None
         self.vae: AutoencoderKL | None = None
         self.capture: AttentionCapture | None = None
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def write_tiny(cls, folder: str | Path, seed: int = 0) -> None:
-        """Writes a tiny random model of this family to ``folder`` in diffusers layout."""
-        raise NotImplementedError(f"{cls.__name__} has no tiny model.")
-
     def prepare(self) -> None:
-        """Once per machine before ``load`` (rank 0): writes the tiny demo model if asked to."""
-        path = Path(self.pretrained_model_name_or_path)
-        if self.create_tiny_if_missing and not path.exists():
-            # Write beside the target, then rename: a killed run never leaves half a model.
-            tmp = path.with_name(path.name + ".partial")
-            self.write_tiny(tmp)
-            tmp.rename(path)
+        """Once per machine before ``load`` (rank 0): writes the demo's tiny model if asked to."""
+        if self.create_tiny_if_missing:
+            # The demo's fixtures, imported only when the demo asks for them.
+            from data.demo_models import ensure_demo_model
+
+            ensure_demo_model(type(self).__name__, self.pretrained_model_name_or_path)
+
+    @cached_property
+    def source(self) -> ModelSource:
+        """Where the weights come from, with the checks and errors of a local folder or a hub id."""
+        return ModelSource(self.pretrained_model_name_or_path, self.revision, self.local_files_only)
 
     def _from_pretrained(self, cls: type, subfolder: str, **kwargs) -> nn.Module:
-        options = dict(revision=self.revision, local_files_only=self.local_files_only, **kwargs)
         if cls is not DDIMScheduler:
-            options["variant"] = self.variant
-        try:
-            return cls.from_pretrained(self.pretrained_model_name_or_path, subfolder=subfolder, **options)
-        except OSError as error:
-            raise OSError(
-                f"Cannot load {subfolder}/ of pretrained_model_name_or_path={self.pretrained_model_name_or_path!r}: "
-                "it must be a local folder in diffusers layout or a hub id you can reach (HF_HUB_OFFLINE=1 "
-                "allows only what is cached; gated models need `hf auth login`)."
-            ) from error
+            kwargs["variant"] = self.variant
+        return self.source.from_pretrained(cls, subfolder, **kwargs)
 
     @property
     def is_loaded(self) -> bool:
@@ -143,12 +114,24 @@ class Backbone(nn.Module):
         """Loads the UNet, VAE and scheduler from ``pretrained_model_name_or_path``, then ``attach``es them."""
         if self.is_loaded:
             return
+        self.check_layers()
         scheduler = self._from_pretrained(DDIMScheduler, "scheduler")
         self.attach(
             self._from_pretrained(UNet2DConditionModel, "unet", torch_dtype=self.dtype),
             self._from_pretrained(AutoencoderKL, "vae", torch_dtype=self.vae_dtype),
             scheduler,
         )
+
+    def check_layers(self) -> None:
+        """Checks ``layers`` on a weightless (meta-device) UNet built from the folder's ``unet/config.json``."""
+        config = self.source.load_config(UNet2DConditionModel, "unet")
+        self.check_unet_config(config)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        check_layer_names(unet, self.layers)
+
+    def check_unet_config(self, config: dict) -> None:
+        """Hook: raise ConfigError if the UNet's config does not belong to this family (before weights load)."""
 
     def attach(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler) -> None:
         """Freezes the given components and installs the attention capture.
@@ -171,19 +154,20 @@ class Backbone(nn.Module):
         for module in self.frozen_modules():
             module.requires_grad_(False)
             module.eval()
-        if self.channels_last:
+        engine = self.engine
+        if engine.channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        if self.gradient_checkpointing:
+        if engine.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.capture = AttentionCapture(
             self.unet,
             self.layers,
-            stop_early=self.stop_early,
-            memory_efficient=self.memory_efficient_maps,
-            replace_output=self.replace_output,
-            upsample_queries=self.upsample_queries,
+            stop_early=engine.stop_early,
+            memory_efficient=engine.memory_efficient_maps,
+            replace_output=engine.replace_output,
+            upsample_queries=engine.upsample_queries,
         )
-        if self.compile_unet:
+        if engine.compile_unet:
             # Blocks, not the whole UNet: the early stop raises out of the forward, which a
             # whole-model graph would not allow.
             for block in [*self.unet.down_blocks, *self.unet.up_blocks]:
@@ -216,12 +200,19 @@ class Backbone(nn.Module):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def scaling_factor(self) -> float:
+        """The latent scaling: ``latent_scaling_factor`` if set, else the VAE config's."""
+        if self.latent_scaling_factor is not None:
+            return float(self.latent_scaling_factor)
+        return float(self.vae.config.scaling_factor)
+
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def encode(self, images: Tensor) -> Latents:
         """images: (B, 3, S, S) in [0, 1] -> latents (B, 4, S/8, S/8), fp32, no gradient."""
         x = (images * 2 - 1).to(self.vae.device, self.vae.dtype)
-        z = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        z = self.vae.encode(x).latent_dist.mean * self.scaling_factor
         return {"latents": z.float()}
 
     def sample_noise(self, latents: Latents, generator: torch.Generator | None = None) -> Latents:
@@ -240,16 +231,21 @@ class Backbone(nn.Module):
         """Keyword arguments the UNet needs beside the context (SDXL: ``added_cond_kwargs``)."""
         return {}
 
-    def unet_call(self, latents: Latents, noise: Latents, context: Tensor) -> Callable[[], object]:
-        """The UNet call that produces the maps, as a closure (zero123plus adds a reference pass)."""
-        z = latents["latents"]
-        batch = z.shape[0]
-        noisy = self.add_noise(z, noise["latents"]).to(self.dtype)
-        if self.channels_last:
+    def unet_forward(self, latents: Tensor, noise: Tensor, context: Tensor) -> Callable[[dict], object]:
+        """One UNet call on noised ``latents``, as a function of its ``cross_attention_kwargs``."""
+        batch = latents.shape[0]
+        noisy = self.add_noise(latents, noise).to(self.dtype)
+        if self.engine.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         hidden = context.to(self.dtype).unsqueeze(0).expand(batch, -1, -1)
-        kwargs = self.added_conditions(context, batch, z.shape[-1] * self.vae_scale_factor)
-        return lambda: self.unet(noisy, self.timestep, encoder_hidden_states=hidden, return_dict=False, **kwargs)
+        kwargs = self.added_conditions(context, batch, latents.shape[-1] * self.vae_scale_factor)
+        return lambda call_kwargs: self.unet(noisy, self.timestep, encoder_hidden_states=hidden, return_dict=False,
+                                             cross_attention_kwargs=call_kwargs, **kwargs)
+
+    def unet_call(self, latents: Latents, noise: Latents, context: Tensor) -> Callable[[AttentionCall], None]:
+        """What produces the maps for one ``AttentionCall`` (zero123plus adds a reference pass)."""
+        forward = self.unet_forward(latents["latents"], noise["latents"], context)
+        return lambda call: self.capture.run(forward, call)
 
     def attention_maps(self, latents: Latents, noise: Latents, context: Tensor, resolution: int) -> Tensor:
         """One UNet call -> maps (B, T, R, R): per-image probabilities over the T context tokens.

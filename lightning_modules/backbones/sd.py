@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
-
-import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
 from lightning_modules.backbones.base import Backbone
 
@@ -26,29 +22,6 @@ SD_VAE = dict(
     latent_channels=4,
     sample_size=512,
 )
-#: The same VAE shape (x8 downsampling, 4 latent channels) with few channels, for tests and the demo.
-TINY_VAE = {**SD_VAE, "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 128}
-
-
-def tiny_sd_unet(cross_attention_dim: int = 32, **overrides) -> UNet2DConditionModel:
-    """An SD 1.5-shaped UNet (same block layout and module names), 2.4 M parameters."""
-    config = dict(
-        SD15_UNET,
-        sample_size=16,
-        block_out_channels=(32, 32, 64, 64),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=2,
-        norm_num_groups=8,
-    )
-    config.update(overrides)
-    return UNet2DConditionModel(**config)
-
-
-def sd_scheduler() -> PNDMScheduler:
-    """The scheduler config Stable Diffusion 1.5 ships (its noise schedule is what matters here)."""
-    return PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True
-    )
 
 
 class StableDiffusion(Backbone):
@@ -63,12 +36,3 @@ class StableDiffusion(Backbone):
 
     def __init__(self, pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5", **kwargs) -> None:
         super().__init__(pretrained_model_name_or_path, **kwargs)
-
-    @classmethod
-    def write_tiny(cls, folder: str | Path, seed: int = 0) -> None:
-        folder = Path(folder)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            tiny_sd_unet().save_pretrained(folder / "unet")
-            AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
-        sd_scheduler().save_pretrained(folder / "scheduler")

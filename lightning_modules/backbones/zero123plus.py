@@ -13,47 +13,63 @@ plain diffusers components and offers two modes:
 
 zero123plus was trained on its own latent and image normalization: target latents are
 ``(z * scaling_factor - 0.22) * 0.75`` of images scaled by 0.5 / 0.8 in [-1, 1], and condition
-latents are the unscaled VAE latents of the condition image at 320 px. Stable123Keypoints used SD's
-normalization for both (one likely cause of its negative result); ``naive: true`` reproduces that.
+latents are the unscaled VAE latents of the condition image as the folder's ``feature_extractor_vae``
+(a CLIPImageProcessor: resize, centre crop, rescale, normalize) prepares it. Stable123Keypoints used
+SD's normalization for both (one likely cause of its negative result); ``naive: true`` reproduces that.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler
 from diffusers.models.attention_processor import Attention
 from torch import Tensor
+from transformers import CLIPImageProcessorPil
 
+from lightning_modules.attention import AttentionCall
 from lightning_modules.backbones.base import Backbone, Latents
-from lightning_modules.backbones.sd import TINY_VAE, tiny_sd_unet
+from lightning_modules.errors import ConfigError
 
 ZERO123PLUS_LAYERS = tuple(f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2" for i in range(3))
 
-LATENT_SHIFT, LATENT_SCALE = 0.22, 0.75  # zero123plus' scale_latents
-IMAGE_SCALE = 0.5 / 0.8  # zero123plus v1.2's scale_image
-CONDITION_SIZE = 320  # its feature_extractor_vae resizes the condition image to 320 px
+# What zero123plus' pipeline does that its model folder does not carry (SUDO-AI-3D/zero123plus,
+# diffusers-support/pipeline.py: ``scale_latents`` and v1.2's ``scale_image``).
+LATENT_SHIFT, LATENT_SCALE = 0.22, 0.75
+IMAGE_SCALE = 0.5 / 0.8
+
+
+@dataclass(frozen=True)
+class ReferencePass:
+    """The reference-attention part of one UNet call, kept in ``AttentionCall.family["reference"]``.
+
+    ``write`` stores what enters each self-attention, ``read`` attends over its own tokens plus the
+    stored ones. The store belongs to one ``attention_maps`` call and is never emptied while that
+    call's graph lives, so a checkpointing recompute of the read pass finds what the first forward read.
+    """
+
+    mode: Literal["write", "read"]
+    store: dict[str, Tensor]
 
 
 class ReferenceAttentionProcessor:
-    """``attn1`` processor: stores its input in the write pass, attends over it in the read pass."""
+    """``attn1`` processor: stores its input in a write pass, attends over it in a read pass."""
 
-    def __init__(self, name: str, original, store: dict[str, Tensor], mode: list[str]) -> None:
+    def __init__(self, name: str, original) -> None:
         self.name = name
         self.original = original
-        self.store = store
-        self.mode = mode  # one shared cell: "off", "write" or "read"
 
-    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *args, **kwargs) -> Tensor:
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if self.mode[0] == "write":
-            self.store[self.name] = context
-        elif self.mode[0] == "read":
-            context = torch.cat([context, self.store[self.name]], dim=1)
-        return self.original(attn, hidden_states, context, *args, **kwargs)
+    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, call: AttentionCall | None = None) -> Tensor:
+        reference = call.family.get("reference") if call is not None else None
+        if reference is not None:
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            if reference.mode == "write":
+                reference.store.setdefault(self.name, context)  # a recompute stores nothing new
+            else:
+                encoder_hidden_states = torch.cat([context, reference.store[self.name]], dim=1)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 class Zero123Plus(Backbone):
@@ -76,20 +92,20 @@ class Zero123Plus(Backbone):
     ) -> None:
         super().__init__(pretrained_model_name_or_path, **kwargs)
         if mode not in ("weights_only", "reference_attention"):
-            raise ValueError(f"zero123plus mode={mode!r}: use 'weights_only' or 'reference_attention'.")
+            raise ConfigError(f"zero123plus mode={mode!r}: use 'weights_only' or 'reference_attention'.")
         self.mode = mode
         self.naive = naive
-        self._reference_store: dict[str, Tensor] = {}
-        self._reference_mode = ["off"]
+        self.condition_processor: CLIPImageProcessorPil | None = None
 
     def _load_extra(self) -> None:
         if self.mode != "reference_attention":
             return
+        if not self.naive:
+            # The PIL backend: what zero123plus' pipeline ran (transformers 4's CLIPImageProcessor).
+            self.condition_processor = self.source.from_pretrained(CLIPImageProcessorPil, "feature_extractor_vae")
         for name, module in self.unet.named_modules():
             if isinstance(module, Attention) and name.endswith("attn1"):
-                module.set_processor(
-                    ReferenceAttentionProcessor(name, module.processor, self._reference_store, self._reference_mode)
-                )
+                module.set_processor(ReferenceAttentionProcessor(name, module.processor))
 
     def _vae_latents(self, x: Tensor) -> Tensor:
         return self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist.mean.float()
@@ -102,45 +118,32 @@ class Zero123Plus(Backbone):
             if self.mode == "reference_attention":
                 latents["condition"] = latents["latents"]
             return latents
-        x = images * 2 - 1
-        z = self._vae_latents(x * IMAGE_SCALE) * self.vae.config.scaling_factor
+        z = self._vae_latents((images * 2 - 1) * IMAGE_SCALE) * self.scaling_factor
         latents = {"latents": (z - LATENT_SHIFT) * LATENT_SCALE}
         if self.mode == "reference_attention":
-            condition = F.interpolate(x, size=(CONDITION_SIZE, CONDITION_SIZE), mode="bilinear", antialias=True,
-                                      align_corners=False)
-            latents["condition"] = self._vae_latents(condition)
+            latents["condition"] = self._vae_latents(self.condition_pixels(images))
         return latents
 
-    def unet_call(self, latents: Latents, noise: Latents, context: Tensor):
-        read = super().unet_call(latents, noise, context)
-        if self.mode != "reference_attention":
-            return read
-        write = super().unet_call({"latents": latents["condition"]}, {"latents": noise["condition"]}, context)
+    def condition_pixels(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) in [0, 1] -> (B, 3, H, W): the condition image as zero123plus' pipeline feeds its VAE.
 
-        def forward() -> None:
-            self._reference_store.clear()
-            try:
-                self._reference_mode[0] = "write"
-                with self.capture.paused():
-                    self.capture.run_unet(write)
-                self._reference_mode[0] = "read"
-                read()
-            finally:
-                self._reference_mode[0] = "off"
-                self._reference_store.clear()  # the stored states hold the graph: free them
+        The pipeline gives its ``feature_extractor_vae`` an 8-bit RGB image and encodes the processor's
+        ``pixel_values`` as they are (no further scaling); the images are quantized to 8 bits alike.
+        """
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        return self.condition_processor(images=list(pixels), return_tensors="pt").pixel_values
+
+    def unet_call(self, latents: Latents, noise: Latents, context: Tensor):
+        read = self.unet_forward(latents["latents"], noise["latents"], context)
+        if self.mode != "reference_attention":
+            return lambda call: self.capture.run(read, call)
+        write = self.unet_forward(latents["condition"], noise["condition"], context)
+
+        def forward(call: AttentionCall) -> None:
+            store: dict[str, Tensor] = {}
+            write_call = AttentionCall(call.resolution, record=False, family={"reference": ReferencePass("write", store)})
+            self.capture.run(write, write_call)
+            call.family["reference"] = ReferencePass("read", store)
+            self.capture.run(read, call)
 
         return forward
-
-    @classmethod
-    def write_tiny(cls, folder: str | Path, seed: int = 0) -> None:
-        folder = Path(folder)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            tiny_sd_unet(cross_attention_dim=48, use_linear_projection=True, attention_head_dim=(2, 4, 8, 8)).save_pretrained(
-                folder / "unet"
-            )
-            AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
-        EulerAncestralDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="linear", prediction_type="v_prediction",
-            timestep_spacing="linspace", steps_offset=1,
-        ).save_pretrained(folder / "scheduler")

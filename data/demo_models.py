@@ -1,0 +1,188 @@
+"""Tiny random models of each family, in the real diffusers layout: the demo's and the tests' weights.
+
+``save_pretrained`` folders load through exactly the code path a hub id takes, so the demo and the
+tests exercise the real loading and module names with a few MB of random weights. The demo writes
+its model on first use only at its own folder (``DEMO_MODELS``); nothing else is ever written for a
+path that does not exist.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from data.demo import DEMO_DIR, is_demo_path
+from lightning_modules.backbones.sd import SD15_UNET, SD_VAE
+from lightning_modules.backbones.sdxl import SDXL_UNET
+from lightning_modules.errors import MissingFileError
+
+#: The demo's own model folder per family (relative to the working directory, as in conf/demo.yaml).
+DEMO_MODELS = {
+    "StableDiffusion": DEMO_DIR / "models" / "sd15-tiny",
+    "StableDiffusionXL": DEMO_DIR / "models" / "sdxl-tiny",
+    "Zero123Plus": DEMO_DIR / "models" / "zero123plus-tiny",
+}
+
+#: The SD VAE shape (x8 downsampling, 4 latent channels) with few channels.
+TINY_VAE = {**SD_VAE, "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 128}
+
+
+def tiny_sd_unet(cross_attention_dim: int = 32, **overrides) -> UNet2DConditionModel:
+    """An SD 1.5-shaped UNet (same block layout and module names), 2.4 M parameters."""
+    config = dict(
+        SD15_UNET,
+        sample_size=16,
+        block_out_channels=(32, 32, 64, 64),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config)
+
+
+def sd_scheduler() -> PNDMScheduler:
+    """The scheduler config Stable Diffusion 1.5 ships (its noise schedule is what matters here)."""
+    return PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True
+    )
+
+
+def byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols (no merges): tokenizes any text offline."""
+    # GPT-2's reversible byte -> printable character table, which CLIP's BPE vocabulary is built on.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    symbols = [chars[b] for b in range(256)]
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def write_tiny_sd(folder: str | Path, seed: int = 0) -> None:
+    """SD 1.5-shaped: ``unet/`` (context 32 wide), ``vae/``, ``scheduler/``."""
+    folder = Path(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tiny_sd_unet().save_pretrained(folder / "unet")
+        AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
+    sd_scheduler().save_pretrained(folder / "scheduler")
+
+
+def write_tiny_sdxl(folder: str | Path, seed: int = 0) -> None:
+    """SDXL-shaped: a 3-level text_time UNet (context 32 = two 16-wide text encoders, pooled 16 wide),
+    the VAE with SDXL's scaling factor 0.13025, both text encoders and tokenizers, the scheduler."""
+    folder = Path(folder)
+    hidden, projection, time_dim = 16, 16, 8
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        UNet2DConditionModel(
+            **{
+                **SDXL_UNET,
+                "sample_size": 16,
+                "block_out_channels": (32, 64, 64),
+                "transformer_layers_per_block": (1, 2, 3),
+                "attention_head_dim": (2, 4, 8),
+                "addition_time_embed_dim": time_dim,
+                "projection_class_embeddings_input_dim": 6 * time_dim + projection,
+                "cross_attention_dim": 2 * hidden,
+                "norm_num_groups": 8,
+            }
+        ).save_pretrained(folder / "unet")
+        AutoencoderKL(**{**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}).save_pretrained(folder / "vae")
+        text = dict(hidden_size=hidden, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+                    vocab_size=514, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+        CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(folder / "text_encoder")
+        CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=projection)).save_pretrained(folder / "text_encoder_2")
+    for name in ("tokenizer", "tokenizer_2"):
+        byte_level_tokenizer().save_pretrained(folder / name)
+    EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    ).save_pretrained(folder / "scheduler")
+
+
+def condition_image_processor(**overrides) -> CLIPImageProcessorPil:
+    """A ``feature_extractor_vae`` in the format zero123plus-v1.2 ships: a CLIPImageProcessor that resizes
+    the shortest edge to 320 (bicubic), centre-crops 320 x 320, rescales by 1/255 and normalizes with
+    mean = std = 0.5, i.e. to [-1, 1]."""
+    options = dict(size={"shortest_edge": 320}, crop_size={"height": 320, "width": 320}, resample=3,
+                   image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return CLIPImageProcessorPil(**{**options, **overrides})
+
+
+def write_tiny_zero123plus(folder: str | Path, seed: int = 0) -> None:
+    """zero123plus-shaped: an SD 2-style UNet (linear projections, context 48), the VAE, a v-prediction
+    EulerAncestral scheduler and the ``feature_extractor_vae`` condition-image processor."""
+    folder = Path(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tiny_sd_unet(cross_attention_dim=48, use_linear_projection=True, attention_head_dim=(2, 4, 8, 8)).save_pretrained(
+            folder / "unet"
+        )
+        AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
+    EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="linear", prediction_type="v_prediction",
+        timestep_spacing="linspace", steps_offset=1,
+    ).save_pretrained(folder / "scheduler")
+    condition_image_processor().save_pretrained(folder / "feature_extractor_vae")
+
+
+#: Writer of each family's tiny model, by the family's class name.
+TINY_WRITERS: dict[str, Callable[[Path], None]] = {
+    "StableDiffusion": write_tiny_sd,
+    "StableDiffusionXL": write_tiny_sdxl,
+    "Zero123Plus": write_tiny_zero123plus,
+}
+
+
+def write_tiny(family: str, folder: str | Path) -> Path:
+    """Writes the tiny model of ``family`` (a class name of ``lightning_modules.backbones``) into ``folder``.
+
+    Written into a temporary sibling renamed once complete: a killed run leaves nothing or the whole model.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        TINY_WRITERS[family](tmp)
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.exists():  # another process finished first: its copy is as good as ours
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def ensure_demo_model(family: str, path: str | Path) -> None:
+    """Writes the family's tiny model at ``path`` if ``path`` is missing and is the demo's own folder.
+
+    Any other missing local path is an error: a mistyped path never gets a random model.
+    """
+    path = Path(path)
+    if path.exists():
+        return
+    demo = DEMO_MODELS.get(family)
+    if demo is not None and is_demo_path(path, demo):
+        write_tiny(family, path)
+        rank_zero_info(f"Wrote a tiny random {family} model to {path} (the demo's own folder; random weights, "
+                       "so its keypoints mean nothing).")
+        return
+    raise MissingFileError(
+        f"pretrained_model_name_or_path={str(path)!r} does not exist. create_tiny_if_missing writes a random "
+        f"model only at the demo's own folder {str(demo)!r}; fix the path (a diffusers folder or a hub id) or "
+        "set model.backbone.init_args.create_tiny_if_missing: false."
+    )

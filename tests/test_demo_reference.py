@@ -1,0 +1,83 @@
+"""The demo's numbers before and after the move of the equivariance transform onto kornia.
+
+The literals were computed once with the hand-written ``affine_grid`` code this project had before
+(commit bab3d99), on the demo's configuration: the tiny SD model, 100 tokens, 32 px maps, sigma 1,
+two 128 px synthetic birds, step generator (0, 0, 0, 0). kornia's float32 warp moved them by at most
+4e-8 (maps) and 1e-7 (keypoints); the bound asked for is 1e-6.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_modules.augmentation import PhotometricAugmentation, unwarp
+from lightning_modules.keypoints import augmented_keypoints
+from lightning_modules.seeding import seeded_generator
+
+TRANSFORMED_MAPS = [0.009714998304843903, 0.010097509250044823, 0.012178708799183369, 0.010870687663555145, 0.011304158717393875, 0.010234556160867214, 0.011642658151686192, 0.010421400889754295, 0.010039353743195534, 0.010891687124967575, 0.010641207918524742, 0.010489780455827713]
+UNWARPED_SELECTED = [0.010451954789459705, 0.010848663747310638, 0.011282609775662422, 0.0, 0.015116646885871887, 0.009136791341006756, 0.011856443248689175, 0.01080600917339325, 0.014237740077078342, 0.012530490756034851, 0.011857462115585804, 0.0]
+LOSS, LOSS_LOC, LOSS_EQUIV = 0.32084834575653076, 0.003015691414475441, 1.9279203115729615e-05
+TOKENS = [[0, 28, 39, 82, 37, 56, 25, 6, 55, 81], [25, 55, 19, 54, 22, 18, 0, 12, 26, 21]]
+KEYPOINTS = [0.9882888197898865, 0.9570325016975403, 0.03646596893668175, 0.9518292546272278, 0.04264591634273529, 0.35538792610168457, 0.05859479680657387, 0.05077188089489937, 0.988304615020752, 0.5898151993751526, 0.10535603016614914, 0.8164066672325134, 0.7304114103317261, 0.9884256720542908, 0.9886148571968079, 0.29284825921058655, 0.0429239347577095, 0.3709893822669983, 0.5586162805557251, 0.2068154662847519, 0.9804697036743164, 0.7382805943489075, 0.26171618700027466, 0.8945387005805969, 0.03515385463833809, 0.1445395052433014, 0.14470753073692322, 0.10574991255998611, 0.9883246421813965, 0.5820145010948181, 0.9883033633232117, 0.871338427066803, 0.7226696014404297, 0.988316535949707, 0.7929663062095642, 0.6054704189300537, 0.5273144245147705, 0.2382725179195404, 0.589807391166687, 0.04673106223344803]
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_sd_path, cub_root):
+    from lightning_modules.backbones import StableDiffusion
+    from lightning_modules.stable_keypoints import StableKeypoints
+
+    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=100, feature_upsample_res=32, top_k=10,
+                             furthest_point_num_samples=25, sigma_px=1.0)
+    module.configure_model()
+    # Read with PIL directly, so that changes to the data pipeline do not move these numbers.
+    names = [line.split()[1] for line in (cub_root / "images.txt").read_text().splitlines()[:2]]
+    pixels = []
+    for name in names:
+        with Image.open(cub_root / "images" / name) as image:
+            resized = image.convert("RGB").resize((128, 128), Image.Resampling.BILINEAR)
+        pixels.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1))
+    return module, torch.stack(pixels)
+
+
+def _samples(values: torch.Tensor, seed: int) -> list[float]:
+    index = torch.randint(0, values.numel(), (12,), generator=torch.Generator().manual_seed(seed))
+    return values.flatten()[index].tolist()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("photometric", [None, PhotometricAugmentation()])
+def test_demo_step_maps_and_losses_match_the_affine_grid_code(demo, photometric):
+    module, images = demo
+    module.photometric = photometric  # off either way: no draw, no change
+    maps, transform = module.equivariance_pair(images, seeded_generator(0, 0, 0, 0))
+    out = module.losses(maps[:2], maps[2:], transform)
+    assert out["tokens"].tolist() == TOKENS
+    torch.testing.assert_close(torch.tensor(_samples(maps[2:], 5)), torch.tensor(TRANSFORMED_MAPS), rtol=0, atol=1e-6)
+    back = unwarp(maps[2:][torch.arange(2)[:, None], out["tokens"]], transform)
+    torch.testing.assert_close(torch.tensor(_samples(back, 6)), torch.tensor(UNWARPED_SELECTED), rtol=0, atol=1e-6)
+    for name, expected in (("loss", LOSS), ("loss_loc", LOSS_LOC), ("loss_equiv", LOSS_EQUIV)):
+        assert abs(out[name].item() - expected) <= 1e-6, name
+
+
+@torch.no_grad()
+def test_demo_step_with_photometric_moves_the_transformed_maps(demo):
+    module, images = demo
+    module.photometric = PhotometricAugmentation(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2, blur_p=0.5)
+    try:
+        maps, transform = module.equivariance_pair(images, seeded_generator(0, 0, 0, 0))
+    finally:
+        module.photometric = None
+    assert (torch.tensor(_samples(maps[2:], 5)) - torch.tensor(TRANSFORMED_MAPS)).abs().max() > 1e-6
+
+
+@torch.no_grad()
+def test_demo_keypoints_match_the_affine_grid_code(demo):
+    module, images = demo
+    generator = seeded_generator(0, 1, 0, 0)
+    tokens = torch.tensor(TOKENS[0])
+    keypoints = augmented_keypoints(lambda x: module.maps_of(x, generator), images, tokens, module.augmentation, 3,
+                                    generator, soft_argmax_window_px=5)
+    torch.testing.assert_close(keypoints.flatten(), torch.tensor(KEYPOINTS), rtol=0, atol=1e-6)
