@@ -66,13 +66,14 @@ def resolve_detector(source: str) -> Path:
         return Path(huggingface_hub.snapshot_download(source, allow_patterns=DOWNLOADED))
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise HubError(
-            f"pretrained_context={source!r}: no such model repository on the Hugging Face Hub (or it is private: "
-            "log in with `hf auth login` or set HF_TOKEN)."
+            f"pretrained_context={source!r}: no such local file or folder, nor model repository on the Hugging Face "
+            "Hub (or it is private: log in with `hf auth login` or set HF_TOKEN)."
         ) from error
     except LocalEntryNotFoundError as error:
         raise HubError(
-            f"pretrained_context={source!r} is not in the local hub cache and the Hub cannot be reached (offline, "
-            "or HF_HUB_OFFLINE=1): fetch it once with network, or give the detector's local folder."
+            f"pretrained_context={source!r} is no local file or folder, and as a hub id it is not in the local hub "
+            "cache and the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1): fetch it once with network, or "
+            "give the detector's local folder."
         ) from error
 
 
@@ -154,7 +155,7 @@ def model_card(meta: dict[str, str], metrics: dict | None, pictures: list[tuple[
     data = ModelCardData(
         library_name="stable-keypoints",
         pipeline_tag="keypoint-detection",
-        tags=["keypoint-detection", "unsupervised", "stable-keypoints", meta.get("family", "")],
+        tags=[tag for tag in ("keypoint-detection", "unsupervised", "stable-keypoints", meta.get("family")) if tag],
         base_model=model if on_hub else None,
     )
     lines = [

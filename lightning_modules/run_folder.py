@@ -166,15 +166,16 @@ class RunConfigSaver(SaveConfigCallback):
         path = Path(self.config_filename)
         if not path.is_absolute():
             path = Path(trainer.default_root_dir) / path
+        if path.exists():  # RunLayout.plan picks a new name; a race must not overwrite either
+            raise FileExistsError(f"{path} already exists: the config of an earlier command is kept.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(path), skip_none=False, overwrite=False, multifile=self.multifile)
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         header = (
             f"# Written by `run.py {self.command or stage}` at {when}.\n"
             f"# checkpoint: {self.checkpoint or checkpoint_of(trainer, pl_module)}\n"
             f"# code_version: {code_version()}\n"
         )
-        path.write_text(header + path.read_text())
+        path.write_text(header + self.parser.dump(self.config, skip_none=False))
 
 
 def as_source(path_or_id: str) -> str:

@@ -203,3 +203,16 @@ def test_validate_is_refused_with_the_reason_and_what_to_run(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "{fit,test,predict}" in capsys.readouterr().out
+
+
+def test_provenance_without_a_checkpoint_names_the_pretrained_context(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "detector").mkdir()
+    local = SimpleNamespace(hparams={"pretrained_context": "detector"})
+    assert run_folder.provenance(None, local) == {
+        "checkpoint": str(tmp_path / "detector"), "config": None, "code_version": code_version()}
+    hub = SimpleNamespace(hparams={"pretrained_context": "someone/cub-keypoints"})
+    assert run_folder.checkpoint_of(None, hub) == "someone/cub-keypoints"  # a hub id stays a hub id
+    assert run_folder.checkpoint_of(None, SimpleNamespace(hparams={})) is None
