@@ -6,7 +6,6 @@ import datetime
 import logging
 import re
 import warnings
-from pathlib import Path
 
 import lightning as L
 import pytest
