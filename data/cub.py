@@ -35,6 +35,7 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 from torchmetrics import Metric
@@ -394,14 +395,29 @@ def download_cub(root: str | Path, url: str | None = None, md5: str | None = Non
         md5: expected hex digest; default ``CUB_MD5``.
     """
     root = Path(root)
-    url = CUB_URL if url is None else url
-    md5 = CUB_MD5 if md5 is None else md5
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Lightning runs prepare_data once per node (prepare_data_per_node), which node-local disks
+    # need; on a shared filesystem the nodes would then fetch into the same .part file at once.
+    # A lock beside root (flock: local disks, NFS, and Lustre mounted with -o flock) makes the
+    # later nodes wait and then find the dataset complete.
+    lock = FileLock(root.parent / f".{root.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        rank_zero_info(f"Waiting for another process to finish downloading {root} (lock {lock.lock_file}).")
+        lock.acquire()
+    try:
+        return _download_unlocked(root, CUB_URL if url is None else url, CUB_MD5 if md5 is None else md5)
+    finally:
+        lock.release()
+
+
+def _download_unlocked(root: Path, url: str, md5: str) -> Path:
     if root.exists():
         missing = missing_annotation_files(root)
         if not missing:
             return root
         raise FileExistsError(f"{root} exists but is incomplete (no {missing[0]}): delete it, then download again.")
-    root.parent.mkdir(parents=True, exist_ok=True)
     archive = root.parent / f"{root.name}.tgz"
     if not (archive.is_file() and _md5(archive) == md5):
         _fetch(url, archive, md5)

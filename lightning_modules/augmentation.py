@@ -149,13 +149,15 @@ class PhotometricAugmentation:
 
     def __post_init__(self) -> None:
         for name in ("jitter_p", "grayscale_p", "blur_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"photometric.{name}={getattr(self, name)}: a probability is in [0, 1].")
-        if min(self.brightness, self.contrast, self.saturation, self.hue) < 0 or self.hue > 0.5:
-            raise ValueError("photometric.brightness/contrast/saturation must be >= 0 and photometric.hue in [0, 0.5].")
+            if not 0 <= getattr(self, name) <= 1:  # NaN fails too
+                raise ConfigError(f"model.photometric.{name}={getattr(self, name)}: a probability is in [0, 1].")
+        for name in ("brightness", "contrast", "saturation", "hue"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= (0.5 if name == "hue" else math.inf)):
+                raise ConfigError(f"model.photometric.{name}={value}: it must be finite and >= 0 (hue at most 0.5 turns).")
         low, high = self.blur_sigma_px
-        if not 0 < low <= high:
-            raise ValueError(f"photometric.blur_sigma_px={self.blur_sigma_px}: need 0 < low <= high.")
+        if not (math.isfinite(high) and 0 < low <= high):
+            raise ConfigError(f"model.photometric.blur_sigma_px={self.blur_sigma_px}: need 0 < low <= high.")
 
     def kornia_steps(self) -> list:
         """The kornia augmentations this configuration applies, in order (empty: off)."""

@@ -8,6 +8,7 @@ that record with a configuration before any weights load: the CLI calls it from 
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from importlib import import_module
@@ -184,11 +185,21 @@ def check_config_fits(ckpt_path: str, model: Namespace) -> None:
     family = getattr(import_module(module), name)
     init_args = backbone.get("init_args") or Namespace()
     layers = init_args.get("layers")
+    model_path = init_args.get("pretrained_model_name_or_path")
     check_fits(
         read_checkpoint(ckpt_path),
         family=family.__name__,
-        model=init_args.get("pretrained_model_name_or_path"),
+        model=model_path,
         layers=list(layers) if layers is not None else list(family.default_layers),
         num_tokens=model.num_tokens,
+        context_dim=_local_context_dim(model_path),
         name=f"ckpt_path={ckpt_path!r}",
     )
+
+
+def _local_context_dim(model_path: str | None) -> int | None:
+    """The UNet's ``cross_attention_dim`` from a local model folder's config.json (no weights, no network)."""
+    config = Path(model_path or "") / "unet" / "config.json"
+    if not model_path or not config.is_file():
+        return None  # a hub id: checked once the backbone is loaded (StableKeypoints.on_load_checkpoint)
+    return int(json.loads(config.read_text())["cross_attention_dim"])

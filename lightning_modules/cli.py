@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import sys
 import warnings
@@ -18,6 +20,10 @@ from callbacks.wandb_logger import WandbLogger
 from lightning_modules.checkpoints import check_config_fits
 from lightning_modules.run_folder import CHECKPOINTS, RunConfigSaver, RunLayout, as_source
 from lightning_modules.stable_keypoints import check_trainer_precision
+
+#: How a process hands its planned folders to the processes it launches (Lightning's DDP launcher
+#: starts them before anything is written, so they would plan a run of their own: another timestamp).
+LAYOUT_VARIABLE = "STABLE_KEYPOINTS_RUN_LAYOUT"
 
 VALIDATE_REFUSAL = (
     "`validate` is not offered: this method has no validation split (StableKeypoints trains on the training "
@@ -38,6 +44,17 @@ def quiet_unactionable_output() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # An advertisement for a logger this project does not use, printed at every Trainer construction.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
+
+
+def inherited_layout(command: str) -> RunLayout | None:
+    """The layout the parent process planned for this same command, when it launched this one."""
+    raw = os.environ.get(LAYOUT_VARIABLE)
+    if not raw:
+        return None
+    handed = json.loads(raw)
+    if handed["pid"] != os.getppid() or handed["command"] != command:
+        return None  # set by this process itself (an earlier command in it) or by an unrelated one
+    return RunLayout.from_json(handed["layout"])
 
 
 class _DropTip(logging.Filter):
@@ -97,13 +114,15 @@ class StableKeypointsCLI(LightningCLI):
             check_config_fits(config.ckpt_path, config.model)
         path = config.data.init_args.get("path") if config.get("data") else None
         images = Path(path) if path else None
-        self.layout = RunLayout.plan(
+        self.layout = inherited_layout(self.subcommand) or RunLayout.plan(
             self.subcommand,
             config.trainer.default_root_dir or ".",
             ckpt_path=config.get("ckpt_path"),
             predict_name=None if images is None else images.name if images.is_dir() else images.stem,
             output_dir=config.get("output_dir"),
         )
+        os.environ[LAYOUT_VARIABLE] = json.dumps(
+            {"pid": os.getpid(), "command": self.subcommand, "layout": self.layout.to_json()})
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         layout = self.layout

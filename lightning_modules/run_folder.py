@@ -15,15 +15,18 @@ One folder per fit run, under ``trainer.default_root_dir`` (the experiment's fol
 
 A resume (``fit --ckpt_path <run>/checkpoints/last.ckpt``) continues in the same folder and W&B
 run. ``test``/``predict`` from a checkpoint of a run write inside that run (``test-2``,
-``predict/<images>-2``, ... when the folder already holds results: nothing is overwritten); from
+``predict/<images>-2``, ... when the folder already holds results: nothing is overwritten; a killed
+``predict`` run again continues in its folder); from
 anything else (a detector, a context file, a checkpoint outside a run) they start a new run
 folder. ``--output_dir`` puts a command's files in a folder of your choice instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
+import json
 import re
 import secrets
 import subprocess
@@ -79,6 +82,21 @@ def unused_folder(path: Path) -> Path:
     return candidate
 
 
+def unfinished_predict(folder: Path) -> bool:
+    """A ``predict`` folder that was killed before it merged its shards (``KeypointWriter``): rerunning
+    the same command continues it there instead of starting over elsewhere."""
+    return (folder / "shards").is_dir() and not any(folder.glob("keypoints.*"))
+
+
+def free_config_file(folder: Path) -> Path:
+    """``config.yaml``, or ``config.resume-<n>.yaml`` beside the configs of the runs this one continues."""
+    config, n = folder / CONFIG_FILE, 0
+    while config.exists():
+        n += 1
+        config = folder / f"config.resume-{n}.yaml"
+    return config
+
+
 def wandb_id(name: str) -> str:
     """A folder name as a W&B run id (letters, digits, ``-``, ``_``, ``.`` only)."""
     return re.sub(r"[^\w.-]+", "-", name)
@@ -92,7 +110,7 @@ class RunLayout:
         run_dir: the fit run's folder (for test/predict: the run the checkpoint belongs to, or a new one).
         output_dir: where this command writes: ``run_dir`` for fit, its ``test``/``predict/<name>`` folder.
         config_file: this command's saved config.
-        resumed: fit continues a run from one of its checkpoints.
+        resumed: fit continues a run from one of its checkpoints, or predict a killed predict.
         wandb_id: the W&B run of this command (fit and its resumes share one).
     """
 
@@ -101,6 +119,16 @@ class RunLayout:
     config_file: Path
     resumed: bool
     wandb_id: str
+
+    def to_json(self) -> str:
+        return json.dumps({key: str(value) if isinstance(value, Path) else value
+                           for key, value in dataclasses.asdict(self).items()})
+
+    @staticmethod
+    def from_json(text: str) -> RunLayout:
+        fields = json.loads(text)
+        return RunLayout(**{key: value if key in ("resumed", "wandb_id") else Path(value)
+                            for key, value in fields.items()})
 
     @staticmethod
     def plan(
@@ -124,26 +152,24 @@ class RunLayout:
         if command == "fit":
             resumed = bool(ckpt_path)
             run = Path(output_dir) if output_dir else run_of_ckpt or Path(root_dir) / (run_id or new_run_id())
-            config = run / CONFIG_FILE
-            n = 0
-            while config.exists():  # a resume keeps the fit's config and adds its own
-                n += 1
-                config = run / f"config.resume-{n}.yaml"
+            config = free_config_file(run)  # a resume keeps the fit's config and adds its own
             return RunLayout(run.resolve(), run.resolve(), config.resolve(), resumed, wandb_id(run.name))
         run = run_of_ckpt or Path(root_dir) / (run_id or new_run_id())
         if output_dir:
             out = Path(output_dir)
-            if (out / CONFIG_FILE).exists():
+            if (out / CONFIG_FILE).exists() and not (command == "predict" and unfinished_predict(out)):
                 raise ConfigError(
                     f"--output_dir {out} already holds the results of an earlier command ({out / CONFIG_FILE}): "
                     "give a new or empty folder, or leave --output_dir out to write inside the run."
                 )
         elif command == "predict":
-            out = unused_folder(run / "predict" / (predict_name or "test_split"))
+            planned = run / "predict" / (predict_name or "test_split")
+            out = planned if unfinished_predict(planned) else unused_folder(planned)
         else:
             out = unused_folder(run / command)
         name = out.name if out.parent == run else f"{out.parent.name}-{out.name}"
-        return RunLayout(run.resolve(), out.resolve(), (out / CONFIG_FILE).resolve(), False,
+        resumed = command == "predict" and unfinished_predict(out)
+        return RunLayout(run.resolve(), out.resolve(), free_config_file(out).resolve(), resumed,
                          wandb_id(f"{run.name}-{name}"))
 
 

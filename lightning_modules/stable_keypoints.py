@@ -123,6 +123,9 @@ class StableKeypoints(L.LightningModule):
             soft_argmax_window_px=soft_argmax_window_px,
             extraction_chunk_size=extraction_chunk_size,
         )
+        for key, file in (("pretrained_context", pretrained_context), ("pretrained_keypoint_tokens", pretrained_keypoint_tokens)):
+            if file is not None and not Path(file).is_file():
+                raise MissingFileError(f"model.{key}={file!r} does not exist: give the file a trained context was saved to.")
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
         self.augmentation = augmentation
@@ -178,6 +181,10 @@ class StableKeypoints(L.LightningModule):
                 f"The context is {self.context.shape[-1]} wide but {self.backbone.pretrained_model_name_or_path} "
                 f"expects {self.backbone.context_dim}: the checkpoint belongs to another model family."
             )
+        # DDP broadcasts from rank 0, when it wraps the module, every parameter and buffer it is not
+        # told to ignore (about 10 GB for SDXL's frozen weights), and the buffers again at every forward.
+        # Every rank loads the same frozen weights itself, so only what trains is synchronized.
+        self._ddp_params_and_buffers_to_ignore = frozen_tensor_names(self)
 
     def _load_pretrained(self) -> None:
         hp = self.hparams
@@ -323,7 +330,8 @@ class StableKeypoints(L.LightningModule):
                 "checkpoint written before this step."
             )
         for name in ("loss", "loss_loc", "loss_equiv", "concentration", "spatial_entropy"):
-            self.log(f"train/{name}", out[name], prog_bar=name == "loss", batch_size=batch_size)
+            # sync_dist: the logged value is the mean over all ranks, not rank 0's share of the batch.
+            self.log(f"train/{name}", out[name], prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)
         return out["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -513,7 +521,9 @@ class StableKeypoints(L.LightningModule):
             self.choose_keypoint_tokens()
             # The last checkpoint was written before the tokens existed: refresh it so that test and
             # predict from it need not rank them again.
-            if last and Path(last).exists():
+            # save_checkpoint holds a barrier, so every rank must take the same branch: rank 0 (the
+            # one that writes) decides, since on node-local disks the file exists on its node only.
+            if self.trainer.strategy.broadcast(bool(last) and Path(last).exists(), src=0):
                 self.trainer.save_checkpoint(last, weights_only=False)  # a full checkpoint, as ModelCheckpoint's
         if self.trainer.is_global_zero:
             path = self.export_embedding(self.run_dir() / EMBEDDING_FILE, checkpoint=last or None)
@@ -595,6 +605,12 @@ def release_freed_host_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def frozen_tensor_names(module: nn.Module) -> list[str]:
+    """Names of every buffer and every parameter that does not train: what DDP need not synchronize."""
+    names = [name for name, parameter in module.named_parameters() if not parameter.requires_grad]
+    return names + [name for name, _ in module.named_buffers()]
 
 
 def metric_name(metric) -> str:

@@ -19,6 +19,7 @@ from lightning_modules.augmentation import (
     unwarp,
     warp,
 )
+from lightning_modules.errors import ConfigError
 from lightning_modules.selection import argmax_pixels
 
 
@@ -132,8 +133,14 @@ def test_photometric_grayscale_only_makes_gray_images():
     images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     out = PhotometricAugmentation(grayscale_p=1.0)(images, torch.Generator().manual_seed(0))
     assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
-    with pytest.raises(ValueError, match="blur_p"):
+    with pytest.raises(ConfigError, match="model.photometric.blur_p=1.5"):
         PhotometricAugmentation(blur_p=1.5)
+    with pytest.raises(ConfigError, match="model.photometric.hue=0.6"):
+        PhotometricAugmentation(hue=0.6)
+    with pytest.raises(ConfigError, match="model.photometric.contrast=nan"):
+        PhotometricAugmentation(contrast=float("nan"))
+    with pytest.raises(ConfigError, match="blur_sigma_px"):
+        PhotometricAugmentation(blur_sigma_px=(0.0, 1.0))
 
 
 @pytest.mark.parametrize("photometric", [None, PhotometricAugmentation(), PhotometricAugmentation(brightness=0.5, blur_p=1.0)])

@@ -206,3 +206,17 @@ def test_cli_fp16_refusal_names_the_value_typed(typed, cub_root) -> None:
     with pytest.raises(ConfigError, match=f"trainer.precision='{typed}' is refused") as error:
         main(cli_args(cub_root, "--trainer.precision", typed))
     assert "bf16-mixed" not in str(error.value)
+
+
+def test_cli_checkpoint_of_another_width_fails_before_any_weights_load(tiny_sd_path, cub_root, tmp_path, monkeypatch) -> None:
+    from lightning_modules.backbones.base import Backbone
+    from run import main
+
+    monkeypatch.setattr(Backbone, "load", lambda self: pytest.fail("the weights were loaded before the check"))
+    # Same family, layers and token count (an SD 2.x context into an SD 1.5-shaped model): only the width differs.
+    path = tmp_path / "last.ckpt"
+    torch.save(fake_checkpoint(tokens=100, width=1024, model=str(tiny_sd_path)), path)
+    args = cli_args(cub_root, "--ckpt_path", str(path), "--model.backbone.init_args.pretrained_model_name_or_path",
+                    str(tiny_sd_path))
+    with pytest.raises(CheckpointMismatchError, match="context 1024 wide .*expects 32"):
+        main(args)

@@ -223,6 +223,21 @@ def test_sdxl_reproduce_holds_stablexlkeypoints_settings_and_sdxl_the_right_ones
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_truncated_training_image_stops_fit_at_setup_with_its_name(tiny_sd_path, cub_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "CUB_200_2011"
+    shutil.copytree(cub_root, root)
+    first = root / "images" / (root / "images.txt").read_text().split()[1]
+    first.write_bytes(first.read_bytes()[:300])
+    result = run_cli("fit", *demo_args(tmp_path / "out", tiny_sd_path, root, "--data.init_args.generate_synthetic", "false"),
+                     check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(first) in result.stderr and "skip_unreadable=true" in result.stderr
+    assert not checkpoints(tmp_path / "out")  # no step ran (skip_unreadable: tests/test_images.py)
+
+
 def test_a_user_error_is_one_message_and_exit_2_with_the_traceback_on_request(tmp_path):
     args = ["fit", "--config", DEMO, "--model.sigma_px", "0", "--trainer.default_root_dir", str(tmp_path)]
     result = run_cli(*args, check=False)

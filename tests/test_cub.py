@@ -279,7 +279,8 @@ def test_download_from_file_url(root: Path, tmp_path: Path, monkeypatch: pytest.
     datamodule.prepare_data()
     datamodule.setup("fit")
     assert len(datamodule.train_dataset()) == 8
-    assert sorted(p.name for p in target.parent.iterdir()) == ["CUB_200_2011"]  # no .part, .tgz or temp left
+    # No .part, .tgz or temp left; only the (empty) lock file that keeps concurrent downloads apart.
+    assert sorted(p.name for p in target.parent.iterdir()) == [".CUB_200_2011.lock", "CUB_200_2011"]
     # A complete root is left alone, whatever the URL says.
     monkeypatch.setattr(cub, "CUB_URL", (tmp_path / "absent.tgz").as_uri())
     datamodule.prepare_data()
@@ -293,7 +294,7 @@ def test_download_with_wrong_md5_raises(root: Path, tmp_path: Path, monkeypatch:
     target = tmp_path / "datasets" / "CUB_200_2011"
     with pytest.raises(ValueError, match="md5"):
         CUBDataModule(str(target), download=True).prepare_data()
-    assert list(target.parent.iterdir()) == []
+    assert [p.name for p in target.parent.iterdir()] == [".CUB_200_2011.lock"]
 
 
 def test_download_refuses_path_traversal(root: Path, tmp_path: Path) -> None:

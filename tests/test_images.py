@@ -127,6 +127,13 @@ def test_every_dataset_reads_through_read_image(tmp_path: Path) -> None:
     assert transparent[:, 4, 4].tolist() == [0.0, 0.0, 1.0]
 
 
+@pytest.mark.parametrize("background", [(0, 0), (0, 0, 256), (0.5, 0, 0)])
+def test_background_must_be_three_bytes(tmp_path: Path, background) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    with pytest.raises(ConfigError, match="data.background_rgb"):
+        ImageFolderDataModule(str(tmp_path), background_rgb=background)
+
+
 # ------------------------------------------------------------------ 12.2: EXIF orientation
 def phone_photo(path: Path, orientation: int = 6) -> None:
     """A 40 x 20 stored JPEG (red left half) tagged to be shown turned 90 degrees clockwise (tag 6)."""

@@ -128,3 +128,11 @@ def test_a_bad_augmentation_range_is_a_config_error(options, message) -> None:
 
     with pytest.raises(ConfigError, match=message):
         AffineAugmentation(**options)
+
+
+@pytest.mark.parametrize("key", ["pretrained_context", "pretrained_keypoint_tokens"])
+def test_a_missing_pretrained_file_is_named_before_any_weights_load(key, tmp_path) -> None:
+    from lightning_modules.errors import MissingFileError
+
+    with pytest.raises(MissingFileError, match=f"model.{key}='.*missing.pt' does not exist"):
+        unloaded(**{key: str(tmp_path / "missing.pt")})
