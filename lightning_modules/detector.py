@@ -39,6 +39,11 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 DOWNLOADED = [EMBEDDING_FILE, CONFIG_FILE, METRICS_FILE, REGRESSOR_FILE, CARD_FILE]
 
 
+def is_hub_id(source: str) -> bool:
+    """``owner/name`` and not a path (``./x/y``, ``/x/y``)."""
+    return bool(HUB_ID.fullmatch(source)) and not source.startswith((".", "/"))
+
+
 def embedding_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of an ``embedding.safetensors`` (model, family, layers, provenance...)."""
     with safe_open(str(path), "pt") as file:
@@ -55,7 +60,7 @@ def resolve_detector(source: str) -> Path:
     path = Path(source)
     if path.exists():
         return path
-    if not HUB_ID.fullmatch(source) or source.startswith((".", "/")):
+    if not is_hub_id(source):
         raise MissingFileError(
             f"pretrained_context={source!r} is neither a local file or folder nor a hub id (owner/name)."
         )
@@ -151,7 +156,7 @@ def model_card(meta: dict[str, str], metrics: dict | None, pictures: list[tuple[
     from huggingface_hub import ModelCard, ModelCardData
 
     model = meta.get("model", "unknown")
-    on_hub = bool(HUB_ID.fullmatch(model)) and not Path(model).exists()
+    on_hub = is_hub_id(model) and not Path(model).exists()
     data = ModelCardData(
         library_name="stable-keypoints",
         pipeline_tag="keypoint-detection",
@@ -220,7 +225,7 @@ def push(folder: str, repo_id: str, private: bool = False, commit_message: str =
                 f"{path / required} does not exist: push a folder written by "
                 "`python -m lightning_modules.detector export <run>`."
             )
-    if not HUB_ID.fullmatch(repo_id):
+    if not is_hub_id(repo_id):
         raise ConfigError(f"repo_id={repo_id!r}: use owner/name, e.g. my-user/cub-keypoints.")
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled

@@ -22,7 +22,7 @@ from lightning_modules.augmentation import AffineAugmentation, PhotometricAugmen
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_fits, checkpoint_record
 from lightning_modules.concentration import attention_concentration
-from lightning_modules.detector import detector_embedding, embedding_metadata
+from lightning_modules.detector import detector_embedding, embedding_metadata, is_hub_id
 from lightning_modules.errors import CheckpointMismatchError, ConfigError, MissingFileError, NonFiniteError
 from lightning_modules.keypoints import augmented_keypoints, inside_region, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
@@ -123,9 +123,15 @@ class StableKeypoints(L.LightningModule):
             soft_argmax_window_px=soft_argmax_window_px,
             extraction_chunk_size=extraction_chunk_size,
         )
-        for key, file in (("pretrained_context", pretrained_context), ("pretrained_keypoint_tokens", pretrained_keypoint_tokens)):
-            if file is not None and not Path(file).is_file():
-                raise MissingFileError(f"model.{key}={file!r} does not exist: give the file a trained context was saved to.")
+        # A hub id is looked up in configure_model (the cache, else the Hub), a local path here.
+        if pretrained_context is not None and not Path(pretrained_context).exists() and not is_hub_id(pretrained_context):
+            raise MissingFileError(
+                f"model.pretrained_context={pretrained_context!r} does not exist: give the file a trained context was "
+                "saved to, a detector folder or its hub id (owner/name)."
+            )
+        if pretrained_keypoint_tokens is not None and not Path(pretrained_keypoint_tokens).is_file():
+            raise MissingFileError(f"model.pretrained_keypoint_tokens={pretrained_keypoint_tokens!r} does not exist: give "
+                                   "the file the keypoint tokens were saved to.")
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
         self.augmentation = augmentation

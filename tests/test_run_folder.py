@@ -215,3 +215,37 @@ def test_provenance_without_a_checkpoint_names_the_pretrained_context(tmp_path, 
     hub = SimpleNamespace(hparams={"pretrained_context": "someone/cub-keypoints"})
     assert run_folder.checkpoint_of(None, hub) == "someone/cub-keypoints"  # a hub id stays a hub id
     assert run_folder.checkpoint_of(None, SimpleNamespace(hparams={})) is None
+
+
+def test_a_killed_predict_is_continued_in_its_folder_and_a_finished_one_is_not(tmp_path):
+    run = tmp_path / "r1"
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    folder = run / "predict" / "birds"
+    (folder / "shards").mkdir(parents=True)
+    (folder / "config.yaml").write_text("first\n")
+    again = RunLayout.plan("predict", tmp_path, ckpt_path=ckpt, predict_name="birds")
+    assert again.output_dir == folder.resolve() and again.resumed
+    assert again.config_file == folder.resolve() / "config.resume-1.yaml"
+    mine = RunLayout.plan("predict", tmp_path, ckpt_path=ckpt, output_dir=str(folder))  # --output_dir too
+    assert mine.output_dir == folder.resolve() and mine.resumed
+    (folder / "keypoints.json").write_text("{}")
+    done = RunLayout.plan("predict", tmp_path, ckpt_path=ckpt, predict_name="birds")
+    assert done.output_dir == run.resolve() / "predict" / "birds-2" and not done.resumed
+
+
+def test_launched_processes_take_their_launchers_layout_and_nobody_else_does(monkeypatch, tmp_path):
+    import json
+    import os
+
+    from lightning_modules.cli import LAYOUT_VARIABLE, inherited_layout
+
+    layout = RunLayout.plan("fit", tmp_path, run_id="20261201-093000-abcdef")
+    assert RunLayout.from_json(layout.to_json()) == layout
+    handed = {"pid": os.getppid(), "command": "fit", "layout": layout.to_json()}
+    monkeypatch.setenv(LAYOUT_VARIABLE, json.dumps(handed))
+    assert inherited_layout("fit") == layout
+    assert inherited_layout("test") is None  # another command
+    monkeypatch.setenv(LAYOUT_VARIABLE, json.dumps({**handed, "pid": os.getpid()}))
+    assert inherited_layout("fit") is None  # this process's own earlier command
+    monkeypatch.delenv(LAYOUT_VARIABLE)
+    assert inherited_layout("fit") is None
