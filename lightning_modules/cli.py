@@ -52,8 +52,11 @@ def inherited_layout(command: str) -> RunLayout | None:
     if not raw:
         return None
     handed = json.loads(raw)
-    if handed["pid"] != os.getppid() or handed["command"] != command:
-        return None  # set by this process itself (an earlier command in it) or by an unrelated one
+    # Lightning's launcher reruns this very command line in a child of the planner; anything else (this
+    # process's own earlier command, a test runner that ran the CLI in-process and then starts run.py)
+    # plans its own.
+    if handed["pid"] != os.getppid() or handed["argv"] != sys.argv[1:] or handed["command"] != command:
+        return None
     return RunLayout.from_json(handed["layout"])
 
 
@@ -122,7 +125,7 @@ class StableKeypointsCLI(LightningCLI):
             output_dir=config.get("output_dir"),
         )
         os.environ[LAYOUT_VARIABLE] = json.dumps(
-            {"pid": os.getpid(), "command": self.subcommand, "layout": self.layout.to_json()})
+            {"pid": os.getpid(), "argv": sys.argv[1:], "command": self.subcommand, "layout": self.layout.to_json()})
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         layout = self.layout

@@ -147,7 +147,6 @@ class StableKeypoints(L.LightningModule):
         self.regressor: LinearKeypointRegressor | None = None
         self._regression: list[tuple[Tensor, Tensor, Tensor]] = []
         self._num_regression_images = 0
-        self._run_dir: Path | None = None
 
     # ------------------------------------------------------------------ set-up
     def prepare_data(self) -> None:
@@ -156,8 +155,6 @@ class StableKeypoints(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._check_precision()
-        # Each process plans its folder alone (a timestamped name): every rank writes where rank 0 does.
-        self._run_dir = Path(self.trainer.strategy.broadcast(str(self.trainer.default_root_dir)))
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             # Lightning's default writer can leave a truncated checkpoint on a full disk; a CheckpointIO
@@ -482,14 +479,14 @@ class StableKeypoints(L.LightningModule):
 
     # ------------------------------------------------------------------ export
     def run_dir(self) -> Path:
-        """The folder this command writes into: ``trainer.default_root_dir``, as rank 0 has it.
+        """The folder this command writes into: ``trainer.default_root_dir``.
 
         Under the CLI that is the fit run's folder, or the run's ``test/`` or ``predict/<images>/``
-        (``lightning_modules/run_folder.py``); every artifact's path starts here.
+        (``lightning_modules/run_folder.py``); every artifact's path starts here. Each node plans it on
+        its own disk (processes Lightning launches take their launcher's plan), so a rank writes
+        beside its node's copy of the checkpoint.
         """
-        if self._run_dir is None:
-            return Path(self.trainer.default_root_dir)
-        return self._run_dir
+        return Path(self.trainer.default_root_dir)
 
     def provenance(self) -> dict[str, str | None]:
         """What this command's artifacts came from: ``checkpoint``, ``config`` and ``code_version``."""

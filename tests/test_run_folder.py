@@ -236,15 +236,18 @@ def test_a_killed_predict_is_continued_in_its_folder_and_a_finished_one_is_not(t
 def test_launched_processes_take_their_launchers_layout_and_nobody_else_does(monkeypatch, tmp_path):
     import json
     import os
+    import sys
 
     from lightning_modules.cli import LAYOUT_VARIABLE, inherited_layout
 
     layout = RunLayout.plan("fit", tmp_path, run_id="20261201-093000-abcdef")
     assert RunLayout.from_json(layout.to_json()) == layout
-    handed = {"pid": os.getppid(), "command": "fit", "layout": layout.to_json()}
+    handed = {"pid": os.getppid(), "argv": sys.argv[1:], "command": "fit", "layout": layout.to_json()}
     monkeypatch.setenv(LAYOUT_VARIABLE, json.dumps(handed))
     assert inherited_layout("fit") == layout
     assert inherited_layout("test") is None  # another command
+    monkeypatch.setenv(LAYOUT_VARIABLE, json.dumps({**handed, "argv": ["predict", "--config", "x.yaml"]}))
+    assert inherited_layout("fit") is None  # a parent that ran the CLI in-process, then started run.py
     monkeypatch.setenv(LAYOUT_VARIABLE, json.dumps({**handed, "pid": os.getpid()}))
     assert inherited_layout("fit") is None  # this process's own earlier command
     monkeypatch.delenv(LAYOUT_VARIABLE)
