@@ -34,6 +34,7 @@ from callbacks.drawing import (
 )
 from data.images import GRAY_RGB, read_image, upright_size
 from lightning_modules.errors import ConfigError
+from lightning_modules.run_folder import provenance
 
 CONVENTION = (
     "x, y in pixels of the original image; origin at the top-left corner of the top-left pixel; "
@@ -65,7 +66,7 @@ class KeypointWriter(BasePredictionWriter):
       drops them before the distributed sampler splits the rest), and a shard of another model or
       context is an error instead of being mixed in.
     - ``keypoints.json``: at the end, every shard merged (each image once):
-      ``{"convention", "keypoint_tokens", "model", "checkpoint", "skipped",
+      ``{"convention", "keypoint_tokens", "model", "checkpoint", "config", "code_version", "skipped",
       "images": [{"path", "width", "height", "keypoints": [[x, y], ...], "inside": [bool, ...],
       "overlay"}]}``, images in dataset order. ``width``/``height`` and the points refer to the
       upright image (EXIF orientation applied, as a viewer shows it); ``inside[k]`` says whether
@@ -90,8 +91,9 @@ class KeypointWriter(BasePredictionWriter):
     run logs the total.
 
     Args:
-        output_dir: folder of the files; ``None`` = ``<run_dir>/predictions`` (``run_dir`` of the
-            module). Give a fixed folder to resume a killed run.
+        output_dir: folder of the files; ``None`` = the module's ``run_dir()`` (under the CLI the run's
+            ``predict/<images>/``, see ``lightning_modules/run_folder.py``). Give a fixed folder (or
+            the CLI's ``--output_dir``) to resume a killed run.
         format: merged file format, ``json`` or ``csv``.
         overlays: draw the keypoints on each original image (one PNG per image: turn it off for
             very large folders).
@@ -169,7 +171,7 @@ class KeypointWriter(BasePredictionWriter):
 
     def _resolve_dir(self, pl_module: L.LightningModule) -> Path:
         if self._dir is None:
-            self._dir = Path(self.output_dir) if self.output_dir else pl_module.run_dir() / "predictions"
+            self._dir = Path(self.output_dir) if self.output_dir else pl_module.run_dir()
         return self._dir
 
     # ------------------------------------------------------------------ per batch
@@ -288,7 +290,7 @@ class KeypointWriter(BasePredictionWriter):
             "convention": CONVENTION,
             "keypoint_tokens": pl_module.keypoint_tokens.tolist(),
             "model": pl_module.backbone.pretrained_model_name_or_path,
-            "checkpoint": trainer.ckpt_path,
+            **provenance(trainer, pl_module),
             "skipped": skipped_files(trainer),
         }
         path = self._write_json(header, rows) if self.format == "json" else self._write_csv(header, rows)
@@ -324,7 +326,8 @@ class KeypointWriter(BasePredictionWriter):
         text = io.StringIO(newline="")
         text.write(f"# {header['convention']}\n")
         text.write(f"# keypoint_tokens: {header['keypoint_tokens']}; model: {header['model']}; "
-                   f"checkpoint: {header['checkpoint']}\n")
+                   f"checkpoint: {header['checkpoint']}; config: {header['config']}; "
+                   f"code_version: {header['code_version']}\n")
         for skipped in header["skipped"]:
             text.write(f"# skipped: {skipped['path']} ({skipped['reason']})\n")
         writer = csv.writer(text)

@@ -40,6 +40,7 @@ class WandbLogger(_WandbLogger):
     """Lightning's WandbLogger, offline by itself when W&B cannot be reached.
 
     Args:
+        save_dir: folder of the W&B files; ``None`` (default) = the run's folder (``use_run``).
         offline: ``None`` (default) decides at start: online when there is a login and the server
             answers, else offline into ``save_dir``, to upload later with ``wandb sync``.
         Other arguments: as ``lightning.pytorch.loggers.WandbLogger``.
@@ -48,12 +49,15 @@ class WandbLogger(_WandbLogger):
     def __init__(
         self,
         name: str | None = None,
-        save_dir: str = "outputs",
+        save_dir: str | None = None,
         project: str = "stable-keypoints",
         offline: bool | None = None,
         log_model: bool = False,
         **kwargs,
     ) -> None:
+        # The CLI fills every wandb.init argument it can see with None; None would override Lightning's
+        # own defaults (resume="allow") and ours below, so only values someone set count.
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
         reason = ""
         if offline is None:
             online, reason = wandb_can_go_online()
@@ -61,9 +65,35 @@ class WandbLogger(_WandbLogger):
         if offline:
             # Also stops wandb from asking for an API key on an interactive terminal.
             os.environ.setdefault("WANDB_MODE", "offline")
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if "settings" not in kwargs:
+            # Offline, W&B's banner (version, "syncing is set to offline", a sync hint) repeats what
+            # finalize() says once at the end; online, `quiet` still prints the run's URL.
+            kwargs["settings"] = {"silent": True} if offline else {"quiet": True}
         super().__init__(name=name, save_dir=save_dir, project=project, offline=offline, log_model=log_model, **kwargs)
+        # Lightning passes anonymous=None, which wandb 0.31 warns about ("has no effect") on every run.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
         self._offline_reason = reason
+
+    def use_run(self, folder: str | Path, run_id: str, group: str | None = None) -> None:
+        """Logs into ``folder`` as W&B run ``run_id`` (before the run starts; the CLI calls it with the
+        run's folder). ``save_dir``, ``id``/``version`` and ``group`` given in the config win."""
+        if self._experiment is not None:
+            raise RuntimeError("WandbLogger.use_run must be called before the W&B run starts.")
+        # Lightning's WandbLogger keeps these in private fields read when the run starts.
+        if self._save_dir is None:
+            self._save_dir = self._wandb_init["dir"] = str(folder)
+        if self._wandb_init.get("id") is None:
+            self._id = self._wandb_init["id"] = run_id
+        if group is not None and self._wandb_init.get("group") is None:
+            self._wandb_init["group"] = group
+
+    @property
+    def experiment(self):
+        # The folder is made when the W&B run starts (rank 0 only): a command that never logs leaves none.
+        if self._experiment is None and self._save_dir is not None and rank_zero_only.rank == 0:
+            Path(self._save_dir).mkdir(parents=True, exist_ok=True)
+        return super().experiment
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -22,16 +22,15 @@ from lightning_modules.augmentation import AffineAugmentation, PhotometricAugmen
 from lightning_modules.backbones.base import Backbone
 from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_fits, checkpoint_record
 from lightning_modules.concentration import attention_concentration
+from lightning_modules.detector import detector_embedding, embedding_metadata, is_hub_id
 from lightning_modules.errors import CheckpointMismatchError, ConfigError, MissingFileError, NonFiniteError
 from lightning_modules.evaluation import TEST_LOADER, RegressorEvaluation
 from lightning_modules.keypoints import augmented_keypoints, inside_region, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
+from lightning_modules.run_folder import EMBEDDING_FILE, METRICS_FILE, REGRESSOR_FILE, provenance
 from lightning_modules.seeding import Draw, seeded_generator
 from lightning_modules.selection import RankingMethod, select_tokens
 
-EMBEDDING_FILE = "embedding.safetensors"
-METRICS_FILE = "metrics.json"
-REGRESSOR_FILE = "regressor.safetensors"
 
 
 class StableKeypoints(L.LightningModule):
@@ -78,8 +77,9 @@ class StableKeypoints(L.LightningModule):
             that makes a non-square image square (the batch's ``image_region``); ``False`` searches
             the whole square, as ``test`` does (StableKeypoints). Either way each point says
             whether it is ``inside`` the photo.
-        pretrained_context: start from a trained context instead of a random one: this project's
-            ``embedding.safetensors`` (with its keypoint tokens) or StableKeypoints' ``embedding.pt``.
+        pretrained_context: start from a trained context instead of a random one: a detector folder
+            or its hub id (``lightning_modules/detector.py``), this project's ``embedding.safetensors``
+            (with its keypoint tokens) or StableKeypoints' ``embedding.pt``.
         pretrained_keypoint_tokens: StableKeypoints' ``indices.pt`` (the K keypoint tokens).
         allow_tf32: on CUDA, let fp32 matrix products use TF32 tensor cores (SPEC section 8 allows it;
             about 1e-3 relative error per product, far below the method's noise).
@@ -126,9 +126,15 @@ class StableKeypoints(L.LightningModule):
             soft_argmax_window_px=soft_argmax_window_px,
             extraction_chunk_size=extraction_chunk_size,
         )
-        for key, file in (("pretrained_context", pretrained_context), ("pretrained_keypoint_tokens", pretrained_keypoint_tokens)):
-            if file is not None and not Path(file).is_file():
-                raise MissingFileError(f"model.{key}={file!r} does not exist: give the file a trained context was saved to.")
+        # A hub id is looked up in configure_model (the cache, else the Hub), a local path here.
+        if pretrained_context is not None and not Path(pretrained_context).exists() and not is_hub_id(pretrained_context):
+            raise MissingFileError(
+                f"model.pretrained_context={pretrained_context!r} does not exist: give the file a trained context was "
+                "saved to, a detector folder or its hub id (owner/name)."
+            )
+        if pretrained_keypoint_tokens is not None and not Path(pretrained_keypoint_tokens).is_file():
+            raise MissingFileError(f"model.pretrained_keypoint_tokens={pretrained_keypoint_tokens!r} does not exist: give "
+                                   "the file the keypoint tokens were saved to.")
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
         self.augmentation = augmentation
@@ -186,7 +192,10 @@ class StableKeypoints(L.LightningModule):
 
     def _load_pretrained(self) -> None:
         hp = self.hparams
-        context, tokens = load_context(hp.pretrained_context, hp.pretrained_keypoint_tokens)
+        path = detector_embedding(hp.pretrained_context)  # a file, a detector folder or a hub id
+        if path.suffix == ".safetensors":
+            self._check_trained_like_this(hp.pretrained_context, embedding_metadata(path))
+        context, tokens = load_context(str(path), hp.pretrained_keypoint_tokens)
         if context.shape[-1] != self.backbone.context_dim:
             raise CheckpointMismatchError(
                 f"pretrained_context={hp.pretrained_context!r} is {context.shape[-1]} wide but the "
@@ -207,6 +216,19 @@ class StableKeypoints(L.LightningModule):
         self.context = nn.Parameter(context.float().to(self.device))
         if tokens is not None:
             self.keypoint_tokens = tokens.long().to(self.device)
+
+    def _check_trained_like_this(self, source: str, meta: dict[str, str]) -> None:
+        """Refuses a context trained with another family, other layers or another map resolution."""
+        ours = {"family": type(self.backbone).__name__, "layers": ",".join(self.backbone.layers),
+                "feature_upsample_res": str(self.hparams.feature_upsample_res)}
+        differ = [f"{key}: {meta[key]!r} there, {value!r} here" for key, value in ours.items()
+                  if key in meta and meta[key] != value]
+        if differ:
+            raise CheckpointMismatchError(
+                f"pretrained_context={source!r} was trained differently ({'; '.join(differ)}): its keypoints would "
+                "mean nothing here. Use the config it was trained with (a detector folder's config.yaml) or set "
+                "these keys to its values."
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:
@@ -432,6 +454,7 @@ class StableKeypoints(L.LightningModule):
                 "model": self.backbone.pretrained_model_name_or_path,
                 "num_regression_images": self.evaluation.num_regression_images,
                 "num_test_images": self.evaluation.num_test_images,
+                **self.provenance(),
             }
             (out / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
             rank_zero_info(f"\n{'metric':<32} value\n{name:<32} {value:.4f}\nwritten to {out / METRICS_FILE}")
@@ -452,14 +475,25 @@ class StableKeypoints(L.LightningModule):
 
     # ------------------------------------------------------------------ export
     def run_dir(self) -> Path:
-        """The folder of this run: beside its checkpoints, else the logger's folder."""
-        callback = self.trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "dirpath", None):
-            return Path(callback.dirpath).parent
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """The folder this command writes into: ``trainer.default_root_dir``.
 
-    def export_embedding(self, path: str | Path) -> Path:
-        """Writes the context (and the keypoint tokens, when chosen) to a safetensors file."""
+        Under the CLI that is the fit run's folder, or the run's ``test/`` or ``predict/<images>/``
+        (``lightning_modules/run_folder.py``); every artifact's path starts here. Each node plans it on
+        its own disk (processes Lightning launches take their launcher's plan), so a rank writes
+        beside its node's copy of the checkpoint.
+        """
+        return Path(self.trainer.default_root_dir)
+
+    def provenance(self) -> dict[str, str | None]:
+        """What this command's artifacts came from: ``checkpoint``, ``config`` and ``code_version``."""
+        return provenance(self._trainer, self)
+
+    def export_embedding(self, path: str | Path, checkpoint: str | None = None) -> Path:
+        """Writes the context (and the keypoint tokens, when chosen) to a safetensors file.
+
+        Its metadata names the model, the layers and the origin (``provenance()``; ``checkpoint``:
+        the checkpoint holding the same context, when there is one).
+        """
         self.require_finite_context(f"the context to {path}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -472,23 +506,26 @@ class StableKeypoints(L.LightningModule):
             "layers": ",".join(self.backbone.layers),
             "feature_upsample_res": str(self.hparams.feature_upsample_res),
             "global_step": str(self.global_step),
+            **{key: str(value) for key, value in self.provenance().items()},
         }
+        if checkpoint:  # fit: the context is that of its last checkpoint; record where it started from
+            metadata["started_from"] = metadata["checkpoint"]
+            metadata["checkpoint"] = str(Path(checkpoint).resolve())
         save_file(tensors, str(path), metadata=metadata)
         return path
 
     def on_fit_end(self) -> None:
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
         if self.trainer.datamodule is not None and not self.keypoint_tokens.numel():
             self.choose_keypoint_tokens()
             # The last checkpoint was written before the tokens existed: refresh it so that test and
             # predict from it need not rank them again.
             # save_checkpoint holds a barrier, so every rank must take the same branch: rank 0 (the
             # one that writes) decides, since on node-local disks the file exists on its node only.
-            callback = self.trainer.checkpoint_callback
-            last = getattr(callback, "last_model_path", "")
             if self.trainer.strategy.broadcast(bool(last) and Path(last).exists(), src=0):
-                self.trainer.save_checkpoint(last)
+                self.trainer.save_checkpoint(last, weights_only=False)  # a full checkpoint, as ModelCheckpoint's
         if self.trainer.is_global_zero:
-            path = self.export_embedding(self.run_dir() / EMBEDDING_FILE)
+            path = self.export_embedding(self.run_dir() / EMBEDDING_FILE, checkpoint=last or None)
             rank_zero_info(f"Context exported to {path}")
 
 

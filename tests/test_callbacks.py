@@ -262,7 +262,7 @@ def predict(tmp_path: Path, folder: Path, writer: KeypointWriter) -> StubKeypoin
 
 def test_keypoint_writer_json_overlays_and_heatmaps(tmp_path, image_folder):
     predict(tmp_path, image_folder, KeypointWriter(heatmaps=True))
-    out = tmp_path / "run" / "predictions"  # the default: <run_dir>/predictions
+    out = tmp_path / "run"  # the default: the module's run_dir()
     index = json.loads((out / "keypoints.json").read_text())
     assert index["convention"] == CONVENTION
     assert index["keypoint_tokens"] == TOKENS and index["model"] == "stub/model"

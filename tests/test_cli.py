@@ -34,7 +34,6 @@ def demo_args(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
         "--model.backbone.init_args.pretrained_model_name_or_path", str(model),
         "--data.init_args.root", str(data),
         "--trainer.default_root_dir", str(out),
-        "--trainer.logger.init_args.save_dir", str(out),
         *extra,
     ]
 
@@ -65,7 +64,7 @@ def test_demo_fit_writes_small_checkpoint_embedding_and_wandb_offline_run(demo_r
         assert f.get_tensor("context").shape == (100, 32)
         assert f.get_tensor("keypoint_tokens").shape == (10,)
         assert f.metadata()["family"] == "StableDiffusion"
-    assert list((demo_run / "wandb").glob("offline-run-*"))
+    assert list((embedding.parent / "wandb").glob("offline-run-*"))  # in the run folder
 
 
 def _resume_config(path: Path, out: Path, kill_at_step: int | None) -> Path:
@@ -83,7 +82,8 @@ def _resume_config(path: Path, out: Path, kill_at_step: int | None) -> Path:
 def _fit_for_resume(tmp: Path, name: str, model: Path, data: Path, num_workers: int, kill_at_step: int | None = None,
                     ckpt_path: Path | None = None) -> subprocess.CompletedProcess:
     out = tmp / name
-    extra = ["--ckpt_path", str(ckpt_path)] if ckpt_path else []
+    # --output_dir: the run folder is ``out`` itself, beside the checkpoints the config puts there.
+    extra = ["--output_dir", str(out), *(["--ckpt_path", str(ckpt_path)] if ckpt_path else [])]
     return run_cli("fit", *demo_args(out, model, data), "--config", str(_resume_config(tmp / f"{name}.yaml", out, kill_at_step)),
                    "--trainer.max_steps", "12", "--data.init_args.image_size", "64", "--data.init_args.num_workers",
                    str(num_workers), "--model.feature_upsample_res", "16", "--model.num_indices", "6", *extra,
@@ -121,6 +121,10 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_contexts(tiny_sd_path, cub
     run_cli("fit", *demo_args(tmp_path, tiny_sd_path, cub_root, "--trainer.max_steps", "3", "--trainer.devices", "2",
                               "--trainer.strategy", "ddp", "--trainer.callbacks+=tests.ddp_probe.SaveContextPerRank",
                               f"--trainer.callbacks.directory={probe}"))
+    # each process planned its own timestamped folder; only rank 0's exists, holding everything
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir() and p != probe]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert len(list((run / "visualizations").glob("step_*"))) == 1
     rank0, rank1 = (torch.load(probe / f"context_rank{r}.pt") for r in (0, 1))
     torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
     initial = torch.randn(100, 32, generator=torch.Generator().manual_seed(0))
@@ -175,9 +179,12 @@ def single_device_outputs(demo_run, tiny_sd_path, cub_root, tmp_path_factory):
     """``test`` and ``predict`` (on class 001's images) from the demo checkpoint, on one device."""
     out = tmp_path_factory.mktemp("single_device")
     (ckpt,) = checkpoints(demo_run)
-    run_cli("test", *demo_args(out / "test", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS))
+    # --output_dir: a run's checkpoint would otherwise write into that (shared) run's folder.
+    run_cli("test", *demo_args(out / "test", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
+                               "--output_dir", str(out / "test")))
     run_cli("predict", *demo_args(out / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
-                                  "--data.init_args.path", str(cub_root / "images" / "001.Synthetic_Bird_1")))
+                                  "--data.init_args.path", str(cub_root / "images" / "001.Synthetic_Bird_1"),
+                                  "--output_dir", str(out / "predict")))
     return out
 
 
@@ -224,7 +231,7 @@ def test_test_on_two_ranks_counts_every_image_once_and_gives_the_one_device_metr
     (ckpt,) = checkpoints(demo_run)
     # 9 test images on 2 ranks: the DistributedSampler pads rank 1's share with a repeated image.
     run_cli("test", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
-                               "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+                               "--trainer.devices", "2", "--trainer.strategy", "ddp", "--output_dir", str(tmp_path / "test")))
     (one_file,) = list((single_device_outputs / "test").rglob("metrics.json"))
     (two_file,) = list(tmp_path.rglob("metrics.json"))
     one, two = json.loads(one_file.read_text()), json.loads(two_file.read_text())
@@ -251,7 +258,8 @@ def test_predict_under_ddp_writes_one_index_in_dataset_order_with_the_one_device
     (ckpt,) = checkpoints(demo_run)
     images = cub_root / "images" / "001.Synthetic_Bird_1"
     run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt), *FEW_AUGMENTATIONS,
-                                  "--data.init_args.path", str(images), "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+                                  "--data.init_args.path", str(images), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                  "--output_dir", str(tmp_path / "predict")))
     (index_file,) = list(tmp_path.rglob("keypoints.json"))
     rows = json.loads(index_file.read_text())["images"]
     assert [row["path"] for row in rows] == [str(p) for p in sorted(images.glob("*.jpg"))]  # each once, both ranks merged
@@ -332,7 +340,8 @@ def test_ckpt_path_honours_evaluation_settings_and_refuses_another_token_count(d
 
     (ckpt,) = checkpoints(demo_run)
     images = cub_root / "images" / "001.Synthetic_Bird_1"
-    run_cli("predict", *demo_args(tmp_path / "predict", tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--ckpt_path", str(ckpt),
+                                  "--output_dir", str(tmp_path / "predict"),
                                   "--data.init_args.path", str(images), "--model.soft_argmax_window_px", "5",
                                   "--model.augmentation_iterations", "2"))
     (config_file,) = list((tmp_path / "predict").rglob("config.yaml"))
@@ -343,3 +352,75 @@ def test_ckpt_path_honours_evaluation_settings_and_refuses_another_token_count(d
                                            "--data.init_args.path", str(images), "--model.num_tokens", "50"), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds a context of 100 tokens, but model.num_tokens=50: set --model.num_tokens 100" in result.stderr
+
+
+#: Messages every command used to print that a user can do nothing about (issue 12.8).
+NOISE = ("litlogger", "anonymous setting", "LeafSpec", "in eval mode at the start", "weights_only",
+         "dirpath has changed", "exists and is not empty", "Tracking run with wandb", "Epoch 0/-2")
+
+
+@pytest.mark.slow
+def test_one_run_folder_across_fit_test_predict_resume_and_its_detector(tiny_sd_path, cub_root, tmp_path):
+    import json
+
+    import yaml
+    from safetensors import safe_open
+
+    from lightning_modules.run_folder import code_version
+
+    fit = run_cli("fit", *demo_args(tmp_path, tiny_sd_path, cub_root, "--trainer.max_steps", "2"))
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "embedding.safetensors",
+                                                     "visualizations", "wandb"]
+    last = run / "checkpoints" / "last.ckpt"
+    for path in (run, run / "config.yaml", last, run / "embedding.safetensors"):
+        assert str(path) in fit.stderr  # fit ends by saying where everything is
+    assert not [word for word in NOISE if word in fit.stderr + fit.stdout]
+    assert "Steps: 100%" in fit.stdout and "2/2" in fit.stdout
+    config_text = (run / "config.yaml").read_text()
+    assert config_text.startswith("# Written by `run.py fit`") and f"# code_version: {code_version()}" in config_text
+    assert yaml.safe_load(config_text)["trainer"]["max_steps"] == 2
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    assert wandb_run.name.endswith(run.name)  # the W&B run id is the folder's name
+
+    elsewhere = tmp_path / "elsewhere"  # test and predict follow the checkpoint, not default_root_dir
+    run_cli("test", *demo_args(elsewhere, tiny_sd_path, cub_root, "--ckpt_path", str(last)))
+    image = sorted((cub_root / "images" / "001.Synthetic_Bird_1").glob("*.jpg"))[0]
+    run_cli("predict", *demo_args(elsewhere, tiny_sd_path, cub_root, "--ckpt_path", str(last),
+                                  "--data.init_args.path", str(image)))
+    assert not elsewhere.exists()
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    index = json.loads((run / "predict" / image.stem / "keypoints.json").read_text())
+    for record, config in ((metrics, run / "test" / "config.yaml"), (index, run / "predict" / image.stem / "config.yaml")):
+        assert (record["checkpoint"], record["config"]) == (str(last), str(config))
+        assert record["code_version"] == code_version()
+        assert config.read_text().startswith("# Written by `run.py") and f"# checkpoint: {last}" in config.read_text()
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 2  # fit's config kept
+    assert (run / "test" / "regressor.safetensors").is_file() and list((run / "test" / "test_examples").glob("*.png"))
+
+    resume = run_cli("fit", *demo_args(elsewhere, tiny_sd_path, cub_root, "--trainer.max_steps", "3",
+                                       "--ckpt_path", str(last)))
+    assert not elsewhere.exists() and not [word for word in NOISE if word in resume.stderr]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
+    assert yaml.safe_load((run / "config.resume-1.yaml").read_text())["trainer"]["max_steps"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 2
+    wandb_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(p.name.endswith(run.name) for p in wandb_runs)  # the same W&B id, continued
+    with safe_open(str(run / "embedding.safetensors"), "pt") as file:
+        meta = file.metadata()
+    assert (meta["checkpoint"], meta["started_from"], meta["global_step"]) == (str(last), str(last), "3")
+    assert meta["config"] == str(run / "config.resume-1.yaml") and meta["code_version"] == code_version()
+
+    # The detector of the resumed state: the test above scored the older state, so it is left out.
+    export = subprocess.run([sys.executable, "-m", "lightning_modules.detector", "export", str(run)], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    detector = run / "detector"
+    assert export.stdout.strip() == str(detector) and not (detector / "metrics.json").exists()
+    out = tmp_path / "from_detector"
+    run_cli("predict", *demo_args(tmp_path, tiny_sd_path, cub_root, "--model.pretrained_context", str(detector),
+                                  "--data.init_args.path", str(image), "--output_dir", str(out)))
+    from_detector = json.loads((out / "keypoints.json").read_text())
+    assert from_detector["checkpoint"] == str(detector)
+    with safe_open(str(detector / "embedding.safetensors"), "pt") as file:
+        assert from_detector["keypoint_tokens"] == file.get_tensor("keypoint_tokens").tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -265,6 +266,12 @@ def test_a_two_node_job_fits_tests_and_predicts_with_one_set_of_outputs(two_node
     assert len(list(node0.rglob("embedding.safetensors"))) == 1
     assert not list(node1.rglob("*.ckpt")) and not list(node1.rglob("embedding.safetensors"))
 
+    # Each node has its own copy of the checkpoint, at the same relative path, as on node-local disks;
+    # test and predict write beside it (in the run's folder) on each node.
+    relative = ckpt.relative_to(node0)
+    (node1 / relative).parent.mkdir(parents=True)
+    shutil.copy(ckpt, node1 / relative)
+    ckpt = relative
     two_nodes("test", [node0, node1], tiny_sd_path, cub_root, "--ckpt_path", str(ckpt))
     assert len(list(node0.rglob("metrics.json"))) == 1 and not list(node1.rglob("metrics.json"))
 

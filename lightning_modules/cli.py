@@ -1,0 +1,172 @@
+"""The command line: LightningCLI with one folder per run (``run_folder.py``) and only the output that matters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from callbacks.progress import StepProgressBar
+from callbacks.wandb_logger import WandbLogger
+from lightning_modules.checkpoints import check_config_fits
+from lightning_modules.run_folder import CHECKPOINTS, RunConfigSaver, RunLayout, as_source
+from lightning_modules.stable_keypoints import check_trainer_precision
+
+#: How a process hands its planned folders to the processes it launches (Lightning's DDP launcher
+#: starts them before anything is written, so they would plan a run of their own: another timestamp).
+LAYOUT_VARIABLE = "STABLE_KEYPOINTS_RUN_LAYOUT"
+
+VALIDATE_REFUSAL = (
+    "`validate` is not offered: this method has no validation split (StableKeypoints trains on the training "
+    "images and its only evaluation fits a regressor on the training split and scores the test split). "
+    "Run `python run.py test --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt`; to keep "
+    "checkpoints by a number, ModelCheckpoint can monitor train/loss."
+)
+
+
+def quiet_unactionable_output() -> None:
+    """Silences, by their exact text, the messages a user of this project can do nothing about.
+
+    Each filter names one message and why it is noise here; every other warning still shows.
+    """
+    # The frozen backbone is kept in eval mode on purpose (no dropout, no norm statistics updates).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # Lightning 2.6's own pytree helper calls an API torch 2.13 deprecated; nothing to change on our side.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # An advertisement for a logger this project does not use, printed at every Trainer construction.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
+
+
+def inherited_layout(command: str) -> RunLayout | None:
+    """The layout the parent process planned for this same command, when it launched this one."""
+    raw = os.environ.get(LAYOUT_VARIABLE)
+    if not raw:
+        return None
+    handed = json.loads(raw)
+    # Lightning's launcher reruns this very command line in a child of the planner; anything else (this
+    # process's own earlier command, a test runner that ran the CLI in-process and then starts run.py)
+    # plans its own.
+    if handed["pid"] != os.getppid() or handed["argv"] != sys.argv[1:] or handed["command"] != command:
+        return None
+    return RunLayout.from_json(handed["layout"])
+
+
+class _DropTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip: For seamless cloud")
+
+
+class StableKeypointsCLI(LightningCLI):
+    """``fit``, ``test`` and ``predict``: the configuration is what runs, checked before anything is
+    built, and each command writes into its run's folder (see ``run_folder.py``).
+
+    Lightning's CLI replaces the ``--model.*`` values of the command line with the hyperparameters
+    saved in ``--ckpt_path``'s checkpoint, silently. Here the configuration wins: evaluation settings
+    (augmentation_iterations, soft_argmax_window_px, ...) are honoured and recorded in the saved config,
+    and settings the checkpoint's context fixes (family, layers, num_tokens) must match it or the run
+    stops with a ``CheckpointMismatchError`` before any weights load.
+
+    Adds ``--output_dir`` (this command's folder instead of the planned one), saves each command's
+    config beside its results (``RunConfigSaver``), points the checkpoints and the W&B run at the
+    run's folder, shows training progress in steps (``StepProgressBar``) and ends ``fit`` by
+    printing where everything is.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        quiet_unactionable_output()
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("validate")
+        return commands
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list) and argv[:1] == ["validate"]:
+            parser.error(VALIDATE_REFUSAL)
+        super().parse_arguments(parser, args)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--output_dir", type=str | None, default=None,
+            help="Folder of this command's files (default: the run's folder; for test/predict from a run's "
+                 "checkpoint, its test/ or predict/<images>/).",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Not Lightning's merge of the checkpoint's hyperparameters: see ``before_instantiate_classes``."""
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        check_trainer_precision(config.trainer.precision)  # the value as typed, before Lightning converts it
+        if config.get("ckpt_path"):
+            check_config_fits(config.ckpt_path, config.model)
+        path = config.data.init_args.get("path") if config.get("data") else None
+        images = Path(path) if path else None
+        self.layout = inherited_layout(self.subcommand) or RunLayout.plan(
+            self.subcommand,
+            config.trainer.default_root_dir or ".",
+            ckpt_path=config.get("ckpt_path"),
+            predict_name=None if images is None else images.name if images.is_dir() else images.stem,
+            output_dir=config.get("output_dir"),
+        )
+        os.environ[LAYOUT_VARIABLE] = json.dumps(
+            {"pid": os.getpid(), "argv": sys.argv[1:], "command": self.subcommand, "layout": self.layout.to_json()})
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        layout = self.layout
+        config = self.config[self.subcommand]
+        ckpt = config.get("ckpt_path") or config.model.get("pretrained_context")
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": str(layout.config_file),
+                                   "command": self.subcommand, "checkpoint": ckpt and as_source(ckpt)}
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_config.get("callbacks") or []
+        if trainer_config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        trainer = super().instantiate_trainer(default_root_dir=str(layout.output_dir), **kwargs)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(layout.run_dir / CHECKPOINTS)
+                if layout.resumed:  # a resume writes beside the checkpoints it continues, by design
+                    warnings.filterwarnings(
+                        "ignore", message=f"Checkpoint directory {re.escape(callback.dirpath)} exists and is not empty"
+                    )
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.use_run(layout.output_dir, layout.wandb_id, group=layout.run_dir.name)
+        return trainer
+
+    def after_fit(self) -> None:
+        trainer, layout = self.trainer, self.layout
+        lines = [f"Run folder: {layout.run_dir}", f"  config:      {layout.config_file}"]
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
+            lines.append(f"  checkpoint:  {callback.last_model_path}")
+            if callback.best_model_path and callback.best_model_path != callback.last_model_path:
+                lines.append(f"  best:        {callback.best_model_path} ({callback.monitor})")
+        for label, name in (("embedding:", "embedding.safetensors"), ("pictures:", "visualizations")):
+            if (layout.run_dir / name).exists():
+                lines.append(f"  {label:<12} {layout.run_dir / name}")
+        if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
+            lines += [
+                "Next:",
+                f"  python run.py test --config {layout.config_file} --ckpt_path {callback.last_model_path}",
+                f"  python -m lightning_modules.detector export {layout.run_dir}",
+            ]
+        rank_zero_info("\n".join(lines))
