@@ -20,7 +20,11 @@ FEW_AUGMENTATIONS = ("--model.augmentation_iterations", "3")
 
 
 def run_cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    # One thread in every process: Lightning gives each DDP process cpu_count / processes threads, and
+    # another thread count changes float sums in the UNet, which flips argmaxes of the random model's
+    # flat maps; 1-device vs 2-device comparisons must differ only in how images are split.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:
