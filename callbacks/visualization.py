@@ -129,7 +129,7 @@ class AttentionVisualizer(Callback):
 
     @rank_zero_only
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # After the module's on_fit_end, which ranks the final keypoint tokens.
+        # After the module's on_train_end, which ranks the final keypoint tokens.
         if stage == "fit" and self._images is not None and pl_module.keypoint_tokens.numel():
             self._draw(trainer, pl_module, "final", log=False)
 

@@ -514,7 +514,9 @@ class StableKeypoints(L.LightningModule):
         save_file(tensors, str(path), metadata=metadata)
         return path
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
+        # Not on_fit_end: Lightning calls that after its teardown has moved the module to the CPU, where
+        # ranking num_indices images through a real UNet takes hours instead of seconds.
         last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
         if self.trainer.datamodule is not None and not self.keypoint_tokens.numel():
             self.choose_keypoint_tokens()

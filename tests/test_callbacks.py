@@ -312,7 +312,7 @@ class RanksTokensAfterFit(StubKeypointModel):
         super().__init__(run_dir)
         self.keypoint_tokens = torch.empty(0, dtype=torch.long)
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
         self.keypoint_tokens = torch.tensor(TOKENS)
 
 

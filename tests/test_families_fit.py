@@ -57,3 +57,22 @@ def test_a_stablekeypoints_embedding_is_loaded_for_evaluation(tiny_sd_path, tiny
                             pretrained_context=str(tmp_path / "embedding.pt"))
     with pytest.raises(ValueError, match="is 32 wide but the backbone expects 48"):
         wrong.configure_model()
+
+
+def test_keypoint_tokens_are_ranked_and_exported_before_the_trainer_tears_down(tiny_sd_path, cub_root, tmp_path, monkeypatch):
+    """Lightning's teardown moves the module to the CPU before on_fit_end: ranking there would run a real UNet on the CPU."""
+    from lightning_modules.backbones import StableDiffusion
+
+    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=30, feature_upsample_res=16, top_k=3,
+                             furthest_point_num_samples=6, num_indices=4, augmentation_iterations=2)
+    datamodule = CUBDataModule(str(cub_root), image_size=64, batch_size=2, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    events = []
+    rank = module.choose_keypoint_tokens
+    monkeypatch.setattr(module, "choose_keypoint_tokens", lambda *a, **k: events.append("rank") or rank(*a, **k))
+    teardown = trainer.strategy.teardown
+    monkeypatch.setattr(trainer.strategy, "teardown",
+                        lambda: events.append(("teardown", (tmp_path / "embedding.safetensors").is_file())) or teardown())
+    trainer.fit(module, datamodule)
+    assert events == ["rank", ("teardown", True)]
