@@ -5,7 +5,6 @@ from __future__ import annotations
 import netrc
 import os
 import socket
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,11 +34,6 @@ def wandb_can_go_online(timeout_s: float = 3.0) -> tuple[bool, str]:
     except OSError:
         return False, f"{host}:{port} is unreachable"
     return True, ""
-
-
-#: Tries, and seconds between them, when W&B says the run id of a resume is still in use.
-_RUN_ID_IN_USE_RETRIES = 5
-_RUN_ID_IN_USE_WAIT_S = 2.0
 
 
 class WandbLogger(_WandbLogger):
@@ -99,15 +93,7 @@ class WandbLogger(_WandbLogger):
         # The folder is made when the W&B run starts (rank 0 only): a command that never logs leaves none.
         if self._experiment is None and self._save_dir is not None and rank_zero_only.rank == 0:
             Path(self._save_dir).mkdir(parents=True, exist_ok=True)
-        for attempt in range(_RUN_ID_IN_USE_RETRIES):
-            try:
-                return super().experiment
-            except Exception as error:  # wandb's ServerResponseError; its module path is private
-                # A resume started right after the previous process ended can find that process's
-                # wandb-core service still holding the run id for a moment ("run ID ... is in use").
-                if "is in use" not in str(error) or attempt == _RUN_ID_IN_USE_RETRIES - 1:
-                    raise
-                time.sleep(_RUN_ID_IN_USE_WAIT_S)
+        return super().experiment
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

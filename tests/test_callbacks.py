@@ -480,27 +480,3 @@ def test_keypoint_writer_panorama_and_phone_photo(tmp_path):
     assert phone["inside"] == [True, True, False]
     overlay = Image.open(tmp_path / "out" / phone["overlay"])
     assert overlay.width == 300 and overlay.height > 400  # upright, at its size, legend below
-
-
-def test_wandb_logger_retries_a_run_id_still_held_by_the_previous_process(tmp_path, monkeypatch):
-    import lightning.pytorch.loggers as loggers
-
-    import callbacks.wandb_logger as module
-
-    calls = []
-
-    def experiment(self):
-        calls.append(1)
-        if len(calls) < 3:
-            raise RuntimeError("run ID 20261201-113515-65d199 is in use")
-        return "the run"
-
-    monkeypatch.setattr(loggers.WandbLogger, "experiment", property(experiment))
-    monkeypatch.setattr(module, "_RUN_ID_IN_USE_WAIT_S", 0.0)
-    logger = module.WandbLogger(save_dir=str(tmp_path), offline=True)
-    assert logger.experiment == "the run" and len(calls) == 3
-    calls.clear()
-    monkeypatch.setattr(loggers.WandbLogger, "experiment", property(lambda self: calls.append(1) or (_ for _ in ()).throw(RuntimeError("other"))))
-    with pytest.raises(RuntimeError, match="other"):
-        module.WandbLogger(save_dir=str(tmp_path), offline=True).experiment
-    assert len(calls) == 1
