@@ -91,8 +91,13 @@ class WandbLogger(_WandbLogger):
     @property
     def experiment(self):
         # The folder is made when the W&B run starts (rank 0 only): a command that never logs leaves none.
-        if self._experiment is None and self._save_dir is not None and rank_zero_only.rank == 0:
-            Path(self._save_dir).mkdir(parents=True, exist_ok=True)
+        if self._experiment is None and rank_zero_only.rank == 0:
+            if self._save_dir is not None:
+                Path(self._save_dir).mkdir(parents=True, exist_ok=True)
+            # Each command runs its own wandb-core. An inherited WANDB_SERVICE (set by a Python parent that
+            # used wandb: pytest, a notebook, a driver script) makes it share the parent's, which still holds
+            # the previous command's run id as "in use", so a resumed fit could not continue its run.
+            os.environ.pop("WANDB_SERVICE", None)
         return super().experiment
 
     @rank_zero_only
