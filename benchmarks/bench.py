@@ -18,8 +18,17 @@ Modes:
 ``optimized`` and ``naive`` must give the same maps and losses (checked to 1e-5 on the first
 step's inputs); the opt-in modes report their difference instead.
 
+Each mode also runs one step and one extraction under ``FlopCounterMode`` and probes the machine's
+attainable conv and matmul throughput in the same process (``benchmarks/limits.py``); the second
+table gives each phase's FLOPs, achieved FLOP/s and % of attainable (VAE, UNet forward, maps,
+selection and losses, backward, extraction).
+
+``--model-dir`` runs on any diffusers folder (``unet/``, ``vae/``, ``scheduler/``) instead of
+random weights, so other implementations can be timed on identical weights.
+
     python -m benchmarks.bench --model small --image-size 512 --steps 5
     python -m benchmarks.bench --model sd15 --image-size 512 --steps 2 --modes optimized naive
+    python -m benchmarks.bench --model sd15 --model-dir /path/to/stable-diffusion-v1-5 --modes optimized
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +52,9 @@ sys.path.insert(0, str(REPO))
 
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: E402
 
+from benchmarks import limits  # noqa: E402
+from benchmarks.limits import Phases, sync  # noqa: E402
+from lightning_modules.attention import CaptureProcessor  # noqa: E402
 from lightning_modules.augmentation import warp  # noqa: E402
 from data.demo_models import TINY_VAE, sd_scheduler, tiny_sd_unet  # noqa: E402
 from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusionXL  # noqa: E402
@@ -71,7 +84,6 @@ def build_components(model: str, device: torch.device):
 
 
 def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
-    cls, unet, vae, scheduler = build_components(args.model, device)
     engine = Engine(
         dtype="bfloat16" if mode == "bf16" else "float32",
         stop_early=mode != "naive",
@@ -79,36 +91,36 @@ def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
         upsample_queries=mode != "naive",
         gradient_checkpointing=mode == "checkpointing",
         compile_unet=mode == "compile",
-        channels_last=device.type == "cuda" and mode != "naive",
+        channels_last=mode != "naive",  # the reference ran NCHW
     )
-    backbone = cls(f"random-{args.model}", engine=engine)
-    backbone.attach(unet, vae, scheduler)
+    if args.model_dir:  # the weights of a diffusers folder, loaded as a run loads them
+        cls = StableDiffusionXL if args.model == "sdxl" else StableDiffusion
+        backbone = cls(args.model_dir, local_files_only=True, engine=engine)
+        backbone.load()
+    else:
+        cls, unet, vae, scheduler = build_components(args.model, device)
+        backbone = cls(f"random-{args.model}", engine=engine)
+        backbone.attach(unet, vae, scheduler)
     module = StableKeypoints(backbone, num_tokens=args.tokens, feature_upsample_res=args.res,
                              augmentation_iterations=args.iterations)
     module.context = torch.nn.Parameter(torch.randn(args.tokens, backbone.context_dim, generator=torch.Generator().manual_seed(0)))
     return module.to(device)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+@contextmanager
+def maps_phase(phases: Phases):
+    """Times (and counts) the maps of every captured layer as the nested phase ``maps`` of the UNet forward."""
+    original = CaptureProcessor._maps
 
+    def timed(self, *args, **kwargs):
+        with phases("maps"):
+            return original(self, *args, **kwargs)
 
-class Phases:
-    """Wall-clock seconds per named phase (synchronizing the GPU at each boundary)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times, self._last = device, {}, None
-
-    def start(self) -> None:
-        sync(self.device)
-        self._last = time.perf_counter()
-
-    def mark(self, name: str) -> None:
-        sync(self.device)
-        now = time.perf_counter()
-        self.times[name] = self.times.get(name, 0.0) + now - self._last
-        self._last = now
+    CaptureProcessor._maps = timed  # a benchmark-only wrapper; the library has no timing hooks
+    try:
+        yield
+    finally:
+        CaptureProcessor._maps = original
 
 
 def training_step(module: StableKeypoints, images: torch.Tensor, theta: torch.Tensor, noise_seed: int, naive: bool, phases: Phases):
@@ -116,26 +128,30 @@ def training_step(module: StableKeypoints, images: torch.Tensor, theta: torch.Te
     backbone, res = module.backbone, module.hparams.feature_upsample_res
     batch = images.shape[0]
     both = torch.cat([images, warp(images, theta)])
-    phases.start()
-    if naive:  # two VAE calls and two UNet calls, as the reference did
-        latents = [backbone.encode(x) for x in both.split(batch)]
-    else:
-        latents = [backbone.encode(both)]
-    phases.mark("vae")
+    with phases("vae"):
+        if naive:  # two VAE calls and two UNet calls, as the reference did
+            latents = [backbone.encode(x) for x in both.split(batch)]
+        else:
+            latents = [backbone.encode(both)]
     noise = backbone.sample_noise({"latents": torch.cat([z["latents"] for z in latents])},
                                   torch.Generator(device=images.device).manual_seed(noise_seed))
     noise = [{"latents": n} for n in noise["latents"].split(latents[0]["latents"].shape[0])]
-    maps = torch.cat([backbone.attention_maps(z, n, module.context, res) for z, n in zip(latents, noise)])
-    phases.mark("unet+maps")
-    losses = module.losses(maps[:batch], maps[batch:], theta)
-    phases.mark("select+loss")
-    losses["loss"].backward()
-    phases.mark("backward")
+    with phases("unet+maps"), maps_phase(phases):
+        maps = torch.cat([backbone.attention_maps(z, n, module.context, res) for z, n in zip(latents, noise)])
+    with phases("select+loss"):
+        losses = module.losses(maps[:batch], maps[batch:], theta)
+    with phases("backward"):
+        losses["loss"].backward()
+    phases.exclusive("unet+maps", "maps", "unet")
     module.context.grad = None
     maps, losses = maps.detach(), {k: v.detach() for k, v in losses.items()}
     if images.device.type == "cpu":
         release_freed_host_memory()  # as StableKeypoints.on_train_batch_end does
     return maps, losses
+
+
+#: The phases of the limits table, in step order; ``unet`` is the forward without the maps.
+PHASES = ("vae", "unet", "maps", "select+loss", "backward", "extraction")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -167,9 +183,11 @@ def run_mode(args) -> dict:
             torch.save({"maps": maps.float().cpu(), "losses": {k: v.cpu() for k, v in losses.items()}}, args.check_file)
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
-            for name, seconds in phases.times.items():
+            for name, seconds in phases.seconds.items():
                 phase_totals[name] = phase_totals.get(name, 0.0) + seconds / args.steps
     train_peak = peak_memory_gib(device)
+    counted = Phases(device, count_flops=True)  # one more step, for its FLOPs (the counter slows it)
+    training_step(module, images, theta, noise_seed=0, naive=naive, phases=counted)
 
     module.keypoint_tokens = torch.arange(module.hparams.top_k, device=device)
     extract_images = images[: args.extract_batch].expand(args.extract_batch, -1, -1, -1).contiguous()
@@ -190,14 +208,23 @@ def run_mode(args) -> dict:
 
     one_per_call = extraction_rate(1)
     batched = one_per_call if naive else extraction_rate(None)  # the reference extracted one at a time
+    module.hparams.extraction_chunk_size = 1 if naive else None
+    with torch.no_grad(), counted("extraction"):
+        module.keypoints(extract_images, list(range(len(extract_images))))
+    phase_totals["extraction"] = len(extract_images) / batched  # the timed runs' seconds for that many images
+    probes = limits.attainable(device, args.image_size) if args.probe else []
     return {
         "mode": mode,
         "step_s": statistics.median(step_times),
-        **{f"{k}_s": v for k, v in phase_totals.items()},
+        **{f"{k}_s": v for k, v in phase_totals.items() if k != "extraction"},
         "train_peak_gib": train_peak,
         "extract_img_per_s": batched,
         "extract_1_per_call_img_per_s": one_per_call,
         "peak_gib": peak_memory_gib(device),
+        "phase_s": {name: phase_totals.get(name, 0.0) for name in PHASES},
+        "phase_flops": counted.flops,
+        "probes": probes,
+        "dtype": "bfloat16" if mode == "bf16" else "float32",
     }
 
 
@@ -207,6 +234,27 @@ def compare(reference: dict, other: dict) -> tuple[float, float]:
     keys = ("loss", "loss_loc", "loss_equiv")
     losses = max(abs(reference["losses"][k].item() - other["losses"][k].item()) for k in keys)
     return maps, losses
+
+
+def print_limits(rows: list[dict]) -> None:
+    """The probe table, then per mode and phase: seconds, GFLOP, achieved GFLOP/s, % of attainable."""
+    probes = next((row["probes"] for row in rows if row.get("probes")), [])
+    if probes:
+        print("\nattainable throughput (same process as the first mode):")
+        print("| probe | dtype | layout | GFLOP/s |\n|---|---|---|---|")
+        for p in probes:
+            print(f"| {p['label']} | {p['dtype']} | {p['layout']} | {p['flop_per_s'] / 1e9:.0f} |")
+    print("\nper phase (matrix FLOPs: convolutions + matmuls, forward and backward; extraction: all its images):")
+    print("| mode | phase | s | conv GFLOP | matmul GFLOP | achieved GFLOP/s | % of attainable |\n|---|---|---|---|---|---|---|")
+    for row in rows:
+        rates = limits.peak_rates(row["probes"], row["dtype"]) if row.get("probes") else None
+        for name in PHASES:
+            seconds, flops = row["phase_s"].get(name, 0.0), row["phase_flops"].get(name, {})
+            total = sum(flops.values())
+            share = f"{100 * limits.floor_seconds(flops, rates) / seconds:.0f}" if rates and seconds > 0 else "-"
+            achieved = f"{total / seconds / 1e9:.0f}" if seconds > 0 else "-"
+            print(f"| {row['mode']} | {name} | {seconds:.3f} | {flops.get('conv', 0) / 1e9:.1f} | "
+                  f"{flops.get('matmul', 0) / 1e9:.1f} | {achieved} | {share} |")
 
 
 def main() -> None:
@@ -223,6 +271,10 @@ def main() -> None:
     parser.add_argument("--extract-batch", type=int, default=2, help="images per extraction call")
     parser.add_argument("--extract-reps", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["optimized", "naive"], choices=MODES)
+    parser.add_argument("--model-dir", help="a diffusers folder (unet/, vae/, scheduler/) instead of random weights; "
+                        "--model then names its family (sd15 or sdxl)")
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="skip the attainable-throughput probe (and the %% of attainable column)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--check-file", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the rows to this file")
@@ -246,7 +298,7 @@ def main() -> None:
 
     header = f"model={args.model} device={args.device} image={args.image_size}px batch={args.batch_size} tokens={args.tokens} R={args.res}"
     print(header)
-    columns = ["mode", "step_s", "vae_s", "unet+maps_s", "select+loss_s", "backward_s", "train_peak_gib",
+    columns = ["mode", "step_s", "vae_s", "unet_s", "maps_s", "select+loss_s", "backward_s", "train_peak_gib",
                "extract_img_per_s", "extract_1_per_call_img_per_s"]
     print("| " + " | ".join(columns) + " | max |maps diff| | max |loss diff| |")
     print("|" + "---|" * (len(columns) + 2))
@@ -268,6 +320,7 @@ def main() -> None:
         opt = by_mode["optimized"]
         print(f"extraction, all {args.iterations} augmentations of {args.extract_batch} images in one UNet call vs one "
               f"per call (same process): x{opt['extract_img_per_s'] / opt['extract_1_per_call_img_per_s']:.2f}")
+    print_limits(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 

@@ -36,8 +36,12 @@ class _StopForward(Exception):
     """Raised by the last captured layer to end the UNet forward early."""
 
 
-#: Bytes of one block of per-head scores in ``HeadMeanAttention``: small enough to stay in cache.
-_BLOCK_BYTES = 4 << 20
+#: Bytes of one block of per-head scores in ``HeadMeanAttention``. Large enough that the
+#: per-block matmuls (whose inner size in backward is the block's rows) run efficiently, small
+#: enough to stay a transient: measured on 2 CPU cores for one SD 1.5 layer (B 2, H 8, d 160,
+#: T 500, R 128), forward + backward took 1.8 s with 4 MiB blocks, 1.3-1.4 s with 8-32 MiB and
+#: 2.2 s with 64 MiB; ``benchmarks/bench.py`` reports the maps phase of a whole step.
+_BLOCK_BYTES = 16 << 20
 
 
 def bicubic_weights(side: int, resolution: int) -> Tensor:
@@ -337,6 +341,48 @@ def check_layer_names(unet: nn.Module, layers: Sequence[str]) -> None:
         raise ConfigError(f"Captured layers must be distinct, got {list(layers)}.")
 
 
+class UnreachedWeights:
+    """Finds, during one UNet call, the modules the call never runs, then frees their weights.
+
+    Under the early stop everything after the last captured layer (for SD 1.5's default layers the
+    rest of ``up_blocks.2``, ``up_blocks.3`` and the output convolution: 70 M parameters, 0.26 GiB
+    in fp32) never runs, yet its weights stay in memory. Which modules a call reaches is recorded
+    by forward pre-hooks on the first call (a family's extra passes, e.g. zero123plus' reference
+    pass, included), so nothing is guessed from module order. Each freed parameter keeps its dtype
+    and device with zero elements: a call that did reach it would fail on the shapes, never run on
+    stale values; moving the module between devices still works.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.reached: set[str] = set()
+        self._hooks = [module.register_forward_pre_hook(self._reach(name)) for name, module in unet.named_modules()]
+
+    def _reach(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.reached.add(name)
+        return hook
+
+    def release(self) -> int:
+        """Removes the hooks and frees every parameter and buffer of an unreached module -> how many elements."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        # A container (ModuleList) is iterated, never called: it lives if anything inside it ran.
+        alive = {""}
+        for name in self.reached:
+            parts = name.split(".")
+            alive.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        freed = 0
+        for name, module in self.unet.named_modules():
+            if name in alive or name.rpartition(".")[0] not in alive:
+                continue  # it ran, or it is inside an unreached module freed already
+            for tensor in [*module.parameters(), *module.buffers()]:
+                freed += tensor.numel()
+                tensor.data = tensor.data.new_empty(0)
+        return freed
+
+
 class AttentionCapture:
     """Installs capture processors on named ``attn2`` layers of a UNet and returns their maps.
 
@@ -352,6 +398,8 @@ class AttentionCapture:
             the network; off by default).
         upsample_queries: project the layer's features to queries, then upsample the queries
             (the same numbers as StableKeypoints' upsample-then-project, far fewer FLOPs).
+        release_unreached: with ``stop_early``, free the weights of the modules the first call never
+            ran (``UnreachedWeights``); ``None`` = whenever ``stop_early`` is on.
     """
 
     def __init__(
@@ -362,6 +410,7 @@ class AttentionCapture:
         memory_efficient: bool = True,
         replace_output: bool = False,
         upsample_queries: bool = True,
+        release_unreached: bool | None = None,
     ) -> None:
         check_layer_names(unet, layers)
         self.layers = list(layers)
@@ -369,6 +418,12 @@ class AttentionCapture:
         self.memory_efficient = memory_efficient
         self.replace_output = replace_output
         self.upsample_queries = upsample_queries
+        release = stop_early if release_unreached is None else release_unreached
+        if release and not stop_early:
+            raise ValueError("release_unreached needs stop_early: without it every module runs.")
+        self._unreached = UnreachedWeights(unet) if release else None
+        #: Elements of the weights freed after the first call (``UnreachedWeights``).
+        self.released = 0
         self._weights: dict[tuple[int, int, torch.device], Tensor] = {}
         self._originals: dict[str, Callable] = {}
         self._modules: dict[str, Attention] = {}
@@ -416,6 +471,9 @@ class AttentionCapture:
         forward(call)
         if sorted(call.recorded) != sorted(self.layers):
             raise RuntimeError(f"Captured {call.recorded}, expected each of {self.layers} once.")
+        if self._unreached is not None:  # the first call has shown which modules a call runs
+            self.released = self._unreached.release()
+            self._unreached = None
         mean = call.total / len(self.layers)  # (B, R*R, T)
         call.total = None  # a checkpointed graph keeps the call alive until backward: not the sum
         batch, _, tokens = mean.shape

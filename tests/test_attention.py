@@ -41,14 +41,16 @@ def test_batch_of_two_equals_two_batches_of_one(tiny_sd_module, images):
     assert not torch.allclose(maps[0], maps[1])  # different images give different maps
 
 
-def test_early_stop_gives_the_same_maps_as_the_full_forward(tiny_sd_module, images):
-    backbone = tiny_sd_module.backbone
-    latents, noise, early = _maps(tiny_sd_module, images)
-    backbone.capture.stop_early = False
-    try:
-        _, _, full = _maps(tiny_sd_module, images)
-    finally:
-        backbone.capture.stop_early = True
+def test_early_stop_gives_the_same_maps_as_the_full_forward(tiny_sd_module, tiny_sd_path, images):
+    from lightning_modules.stable_keypoints import StableKeypoints
+
+    full_module = StableKeypoints(StableDiffusion(str(tiny_sd_path), engine=Engine(stop_early=False)), num_tokens=40,
+                                  feature_upsample_res=16, top_k=4, furthest_point_num_samples=8, sigma_px=1.0)
+    full_module.configure_model()
+    full_module.context.data.copy_(tiny_sd_module.context)
+    _, _, early = _maps(tiny_sd_module, images)
+    _, _, full = _maps(full_module, images)
+    assert tiny_sd_module.backbone.capture.released > 0 and full_module.backbone.capture.released == 0
     torch.testing.assert_close(early, full)
 
 

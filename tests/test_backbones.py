@@ -262,13 +262,19 @@ def family_paths(tiny_sd_path, tiny_sdxl_path, tiny_zero123plus_path, tmp_path_f
 
 
 @functools.cache
-def _maps_and_gradient(family: str, path: Path, stop_early: bool, checkpointing: bool):
+def _maps_and_gradient(family: str, path: Path, stop_early: bool, checkpointing: bool, channels_last: bool = True):
+    """Maps and context gradient of the second call (the first one, without gradient, frees what it never ran)."""
     cls, options, width = FAMILIES[family]
-    backbone = cls(str(path), engine=Engine(stop_early=stop_early, gradient_checkpointing=checkpointing), **options)
+    engine = Engine(stop_early=stop_early, gradient_checkpointing=checkpointing, channels_last=channels_last)
+    backbone = cls(str(path), engine=engine, **options)
     backbone.load()
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     context = torch.randn(10, width, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.no_grad():
+        first = _maps(backbone, images, context)
+    assert (backbone.capture.released > 0) == stop_early  # every family's default layers leave a tail
     maps = _maps(backbone, images, context)
+    torch.testing.assert_close(maps, first, atol=0, rtol=0)
     (maps[:, [2, 7]] * torch.linspace(0, 1, 16 * 16).view(16, 16)).sum().backward()
     return maps.detach(), context.grad
 
@@ -278,10 +284,50 @@ def _maps_and_gradient(family: str, path: Path, stop_early: bool, checkpointing:
 @pytest.mark.parametrize("stop_early", [False, True])
 def test_checkpointing_and_early_stop_give_the_same_maps_and_gradients(family, checkpointing, stop_early, family_paths):
     """Every family (zero123plus with and without reference attention) against the plain full forward:
-    the per-call state makes a checkpointing recompute pure, and the early stop survives it."""
+    the per-call state makes a checkpointing recompute pure, and the early stop survives it, also
+    after the first call has freed the weights it never ran."""
     path = family_paths[FAMILIES[family][0]]
     maps, grad = _maps_and_gradient(family, path, stop_early=False, checkpointing=False)
     assert grad.abs().sum() > 0
     other_maps, other_grad = _maps_and_gradient(family, path, stop_early=stop_early, checkpointing=checkpointing)
     torch.testing.assert_close(other_maps, maps, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(other_grad, grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_channels_last_gives_the_same_maps_and_gradients(family, family_paths):
+    path = family_paths[FAMILIES[family][0]]
+    maps, grad = _maps_and_gradient(family, path, stop_early=True, checkpointing=False)
+    nchw_maps, nchw_grad = _maps_and_gradient(family, path, stop_early=True, checkpointing=False, channels_last=False)
+    torch.testing.assert_close(nchw_maps, maps, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(nchw_grad, grad, atol=1e-6, rtol=1e-5)
+
+
+def test_the_first_call_frees_exactly_the_modules_after_the_last_captured_layer(tiny_sd_path, images):
+    backbone = StableDiffusion(str(tiny_sd_path))
+    backbone.load()
+    unet = backbone.unet
+    assert backbone.layers[-1] == "up_blocks.2.attentions.0.transformer_blocks.0.attn2"
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # the default layout
+    assert backbone.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    last_block = unet.up_blocks[2].attentions[0].transformer_blocks[0]
+    # The last captured layer's own output is never computed: its to_v and to_out go too.
+    tail = [last_block.attn2.to_v, last_block.attn2.to_out, last_block.norm3, last_block.ff, unet.up_blocks[2].attentions[0].proj_out, *unet.up_blocks[2].resnets[1:],
+            *unet.up_blocks[2].attentions[1:], *(unet.up_blocks[2].upsamplers or []), *unet.up_blocks[3:],
+            unet.conv_norm_out, unet.conv_out]
+    expected = sum(p.numel() for module in tail for p in module.parameters())
+    kept = last_block.attn2.to_q.weight.clone()
+    context = torch.randn(10, backbone.context_dim, generator=torch.Generator().manual_seed(1))
+    before = _maps(backbone, images, context)
+    assert backbone.capture.released == expected > 0
+    assert all(p.numel() == 0 for module in tail for p in module.parameters())
+    assert torch.equal(last_block.attn2.to_q.weight, kept) and unet.down_blocks[0].resnets[0].conv1.weight.numel() > 0
+    backbone.to(torch.float64).to(torch.float32)  # a freed module still moves (Lightning moves modules around)
+    torch.testing.assert_close(_maps(backbone, images, context), before, atol=0, rtol=0)
+
+
+def test_without_the_early_stop_nothing_is_freed(tiny_sd_path, images):
+    backbone = StableDiffusion(str(tiny_sd_path), engine=Engine(stop_early=False))
+    backbone.load()
+    _maps(backbone, images, torch.randn(10, backbone.context_dim))
+    assert backbone.capture.released == 0 and backbone.unet.conv_out.weight.numel() > 0

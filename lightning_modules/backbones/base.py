@@ -157,6 +157,7 @@ class Backbone(nn.Module):
         engine = self.engine
         if engine.channels_last:
             self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
         if engine.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.capture = AttentionCapture(
@@ -166,6 +167,8 @@ class Backbone(nn.Module):
             memory_efficient=engine.memory_efficient_maps,
             replace_output=engine.replace_output,
             upsample_queries=engine.upsample_queries,
+            # Compiled blocks would see their parameters change shape: keep them whole there.
+            release_unreached=engine.stop_early and not engine.compile_unet,
         )
         if engine.compile_unet:
             # Blocks, not the whole UNet: the early stop raises out of the forward, which a
@@ -211,9 +214,15 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def encode(self, images: Tensor) -> Latents:
         """images: (B, 3, S, S) in [0, 1] -> latents (B, 4, S/8, S/8), fp32, no gradient."""
-        x = (images * 2 - 1).to(self.vae.device, self.vae.dtype)
-        z = self.vae.encode(x).latent_dist.mean * self.scaling_factor
+        z = self.vae_mean(images * 2 - 1) * self.scaling_factor
         return {"latents": z.float()}
+
+    def vae_mean(self, x: Tensor) -> Tensor:
+        """x: (B, 3, H, W) in [-1, 1] -> the VAE posterior's mean (B, 4, H/8, W/8), unscaled, in the VAE's dtype."""
+        x = x.to(self.vae.device, self.vae.dtype)
+        if self.engine.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.vae.encode(x).latent_dist.mean
 
     def sample_noise(self, latents: Latents, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Latents:
         """Fresh eps ~ N(0, I) for every latent of the batch.

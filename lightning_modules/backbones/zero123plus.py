@@ -107,9 +107,6 @@ class Zero123Plus(Backbone):
             if isinstance(module, Attention) and name.endswith("attn1"):
                 module.set_processor(ReferenceAttentionProcessor(name, module.processor))
 
-    def _vae_latents(self, x: Tensor) -> Tensor:
-        return self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist.mean.float()
-
     @torch.no_grad()
     def encode(self, images: Tensor) -> Latents:
         """images (B, 3, S, S) in [0, 1] -> ``latents`` (and ``condition`` in reference mode)."""
@@ -118,10 +115,10 @@ class Zero123Plus(Backbone):
             if self.mode == "reference_attention":
                 latents["condition"] = latents["latents"]
             return latents
-        z = self._vae_latents((images * 2 - 1) * IMAGE_SCALE) * self.scaling_factor
+        z = self.vae_mean((images * 2 - 1) * IMAGE_SCALE).float() * self.scaling_factor
         latents = {"latents": (z - LATENT_SHIFT) * LATENT_SCALE}
         if self.mode == "reference_attention":
-            latents["condition"] = self._vae_latents(self.condition_pixels(images))
+            latents["condition"] = self.vae_mean(self.condition_pixels(images)).float()
         return latents
 
     def condition_pixels(self, images: Tensor) -> Tensor:
