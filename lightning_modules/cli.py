@@ -158,8 +158,11 @@ class StableKeypointsCLI(LightningCLI):
         callback = trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
             lines.append(f"  checkpoint:  {callback.last_model_path}")
-            if callback.best_model_path and callback.best_model_path != callback.last_model_path:
-                lines.append(f"  best:        {callback.best_model_path} ({callback.monitor})")
+            # Without a monitor, "best" is only the newest periodic checkpoint: not worth a line.
+            if callback.monitor is not None and callback.best_model_path:
+                score = callback.best_model_score
+                shown = "" if score is None else f" = {float(score):.6g}"
+                lines.append(f"  best:        {callback.best_model_path} ({callback.monitor}{shown})")
         for label, name in (("embedding:", "embedding.safetensors"), ("pictures:", "visualizations")):
             if (layout.run_dir / name).exists():
                 lines.append(f"  {label:<12} {layout.run_dir / name}")

@@ -386,6 +386,7 @@ def test_one_run_folder_across_fit_test_predict_resume_and_its_detector(tiny_sd_
     last = run / "checkpoints" / "last.ckpt"
     for path in (run, run / "config.yaml", last, run / "embedding.safetensors"):
         assert str(path) in fit.stderr  # fit ends by saying where everything is
+    assert "best:" not in fit.stderr  # no monitor: the newest periodic checkpoint is no "best"
     assert not [word for word in NOISE if word in fit.stderr + fit.stdout]
     assert "Steps: 100%" in fit.stdout and "2/2" in fit.stdout
     config_text = (run / "config.yaml").read_text()
