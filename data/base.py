@@ -62,6 +62,14 @@ _LISTED_FILES = 20
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def _listing(bad: list[tuple[str, str]]) -> str:
+    """The first ``_LISTED_FILES`` unreadable files with their reasons, one per line, and how many more."""
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:_LISTED_FILES])
+    if len(bad) > _LISTED_FILES:
+        listing += f"\n  ... and {len(bad) - _LISTED_FILES} more"
+    return listing
+
+
 class KeypointDataModule(L.LightningDataModule):
     """Base class of the project's DataModules.
 
@@ -232,22 +240,17 @@ class KeypointDataModule(L.LightningDataModule):
         files = [dataset.image_path(i) for i in range(len(dataset))]
         bad = find_unreadable(files, f"Checking {split} images")
         if bad:
-            listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:_LISTED_FILES])
-            if len(bad) > _LISTED_FILES:
-                listing += f"\n  ... and {len(bad) - _LISTED_FILES} more"
             if len(bad) == len(files) or not self.skip_unreadable:
                 raise ConfigError(
-                    f"{len(bad)} of the {len(files)} images of the {split} split cannot be decoded:\n{listing}\n"
+                    f"{len(bad)} of the {len(files)} images of the {split} split cannot be decoded:\n{_listing(bad)}\n"
                     "Replace or delete them"
                     + ("." if len(bad) == len(files) else ", or set data.init_args.skip_unreadable=true to leave them out.")
                 )
             known = {path for path, _ in self.unreadable}
             new = [(path, reason) for path, reason in bad if path not in known]
             if new:  # a split sharing files with one checked before (train, regression) says nothing new
-                listing = "\n".join(f"  {path}: {reason}" for path, reason in new[:_LISTED_FILES])
-                if len(new) > _LISTED_FILES:
-                    listing += f"\n  ... and {len(new) - _LISTED_FILES} more"
-                rank_zero_warn(f"Skipping {len(new)} unreadable images of the {split} split (skip_unreadable):\n{listing}")
+                rank_zero_warn(f"Skipping {len(new)} unreadable images of the {split} split (skip_unreadable):\n"
+                               f"{_listing(new)}")
             self.unreadable += new
             bad_paths = {path for path, _ in bad}
             dataset = SampleSubset(dataset, [i for i, path in enumerate(files) if path not in bad_paths])
