@@ -399,7 +399,7 @@ class AttentionCapture:
         upsample_queries: project the layer's features to queries, then upsample the queries
             (the same numbers as StableKeypoints' upsample-then-project, far fewer FLOPs).
         release_unreached: with ``stop_early``, free the weights of the modules the first call never
-            ran (``UnreachedWeights``); ``None`` = whenever ``stop_early`` is on.
+            ran (``UnreachedWeights``); without ``stop_early`` every module runs and nothing is freed.
     """
 
     def __init__(
@@ -410,7 +410,7 @@ class AttentionCapture:
         memory_efficient: bool = True,
         replace_output: bool = False,
         upsample_queries: bool = True,
-        release_unreached: bool | None = None,
+        release_unreached: bool = True,
     ) -> None:
         check_layer_names(unet, layers)
         self.layers = list(layers)
@@ -418,10 +418,7 @@ class AttentionCapture:
         self.memory_efficient = memory_efficient
         self.replace_output = replace_output
         self.upsample_queries = upsample_queries
-        release = stop_early if release_unreached is None else release_unreached
-        if release and not stop_early:
-            raise ValueError("release_unreached needs stop_early: without it every module runs.")
-        self._unreached = UnreachedWeights(unet) if release else None
+        self._unreached = UnreachedWeights(unet) if stop_early and release_unreached else None
         #: Elements of the weights freed after the first call (``UnreachedWeights``).
         self.released = 0
         self._weights: dict[tuple[int, int, torch.device], Tensor] = {}

@@ -168,7 +168,7 @@ class Backbone(nn.Module):
             replace_output=engine.replace_output,
             upsample_queries=engine.upsample_queries,
             # Compiled blocks would see their parameters change shape: keep them whole there.
-            release_unreached=engine.stop_early and not engine.compile_unet,
+            release_unreached=not engine.compile_unet,
         )
         if engine.compile_unet:
             # Blocks, not the whole UNet: the early stop raises out of the forward, which a
