@@ -38,9 +38,8 @@ class _StopForward(Exception):
 
 #: Bytes of one block of per-head scores in ``HeadMeanAttention``. Large enough that the
 #: per-block matmuls (whose inner size in backward is the block's rows) run efficiently, small
-#: enough to stay a transient: measured on 2 CPU cores for one SD 1.5 layer (B 2, H 8, d 160,
-#: T 500, R 128), forward + backward took 1.8 s with 4 MiB blocks, 1.3-1.4 s with 8-32 MiB and
-#: 2.2 s with 64 MiB; ``benchmarks/bench.py`` reports the maps phase of a whole step.
+#: enough to stay a transient. ``python -m benchmarks.head_mean`` times each size for SD 1.5's
+#: layers; on 2 CPU cores 8-32 MiB were within the machine's noise of each other, 4 and 64 slower.
 _BLOCK_BYTES = 16 << 20
 
 
@@ -55,18 +54,27 @@ def bicubic_weights(side: int, resolution: int) -> Tensor:
 
 
 class _Queries:
-    """The queries of HeadMeanAttention, block by block: given at full resolution, or as a
-    low-resolution grid that each block upsamples (so the (B, H, R*R, d) queries never exist)."""
+    """The queries of HeadMeanAttention, block by block, as (B*H, n, d) matrices: given at full
+    resolution, or as a low-resolution grid that each block upsamples (so the (B, H, R*R, d)
+    queries never exist).
+
+    The upsampling is separable (``W @ grid @ W.T``): along x once per call, for the whole grid
+    (R / side times the grid's size), then along y per block, as one batched product whose result
+    is already in the row-major layout the score products want.
+    """
 
     def __init__(self, q: Tensor, weights: Tensor | None) -> None:
-        self.q, self.weights = q, weights
+        batch, heads, cells, dim = q.shape
+        self.q, self.weights, self.dim = q, weights, dim
+        self.matrices = batch * heads
         if weights is None:
-            self.length, self.row = q.shape[2], 1
+            self.length, self.row = cells, 1
         else:
-            batch, heads, cells, dim = q.shape
-            side = weights.shape[1]
-            self.grid = q.transpose(-1, -2).reshape(batch, heads, dim, side, side)
-            self.length, self.row = weights.shape[0] ** 2, weights.shape[0]
+            resolution, side = weights.shape
+            self.length, self.row, self.side = resolution**2, resolution, side
+            grid = q.reshape(self.matrices * side, side, dim)  # one image row (x, d) per matrix
+            # (B*H, side_y, R_x * d): the grid upsampled along x.
+            self.along_x = torch.bmm(weights.expand(len(grid), -1, -1), grid).view(self.matrices, side, -1)
 
     def blocks(self, rows: int):
         """Yields (start, stop) token ranges of about ``rows`` tokens, whole image rows when upsampling."""
@@ -75,22 +83,34 @@ class _Queries:
             yield start, min(start + step, self.length)
 
     def block(self, start: int, stop: int) -> Tensor:
-        """-> (B, H, stop - start, d) queries of tokens start..stop."""
+        """-> (B*H, stop - start, d) queries of tokens start..stop."""
         if self.weights is None:
-            return self.q[:, :, start:stop]
-        w = self.weights
-        upsampled = (w[start // self.row : stop // self.row] @ self.grid) @ w.T  # (B, H, d, rows, R)
-        return upsampled.flatten(-2).transpose(-1, -2)
+            return self.q[:, :, start:stop].reshape(self.matrices, stop - start, self.dim)
+        w = self.weights[start // self.row : stop // self.row]  # (rows, side)
+        return torch.bmm(w.expand(self.matrices, -1, -1), self.along_x).view(self.matrices, stop - start, self.dim)
 
-    def accumulate_grad(self, grad_q: Tensor, start: int, stop: int, block_grad: Tensor) -> None:
-        """Adds a block's query gradient (B, H, stop - start, d) into ``grad_q`` (shaped like q)."""
+    def grad_accumulator(self) -> Tensor:
+        """A zero gradient to ``accumulate`` blocks into; ``grad`` turns it into q's gradient."""
         if self.weights is None:
-            grad_q[:, :, start:stop] = block_grad
+            return torch.zeros_like(self.q)
+        return torch.zeros_like(self.along_x)
+
+    def accumulate(self, acc: Tensor, start: int, stop: int, block_grad: Tensor) -> None:
+        """Adds a block's query gradient (B*H, stop - start, d) into ``acc``."""
+        if self.weights is None:
+            acc[:, :, start:stop] = block_grad.view(*acc.shape[:2], stop - start, self.dim)
             return
-        w = self.weights
-        g = block_grad.transpose(-1, -2).unflatten(-1, (-1, self.row)) @ w  # (B, H, d, rows, side)
-        grid_grad = w[start // self.row : stop // self.row].T @ g  # (B, H, d, side, side)
-        grad_q += grid_grad.flatten(-2).transpose(-1, -2)
+        w = self.weights[start // self.row : stop // self.row]  # (rows, side)
+        rows = block_grad.view(self.matrices, -1, self.along_x.shape[-1])  # (B*H, rows, R_x * d)
+        torch.baddbmm(acc, w.T.expand(self.matrices, -1, -1), rows, out=acc)
+
+    def grad(self, acc: Tensor) -> Tensor:
+        """-> q's gradient (B, H, N, d) from the accumulated blocks."""
+        if self.weights is None:
+            return acc
+        along_x = acc.view(-1, self.row, self.dim)  # (B*H*side_y, R_x, d)
+        grid = torch.bmm(self.weights.T.expand(len(along_x), -1, -1), along_x)  # (B*H*side_y, side_x, d)
+        return grid.view(self.q.shape)
 
 
 class HeadMeanAttention(torch.autograd.Function):
@@ -98,10 +118,11 @@ class HeadMeanAttention(torch.autograd.Function):
 
     Plain autograd keeps H per-head probability tensors of (B, N, T) for backward and streams each
     of them through memory several times. This function works on blocks of query rows small
-    enough to stay in cache, keeps only q and k for backward (q at low resolution when the
-    upsampling is folded in), and recomputes the probabilities there. Its backward also uses that
-    the loss reads only a few tokens' maps: with P = softmax(S), upstream gradient G on P and
-    c = sum_t G P, dS = P * G - c * P, where P * G is non-zero only in G's non-zero columns, so
+    enough to stay in cache, in one reused buffer (scaled scores, then probabilities in place),
+    keeps only q and k for backward (q at low resolution when the upsampling is folded in), and
+    recomputes the probabilities there. Its backward also uses that the loss reads only a few
+    tokens' maps: with P = softmax(S), upstream gradient G on P and c = sum_t G P,
+    dS = P * G - c * P, where P * G is non-zero only in G's non-zero columns, so
     dq = (P * G) k - c (P k) and dk = (P * G)^T q - P^T (c q) need the full P only inside two
     matrix products.
     """
@@ -109,12 +130,14 @@ class HeadMeanAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, scale: float, weights: Tensor | None) -> Tensor:
         # q: (B, H, N or side*side, d), k: (B, H, T, d), weights: None or (R, side) -> (B, N, T)
+        batch, heads, tokens = q.shape[0], q.shape[1], k.shape[2]
         queries = _Queries(q, weights)
-        k_t = k.transpose(-1, -2)
-        out = q.new_empty(q.shape[0], queries.length, k.shape[2])
+        k_t = k.reshape(batch * heads, tokens, -1).transpose(1, 2)  # (B*H, d, T)
+        out = q.new_empty(batch, queries.length, tokens)
+        probs = _Probabilities(queries, k_t, scale)
         for start, stop in queries.blocks(_block_rows(q, k)):
-            block = torch.softmax(queries.block(start, stop) @ k_t * scale, dim=-1)  # (B, H, n, T)
-            torch.mean(block, dim=1, out=out[:, start:stop])
+            p = probs(start, stop).view(batch, heads, stop - start, tokens)
+            torch.mean(p, dim=1, out=out[:, start:stop])
         ctx.save_for_backward(q, k, weights)
         ctx.scale = scale
         return out
@@ -122,31 +145,58 @@ class HeadMeanAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         q, k, weights = ctx.saved_tensors
-        scale, heads, tokens = ctx.scale, q.shape[1], k.shape[2]
+        scale = ctx.scale
+        batch, heads, tokens, dim = q.shape[0], q.shape[1], k.shape[2], q.shape[3]
         queries = _Queries(q, weights)
-        grad = grad / heads
-        k_t = k.transpose(-1, -2)
+        rows = _block_rows(q, k)
+        k = k.reshape(batch * heads, tokens, dim)  # (B*H, T, d)
+        k_t = k.transpose(1, 2)
         used = (grad != 0).any(dim=1).any(dim=0).nonzero().flatten()  # columns the loss reads
         sparse = len(used) <= tokens // 4
-        k_used = k[:, :, used]
-        dq = torch.zeros_like(q)
+        k_used = k[:, used]
+        dq = queries.grad_accumulator()
         dk = torch.zeros_like(k)
-        for start, stop in queries.blocks(_block_rows(q, k)):
-            q_block = queries.block(start, stop)
-            p = torch.softmax(q_block @ k_t * scale, dim=-1)  # (B, H, n, T)
-            g = grad[:, None, start:stop]  # (B, 1, n, T)
+        probs = _Probabilities(queries, k_t, scale)
+        for start, stop in queries.blocks(rows):
+            n = stop - start
+            q_block = queries.block(start, stop)  # (B*H, n, d)
+            p = probs(start, stop)  # (B*H, n, T)
             if sparse:
-                pg = p[..., used] * g[..., used]  # (B, H, n, U)
-                c = pg.sum(dim=-1, keepdim=True)  # (B, H, n, 1)
-                dq_block = pg @ k_used - c * (p @ k)
-                dk -= p.transpose(-1, -2) @ (c * q_block)
-                dk[:, :, used] += pg.transpose(-1, -2) @ q_block
+                g = grad[:, start:stop, used] / heads  # (B, n, U)
+                pg = (p.view(batch, heads, n, tokens)[..., used] * g[:, None]).view(batch * heads, n, -1)
+                c = pg.sum(dim=-1, keepdim=True)  # (B*H, n, 1)
+                dq_block = torch.bmm(pg, k_used) - c * torch.bmm(p, k)
+                torch.baddbmm(dk, p.transpose(1, 2), c * q_block, alpha=-1, out=dk)
+                dk[:, used] += torch.bmm(pg.transpose(1, 2), q_block)
             else:
-                ds = p * (g - (g * p).sum(dim=-1, keepdim=True))
-                dq_block = ds @ k
-                dk += ds.transpose(-1, -2) @ q_block
-            queries.accumulate_grad(dq, start, stop, dq_block)
-        return dq.mul_(scale), dk.mul_(scale), None, None
+                g = (grad[:, None, start:stop] / heads).expand(batch, heads, n, tokens).reshape(batch * heads, n, tokens)
+                ds = p.mul_(g - (g * p).sum(dim=-1, keepdim=True))
+                dq_block = torch.bmm(ds, k)
+                torch.baddbmm(dk, ds.transpose(1, 2), q_block, out=dk)
+            queries.accumulate(dq, start, stop, dq_block)
+        return queries.grad(dq).mul_(scale), dk.view(batch, heads, tokens, dim).mul_(scale), None, None
+
+
+class _Probabilities:
+    """softmax(q k^T * scale) of a block of queries, in one (B*H, rows, T) buffer reused by every block.
+
+    The scale is applied inside the matrix product and the softmax writes in place: one pass over
+    the block's scores fewer, and no allocation per block (on CPU each large allocation is a fresh
+    mapping whose pages fault in again).
+    """
+
+    def __init__(self, queries: _Queries, k_t: Tensor, scale: float) -> None:
+        self.queries, self.k_t, self.scale = queries, k_t, scale
+        self.buffer: Tensor | None = None
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        q = self.queries.block(start, stop)
+        shape = (q.shape[0], stop - start, self.k_t.shape[2])
+        if self.buffer is None:
+            self.buffer = q.new_empty(shape)  # the first block is the largest
+        scores = self.buffer.view(-1)[: shape[0] * shape[1] * shape[2]].view(shape)
+        torch.baddbmm(scores, q, self.k_t, beta=0, alpha=self.scale, out=scores)
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
 
 
 def _block_rows(q: Tensor, k: Tensor) -> int:
@@ -171,7 +221,7 @@ def head_mean_attention(
 def upsampled_queries(q: Tensor, weights: Tensor | None) -> Tensor:
     """q: (B, H, side*side, d) -> (B, H, R*R, d) upsampled by ``weights`` (R, side); q itself when None."""
     queries = _Queries(q, weights)
-    return queries.block(0, queries.length)
+    return queries.block(0, queries.length).view(*q.shape[:2], queries.length, q.shape[3])
 
 
 @dataclass(eq=False)
