@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_modules.attention import AttentionCall, AttentionCapture, check_layer_names
 from lightning_modules.backbones.engine import Engine
+from lightning_modules.backbones.frozen import keep_less_for_backward
 from lightning_modules.backbones.hub import ModelSource
 from lightning_modules.errors import ConfigError
 
@@ -160,6 +161,8 @@ class Backbone(nn.Module):
             self.vae.to(memory_format=torch.channels_last)
         if engine.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if not engine.compile_unet:  # compiled blocks keep what their own partitioner chooses
+            keep_less_for_backward(self.unet)  # the same gradients, bit for bit, from less memory
         self.capture = AttentionCapture(
             self.unet,
             self.layers,
