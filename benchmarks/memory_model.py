@@ -8,14 +8,16 @@
 Training peak = weights + saved activations + maps + backward transient (+ the CUDA context, about 0.5 GB,
 which PyTorch's allocator does not count):
 
-- weights: the UNet's parameters in ``dtype`` and the VAE encoder's (fp32 for SDXL, whose VAE always is);
+- weights: the UNet's parameters in ``dtype`` that the early stop keeps (those up to the last captured
+  layer; the rest are freed after the first call) and the VAE encoder's (fp32 for SDXL, whose VAE always is);
   the decoder and the text encoders are never kept.
 - saved activations: the bytes autograd keeps for backward in the UNet forward of 2B images (each image
   and its augmented copy) up to the last captured layer. Only what depends on the context is kept
   (from the first cross-attention on), and attention keeps what flash / memory-efficient attention
   keeps (q, k, v, output and the log-sum-exp; never the N x N probabilities). Counted exactly by
   running the real architecture on the meta device (no memory, no arithmetic) under saved-tensor
-  hooks. With gradient checkpointing: the inputs of every checkpointed block plus the largest block's
+  hooks, with the UNet frozen and its modules as ``Backbone.attach`` leaves them (``backbones/frozen.py``:
+  convolutions keep no input, GEGLU only its projection). With gradient checkpointing: the inputs of every checkpointed block plus the largest block's
   own activations (recomputed one block at a time).
 - maps: three fp32 tensors of (2B, T, R^2): the sum over captured layers, one layer's maps, and the
   gradient that the loss sends back (``memory_efficient_maps`` stores no per-head maps).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import resource
 import sys
@@ -46,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench import build_components  # noqa: E402
+from lightning_modules.attention import UnreachedWeights  # noqa: E402
+from lightning_modules.backbones.frozen import keep_less_for_backward  # noqa: E402
 
 GB = 1e9
 GIB = 2**30
@@ -107,12 +112,16 @@ class UNetCount:
 def _meta_components(model: str, dtype: str):
     """(backbone class, UNet in ``dtype``, VAE) of ``model`` on the meta device: shapes, no memory."""
     cls, unet, vae, _ = build_components(model, torch.device("meta"))
-    return cls, unet.to(getattr(torch, dtype)), vae
+    unet = unet.to(getattr(torch, dtype)).requires_grad_(False)  # frozen, as Backbone.attach leaves it
+    keep_less_for_backward(unet)  # and keeping what Backbone.attach's modules keep
+    return cls, unet, vae
 
 
 def count_unet(model: str, image_size: int, images: int, num_tokens: int, dtype: str) -> UNetCount:
     """Runs the UNet of ``model`` on the meta device up to its last default captured layer, counting bytes."""
     cls, unet, vae = _meta_components(model, dtype)
+    unet = copy.deepcopy(unet)  # the early stop's release below frees weights of this copy only
+    unreached = UnreachedWeights(unet)
     layers = list(cls.default_layers)
     modules = dict(unet.named_modules())
     parameter_storages = {p.untyped_storage()._cdata for p in unet.parameters()}
@@ -153,7 +162,9 @@ def count_unet(model: str, image_size: int, images: int, num_tokens: int, dtype:
             raise _Stop
 
     for name in layers:
-        handles.append(modules[name].register_forward_hook(lambda m, a, o, name=name: captured(m, a, o, name)))
+        # The capture's last use of a layer is its to_k (the keys of the maps): the last layer's to_v
+        # and to_out never run, and the release frees them too.
+        handles.append(modules[f"{name}.to_k"].register_forward_hook(lambda m, a, o, name=name: captured(m, a, o, name)))
 
     side = image_size // 8
     torch_dtype = getattr(torch, dtype)
@@ -175,6 +186,7 @@ def count_unet(model: str, image_size: int, images: int, num_tokens: int, dtype:
         F.scaled_dot_product_attention = sdpa
         for handle in handles:
             handle.remove()
+    unreached.release()  # as a run's first call does: the weights after the last captured layer go
     # Checkpointed blocks keep their inputs (only those that reached the context) and recompute their
     # activations one block at a time in backward.
     blocked = {name: size for name, size in per_block.items() if name in blocks}

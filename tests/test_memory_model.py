@@ -9,7 +9,8 @@ import torch
 
 from benchmarks import memory_model
 from benchmarks.memory_model import Setting, count_unet, estimate, fits
-from data.demo_models import TINY_VAE, tiny_sd_unet
+from data.demo_models import TINY_VAE, sd_scheduler, tiny_sd_unet
+from lightning_modules.backbones import StableDiffusion
 
 TINY = Setting(model="tiny", image_size=64, batch_size=2, num_tokens=40, feature_upsample_res=16,
                augmentation_iterations=3)
@@ -20,7 +21,13 @@ def test_maps_weights_and_dtype_terms_are_the_formula():
 
     result = estimate(TINY)
     assert result["maps"] == 3 * (2 * 2) * 40 * 16**2 * 4  # three fp32 (2B, T, R^2) tensors
-    unet_params = sum(p.numel() for p in tiny_sd_unet().parameters())
+    # The UNet's weights less those a run's first call frees (everything after the last captured layer).
+    backbone = StableDiffusion("random-tiny")
+    backbone.attach(tiny_sd_unet(), AutoencoderKL(**TINY_VAE), sd_scheduler())
+    maps = backbone.capture.maps(lambda call: backbone.capture.run(backbone.unet_forward(
+        torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.zeros(40, backbone.context_dim)), call), 16)
+    assert maps.shape == (1, 40, 16, 16) and backbone.capture.released == 312_804  # tail parameters freed
+    unet_params = sum(p.numel() for p in tiny_sd_unet().parameters()) - backbone.capture.released
     vae = AutoencoderKL(**TINY_VAE)
     vae_params = sum(p.numel() for p in [*vae.encoder.parameters(), *vae.quant_conv.parameters()])
     assert result["weights"] == 4 * (unet_params + vae_params)
@@ -44,9 +51,12 @@ def test_the_count_stops_at_the_last_captured_layer_and_allocates_nothing(monkey
     full = count_unet("tiny", 64, 2, 40, "float32")
     cls, unet, _ = memory_model._meta_components("tiny", "float32")
     # Capturing an earlier layer ends the forward earlier: less is kept for backward.
-    monkeypatch.setattr(cls, "default_layers", ("down_blocks.0.attentions.0.transformer_blocks.0.attn2",))
+    monkeypatch.setattr(cls, "default_layers", ("down_blocks.1.attentions.0.transformer_blocks.0.attn2",))
     early = count_unet("tiny", 64, 2, 40, "float32")
     assert 0 < early.saved < full.saved
+    # At the first cross-attention layer nothing before its keys depends on the context.
+    monkeypatch.setattr(cls, "default_layers", ("down_blocks.0.attentions.0.transformer_blocks.0.attn2",))
+    assert count_unet("tiny", 64, 2, 40, "float32").saved == 0
     assert all(p.device == torch.device("meta") for p in unet.parameters())
 
 
