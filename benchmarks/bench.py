@@ -139,7 +139,7 @@ def training_step(module: StableKeypoints, images: torch.Tensor, theta: torch.Te
     with phases("unet+maps"), maps_phase(phases):
         maps = torch.cat([backbone.attention_maps(z, n, module.context, res) for z, n in zip(latents, noise)])
     with phases("select+loss"):
-        losses = module.losses(maps[:batch], maps[batch:], theta)
+        losses = module.losses(*maps.split(batch), theta)  # as StableKeypoints.training_step splits
     with phases("backward"):
         losses["loss"].backward()
     phases.exclusive("unet+maps", "maps", "unet")

@@ -291,9 +291,10 @@ class CaptureProcessor:
         if call.record:
             maps, output = self._maps(attn, hidden_states, encoder_hidden_states, call.resolution)
             if self.name not in call.recorded:  # a recompute records nothing a second time
-                # A running sum: one (B, R*R, T) tensor alive instead of one per layer.
+                # A running sum, added in place: one (B, R*R, T) tensor alive instead of one per layer.
+                # (The first layer's maps become the sum; nothing else holds them, and no backward reads them.)
                 call.recorded.append(self.name)
-                call.total = maps if call.total is None else call.total + maps
+                call.total = maps if call.total is None else call.total.add_(maps)
         if output is None and not stop_here:  # where the forward stops, nothing reads the layer's own output
             output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         call.visited.add(self.name)

@@ -335,7 +335,9 @@ class StableKeypoints(L.LightningModule):
         images = batch["image"]
         batch_size = images.shape[0]
         maps, transform = self.equivariance_pair(images, self.step_generator(batch_idx))
-        out = self.losses(maps[:batch_size], maps[batch_size:], transform)
+        # One split, not two slices: its backward joins the halves' gradients in one tensor instead of
+        # writing each into its own zero-filled copy of the whole batch and adding them.
+        out = self.losses(*maps.split(batch_size), transform)
         if not torch.isfinite(out["loss"]):
             raise NonFiniteError(
                 f"Training stopped at step {self.global_step}: the loss is {out['loss'].item()} "
