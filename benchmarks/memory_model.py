@@ -16,9 +16,10 @@ which PyTorch's allocator does not count):
   (from the first cross-attention on), and attention keeps what flash / memory-efficient attention
   keeps (q, k, v, output and the log-sum-exp; never the N x N probabilities). Counted exactly by
   running the real architecture on the meta device (no memory, no arithmetic) under saved-tensor
-  hooks, with the UNet frozen and its modules as ``Backbone.attach`` leaves them (``backbones/frozen.py``:
-  convolutions keep no input, GEGLU only its projection). With gradient checkpointing: the inputs of every checkpointed block plus the largest block's
-  own activations (recomputed one block at a time).
+  hooks, with the UNet frozen and its modules as ``Backbone.attach`` leaves them
+  (``backbones/frozen.py``: convolutions keep no input, GEGLU only its projection). With gradient
+  checkpointing: the inputs of every checkpointed block plus the largest block's own activations
+  (recomputed one block at a time).
 - maps: three fp32 tensors of (2B, T, R^2): the sum over captured layers, one layer's maps, and the
   gradient that the loss sends back (``memory_efficient_maps`` stores no per-head maps).
 - backward transient: twice the largest saved tensor (its gradient and one more in flight).

@@ -71,7 +71,7 @@ class _Queries:
             self.length, self.row = cells, 1
         else:
             resolution, side = weights.shape
-            self.length, self.row, self.side = resolution**2, resolution, side
+            self.length, self.row = resolution**2, resolution
             grid = q.reshape(self.matrices * side, side, dim)  # one image row (x, d) per matrix
             # (B*H, side_y, R_x * d): the grid upsampled along x.
             self.along_x = torch.bmm(weights.expand(len(grid), -1, -1), grid).view(self.matrices, side, -1)
@@ -134,9 +134,9 @@ class HeadMeanAttention(torch.autograd.Function):
         queries = _Queries(q, weights)
         k_t = k.reshape(batch * heads, tokens, -1).transpose(1, 2)  # (B*H, d, T)
         out = q.new_empty(batch, queries.length, tokens)
-        probs = _Probabilities(queries, k_t, scale)
+        probs = _Probabilities(k_t, scale)
         for start, stop in queries.blocks(_block_rows(q, k)):
-            p = probs(start, stop).view(batch, heads, stop - start, tokens)
+            p = probs(queries.block(start, stop)).view(batch, heads, stop - start, tokens)
             torch.mean(p, dim=1, out=out[:, start:stop])
         ctx.save_for_backward(q, k, weights)
         ctx.scale = scale
@@ -156,11 +156,11 @@ class HeadMeanAttention(torch.autograd.Function):
         k_used = k[:, used]
         dq = queries.grad_accumulator()
         dk = torch.zeros_like(k)
-        probs = _Probabilities(queries, k_t, scale)
+        probs = _Probabilities(k_t, scale)
         for start, stop in queries.blocks(rows):
             n = stop - start
             q_block = queries.block(start, stop)  # (B*H, n, d)
-            p = probs(start, stop)  # (B*H, n, T)
+            p = probs(q_block)  # (B*H, n, T)
             if sparse:
                 g = grad[:, start:stop, used] / heads  # (B, n, U)
                 pg = (p.view(batch, heads, n, tokens)[..., used] * g[:, None]).view(batch * heads, n, -1)
@@ -178,20 +178,19 @@ class HeadMeanAttention(torch.autograd.Function):
 
 
 class _Probabilities:
-    """softmax(q k^T * scale) of a block of queries, in one (B*H, rows, T) buffer reused by every block.
+    """softmax(q k^T * scale) of a (B*H, rows, d) block of queries, in one (B*H, rows, T) buffer reused by every block.
 
     The scale is applied inside the matrix product and the softmax writes in place: one pass over
     the block's scores fewer, and no allocation per block (on CPU each large allocation is a fresh
     mapping whose pages fault in again).
     """
 
-    def __init__(self, queries: _Queries, k_t: Tensor, scale: float) -> None:
-        self.queries, self.k_t, self.scale = queries, k_t, scale
+    def __init__(self, k_t: Tensor, scale: float) -> None:
+        self.k_t, self.scale = k_t, scale
         self.buffer: Tensor | None = None
 
-    def __call__(self, start: int, stop: int) -> Tensor:
-        q = self.queries.block(start, stop)
-        shape = (q.shape[0], stop - start, self.k_t.shape[2])
+    def __call__(self, q: Tensor) -> Tensor:
+        shape = (q.shape[0], q.shape[1], self.k_t.shape[2])
         if self.buffer is None:
             self.buffer = q.new_empty(shape)  # the first block is the largest
         scores = self.buffer.view(-1)[: shape[0] * shape[1] * shape[2]].view(shape)

@@ -45,10 +45,11 @@ class FrozenConv2d(nn.Conv2d):
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-        if not (frozen and input.requires_grad and torch.is_grad_enabled()) or self.padding_mode != "zeros" \
-                or isinstance(self.padding, str):
-            return super()._conv_forward(input, weight, bias)
-        return _InputGradConv2d.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        needs_input_grad = input.requires_grad and torch.is_grad_enabled()
+        plain_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)  # what conv2d_input takes
+        if frozen and needs_input_grad and plain_padding:
+            return _InputGradConv2d.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
 
 
 class _GatedGelu(torch.autograd.Function):
@@ -78,6 +79,10 @@ class FrozenGEGLU(GEGLU):
         return a * self.gelu(gate)
 
 
+#: The exact classes swapped (subclasses of them are someone else's modules, left alone).
+_LEAN = {nn.Conv2d: FrozenConv2d, GEGLU: FrozenGEGLU}
+
+
 def keep_less_for_backward(model: nn.Module) -> int:
     """Turns ``model``'s ``nn.Conv2d`` and ``GEGLU`` modules into ``FrozenConv2d`` / ``FrozenGEGLU``.
 
@@ -86,8 +91,8 @@ def keep_less_for_backward(model: nn.Module) -> int:
     """
     changed = 0
     for module in model.modules():
-        swap = {nn.Conv2d: FrozenConv2d, GEGLU: FrozenGEGLU}.get(type(module))
-        if swap is not None:
-            module.__class__ = swap
+        lean = _LEAN.get(type(module))
+        if lean is not None:
+            module.__class__ = lean
             changed += 1
     return changed
