@@ -6,8 +6,8 @@ import os
 import sys
 
 from data.base import KeypointDataModule
-from lightning_modules.cli import StableKeypointsCLI
-from lightning_modules.errors import UserError
+from lightning_modules.app.cli import StableKeypointsCLI
+from lightning_modules.app.errors import UserError
 from lightning_modules.stable_keypoints import StableKeypoints
 
 #: Set to 1 to see the full traceback of a user error (a bad value, a missing file, a mismatched checkpoint).

@@ -23,12 +23,13 @@ import argparse
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from lightning_modules.app import files
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = REPO / "conf" / "paper"
@@ -88,9 +89,7 @@ class Row:
 
 def _write_json(path: Path, content: dict) -> None:
     """Atomically: a reader (or a resumed call) never sees half a file."""
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(partial, path)
+    files.write_text(path, json.dumps(content, indent=2) + "\n")
 
 
 def _newest(folder: Path, pattern: str, since: float = 0.0) -> Path | None:

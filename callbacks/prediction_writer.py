@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import time
 import zlib
@@ -33,8 +32,9 @@ from callbacks.drawing import (
     with_legend,
 )
 from data.images import GRAY_RGB, read_image, upright_size
-from lightning_modules.errors import ConfigError
-from lightning_modules.run_folder import provenance
+from lightning_modules.app import files
+from lightning_modules.app.errors import ConfigError
+from lightning_modules.app.run_folder import provenance
 
 CONVENTION = (
     "x, y in pixels of the original image; origin at the top-left corner of the top-left pixel; "
@@ -92,7 +92,7 @@ class KeypointWriter(BasePredictionWriter):
 
     Args:
         output_dir: folder of the files; ``None`` = the module's ``run_dir()`` (under the CLI the run's
-            ``predict/<images>/``, see ``lightning_modules/run_folder.py``). Give a fixed folder (or
+            ``predict/<images>/``, see ``lightning_modules/app/run_folder.py``). Give a fixed folder (or
             the CLI's ``--output_dir``) to resume a killed run.
         format: merged file format, ``json`` or ``csv``.
         overlays: draw the keypoints on each original image (one PNG per image: turn it off for
@@ -320,7 +320,7 @@ class KeypointWriter(BasePredictionWriter):
     def _write_json(self, header: dict, rows: list[dict]) -> Path:
         path = self._dir / "keypoints.json"
         images = [{key: value for key, value in row.items() if key != "index"} for row in rows]
-        return write_atomically(path, json.dumps({**header, "images": images}, indent=1) + "\n")
+        return files.write_text(path, json.dumps({**header, "images": images}, indent=1) + "\n")
 
     def _write_csv(self, header: dict, rows: list[dict]) -> Path:
         text = io.StringIO(newline="")
@@ -335,7 +335,7 @@ class KeypointWriter(BasePredictionWriter):
         for row in rows:
             for k, ((x, y), inside) in enumerate(zip(row["keypoints"], row["inside"])):
                 writer.writerow([row["path"], row["width"], row["height"], k, x, y, str(inside).lower()])
-        return write_atomically(self._dir / "keypoints.csv", text.getvalue())
+        return files.write_text(self._dir / "keypoints.csv", text.getvalue())
 
 
 def image_record(
@@ -412,15 +412,6 @@ def merge_records(records) -> list[dict]:
     for record in records:
         unique.setdefault(record["path"], record)
     return sorted(unique.values(), key=lambda record: (record["index"], record["path"]))
-
-
-def write_atomically(path: Path, text: str) -> Path:
-    """Writes ``text`` beside ``path`` and renames it into place: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def keypoint_overlay(

@@ -27,7 +27,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from data.base import pixels_to_unit, require_file
+from data.base import require_file
+from data.crop import pixels_to_unit
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
 # ---------------------------------------------------------------------------------------------

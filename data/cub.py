@@ -1,9 +1,4 @@
-"""CUB-200-2011 read from the official archive's text files (no MATLAB caches).
-
-``root`` is the extracted ``CUB_200_2011/`` folder. Conventions of its files:
-- ``bounding_boxes.txt``: ``id x y w h`` in source pixels; the box spans [x, x + w) x [y, y + h).
-- ``parts/part_locs.txt``: ``id part x y visible`` with integer pixel indices (the part's continuous
-  coordinate is the pixel centre, index + 0.5); invisible parts are ``0 0 0``.
+"""CUB-200-2011 as a dataset: crops, augmentation, subsets and splits (annotations: ``data.cub_files``).
 
 Crops follow StableKeypoints (from CMR): the box, padded by 5 % of its size on each side (training:
 each side also jittered by up to 5 %, and a random mirror), made square around its centre, cropped
@@ -22,255 +17,42 @@ splits are exactly SK's.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tarfile
-import urllib.request
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
-import numpy as np
 import torch
-from filelock import FileLock, Timeout
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 from torchmetrics import Metric
-from tqdm import tqdm
 
-from data.base import (
-    STAGE_SPLITS,
-    KeypointDataModule,
-    SampleKey,
-    crop_matrix,
-    crop_points,
-    crop_resize,
-    image_region,
-    image_tensor,
-    sample_draws,
+from data.base import KeypointDataModule, STAGE_SPLITS
+
+from data.crop import crop_matrix, crop_points, crop_resize, image_region, image_tensor
+
+from data.sampling import SampleKey, sample_draws
+from data.cub_files import (
+    CUB_MD5,
+    CUB_PAGE,
+    CUB_URL,
+    FLIP_PERMUTATION,
+    PART_NAMES,
+    CUBAnnotations,
+    Split,
+    Subset,
+    import_loadmat,
+    missing_message,
+    cmr_split_file,
+    load_annotations,
+    missing_annotation_files,
+    read_cmr_split,
+    select_rows,
 )
+from data.download import download_extracted
 from data.images import GRAY_RGB, read_image
-from lightning_modules.errors import ConfigError, MissingFileError
+from lightning_modules.app.errors import ConfigError, MissingFileError
 
-#: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
-CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
-CUB_MD5 = "97eceeb196236b17998738112f37df78"
-CUB_PAGE = "https://data.caltech.edu/records/65de6-vp158"
-
-PART_NAMES: tuple[str, ...] = (
-    "back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",
-    "right eye", "right leg", "right wing", "tail", "throat",
-)  # fmt: skip
-#: 0-based part order after a horizontal flip: left/right eye, leg and wing trade places.
-FLIP_PERMUTATION: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 10, 11, 12, 9, 6, 7, 8, 13, 14)
-ANNOTATION_FILES = (
-    "images.txt", "image_class_labels.txt", "classes.txt", "train_test_split.txt", "bounding_boxes.txt",
-    "parts/parts.txt", "parts/part_locs.txt",
-)  # fmt: skip
-
-Subset = Literal["cub_all", "cub_001", "cub_002", "cub_003", "cub_aligned"]
-Split = Literal["train", "test"]
 PAD_FRAC = 0.05
 JITTER_FRAC = 0.05
-#: StableKeypoints drops `cub_all` images with fewer visible parts than this.
-MIN_VISIBLE_PARTS = 6
-_DOWNLOAD_CHUNK_BYTES = 1 << 20
-#: The split files StableKeypoints reads from CMR's cachedir (``datasets/cub_parts.py``:
-#: ``'%s_cub_cleaned.mat' % split`` under ``<cachedir>/data``); its ``sfm/anno_*.mat`` hold camera
-#: poses no keypoint protocol uses, so they are not needed here.
-CMR_SPLIT_FILES: dict[str, str] = {"train": "data/train_cub_cleaned.mat", "test": "data/test_cub_cleaned.mat"}
-CMR_SOURCE = (
-    "CMR's CUB cachedir comes from https://github.com/akanazawa/cmr (cachedir.tar.gz, see its issue 3); "
-    "point data.init_args.cmr_cachedir at its cachedir/cub folder, the one holding data/train_cub_cleaned.mat."
-)
-
-
-def _missing_message(path: Path) -> str:
-    return (
-        f"CUB-200-2011: {str(path)!r} is missing. `root` must be the extracted `CUB_200_2011/` folder of the "
-        f"official archive: set `download: true` to fetch it (about 1.1 GB), or download {CUB_URL} and extract it."
-    )
-
-
-def _read_rows(root: Path, name: str, num_fields: int) -> list[list[str]]:
-    """Whitespace-separated rows of ``root/name``, each with exactly ``num_fields`` fields."""
-    path = root / name
-    if not path.is_file():
-        raise MissingFileError(_missing_message(path))
-    rows = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split(maxsplit=num_fields - 1)
-        if len(fields) != num_fields:
-            raise ValueError(f"{path}:{line_number}: expected {num_fields} fields, got {line!r}; the file is damaged, re-extract it.")
-        rows.append(fields)
-    return rows
-
-
-def read_images(root: str | Path) -> dict[int, str]:
-    """``images.txt``: image id -> path relative to ``images/``, in file order."""
-    return {int(i): path for i, path in _read_rows(Path(root), "images.txt", 2)}
-
-
-def read_image_class_labels(root: str | Path) -> dict[int, int]:
-    """``image_class_labels.txt``: image id -> class id (1-based)."""
-    return {int(i): int(c) for i, c in _read_rows(Path(root), "image_class_labels.txt", 2)}
-
-
-def read_classes(root: str | Path) -> dict[int, str]:
-    """``classes.txt``: class id -> folder name such as ``001.Black_footed_Albatross``."""
-    return {int(c): name for c, name in _read_rows(Path(root), "classes.txt", 2)}
-
-
-def read_train_test_split(root: str | Path) -> dict[int, bool]:
-    """``train_test_split.txt``: image id -> True for the official training split."""
-    return {int(i): flag == "1" for i, flag in _read_rows(Path(root), "train_test_split.txt", 2)}
-
-
-def read_bounding_boxes(root: str | Path) -> dict[int, tuple[float, float, float, float]]:
-    """``bounding_boxes.txt``: image id -> (x, y, w, h) in source pixels."""
-    return {int(i): (float(x), float(y), float(w), float(h)) for i, x, y, w, h in _read_rows(Path(root), "bounding_boxes.txt", 5)}
-
-
-def read_part_names(root: str | Path) -> tuple[str, ...]:
-    """``parts/parts.txt``: the part names in part-id order."""
-    rows = sorted(_read_rows(Path(root), "parts/parts.txt", 2), key=lambda row: int(row[0]))
-    return tuple(name for _, name in rows)
-
-
-def read_part_locs(root: str | Path, num_parts: int = len(PART_NAMES)) -> dict[int, np.ndarray]:
-    """``parts/part_locs.txt``: image id -> (num_parts, 3) float64 rows ``(x, y, visible)``, pixel indices."""
-    locations: dict[int, np.ndarray] = {}
-    for i, part, x, y, visible in _read_rows(Path(root), "parts/part_locs.txt", 5):
-        rows = locations.setdefault(int(i), np.zeros((num_parts, 3)))
-        rows[int(part) - 1] = (float(x), float(y), float(visible))
-    return locations
-
-
-@dataclass(frozen=True)
-class CUBAnnotations:
-    """Everything the text files say about the N images of a CUB root, in ``images.txt`` order.
-
-    Attributes:
-        image_ids: (N,) int64 official ids.
-        paths: N paths relative to ``images/``.
-        class_ids: (N,) int64, 1-based.
-        is_train: (N,) bool, the official split.
-        boxes_xywh: (N, 4) float64 source pixels.
-        parts_px: (N, J, 2) float64 (x, y) pixel indices; (0, 0) where invisible.
-        visible: (N, J) bool.
-    """
-
-    image_ids: np.ndarray
-    paths: tuple[str, ...]
-    class_ids: np.ndarray
-    is_train: np.ndarray
-    boxes_xywh: np.ndarray
-    parts_px: np.ndarray
-    visible: np.ndarray
-
-
-def load_annotations(root: str | Path) -> CUBAnnotations:
-    """Parse and cross-check all annotation files of ``root`` (the ``CUB_200_2011/`` folder)."""
-    root = Path(root)
-    images = read_images(root)  # first, so that a missing root is reported as its images.txt missing
-    if not images:
-        raise ValueError(f"{root / 'images.txt'} lists no images; re-extract the archive.")
-    names = read_part_names(root)
-    if names != PART_NAMES:
-        raise ValueError(f"{root / 'parts/parts.txt'} lists {names}, not the 15 official CUB parts {PART_NAMES}.")
-    per_image = {
-        "image_class_labels.txt": read_image_class_labels(root),
-        "train_test_split.txt": read_train_test_split(root),
-        "bounding_boxes.txt": read_bounding_boxes(root),
-        "parts/part_locs.txt": read_part_locs(root),
-    }
-    for name, table in per_image.items():
-        missing = images.keys() - table.keys()
-        if missing:
-            raise ValueError(f"{root / name} has no entry for image id {min(missing)} ({len(missing)} ids missing); re-extract the archive.")
-    ids = list(images)
-    locs = np.stack([per_image["parts/part_locs.txt"][i] for i in ids])
-    return CUBAnnotations(
-        image_ids=np.array(ids, dtype=np.int64),
-        paths=tuple(images[i] for i in ids),
-        class_ids=np.array([per_image["image_class_labels.txt"][i] for i in ids], dtype=np.int64),
-        is_train=np.array([per_image["train_test_split.txt"][i] for i in ids], dtype=bool),
-        boxes_xywh=np.array([per_image["bounding_boxes.txt"][i] for i in ids], dtype=np.float64),
-        parts_px=locs[..., :2],
-        visible=locs[..., 2] > 0,
-    )
-
-
-def _import_loadmat():
-    try:
-        from scipy.io import loadmat
-    except ImportError as error:
-        raise ConfigError(
-            "data.init_args.cmr_cachedir is set, and reading CMR's .mat split files needs scipy: pip install scipy "
-            "(or leave cmr_cachedir unset to use the official split)."
-        ) from error
-    return loadmat
-
-
-def cmr_split_file(cachedir: str | Path, split: Split) -> Path:
-    """The cleaned split file of ``split`` in CMR's cachedir; a MissingFileError naming it when absent."""
-    path = Path(cachedir) / CMR_SPLIT_FILES[split]
-    if not path.is_file():
-        raise MissingFileError(f"data.init_args.cmr_cachedir={str(cachedir)!r} has no {CMR_SPLIT_FILES[split]}. {CMR_SOURCE}")
-    return path
-
-
-def read_cmr_split(cachedir: str | Path, split: Split) -> list[str]:
-    """Image paths (relative to ``images/``) of CMR's cleaned ``split``, in file order.
-
-    The file holds one struct array ``images`` whose entries have ``rel_path``, ``bbox``, ``parts``
-    (1-based pixels), ``mask``, ``class_id``...; it is read as StableKeypoints reads it
-    (``loadmat(..., struct_as_record=False, squeeze_me=True)['images']``) and only ``rel_path`` is
-    kept: the annotations come from the official text files.
-    """
-    loadmat = _import_loadmat()
-    path = cmr_split_file(cachedir, split)
-    contents = loadmat(str(path), struct_as_record=False, squeeze_me=True)
-    if "images" not in contents:
-        raise ConfigError(f"{path} holds no 'images' struct array: it is not one of CMR's *_cub_cleaned.mat files.")
-    try:
-        return [str(image.rel_path) for image in np.atleast_1d(contents["images"])]
-    except AttributeError as error:
-        raise ConfigError(f"{path}: an entry of 'images' has no rel_path: it is not one of CMR's *_cub_cleaned.mat files.") from error
-
-
-def select_rows(
-    annotations: CUBAnnotations, subset: Subset, split: Split, split_paths: Sequence[str] | None = None
-) -> np.ndarray:
-    """(M,) int64 rows of ``annotations`` in ``subset`` and ``split``.
-
-    Without ``split_paths``: the official split, and for ``cub_all`` at least
-    ``MIN_VISIBLE_PARTS`` visible parts. With ``split_paths`` (a CMR split, ``read_cmr_split``):
-    exactly those images, in that order, with no further filter (CMR's cleaning already dropped
-    truncated birds); a class subset keeps its class, as StableKeypoints' ``single_class`` does.
-    """
-    if split_paths is None:
-        keep = annotations.is_train == (split == "train")
-        if subset == "cub_all":
-            keep &= annotations.visible.sum(1) >= MIN_VISIBLE_PARTS
-        rows = np.flatnonzero(keep)
-    else:
-        row_of_path = {path: row for row, path in enumerate(annotations.paths)}
-        unknown = [path for path in split_paths if path not in row_of_path]
-        if unknown:
-            raise ConfigError(
-                f"The CMR {split} split lists {len(unknown)} images that images.txt of this CUB root does not, "
-                f"e.g. {unknown[0]!r}: cmr_cachedir and root must belong to the same CUB-200-2011."
-            )
-        rows = np.array([row_of_path[path] for path in split_paths], dtype=np.int64)
-    if subset not in ("cub_all", "cub_aligned"):
-        rows = rows[annotations.class_ids[rows] == int(subset.removeprefix("cub_"))]
-    return rows
 
 
 def square_crop_box(box_xywh: Sequence[float], outward_frac: Sequence[float] = (0.0, 0.0, 0.0, 0.0)) -> tuple[float, float, float, float]:
@@ -392,104 +174,17 @@ class CUBDataset(Dataset):
         }
 
 
-def missing_annotation_files(root: str | Path) -> list[Path]:
-    """The annotation files of ``root`` that do not exist."""
-    return [Path(root) / name for name in ANNOTATION_FILES if not (Path(root) / name).is_file()]
-
-
 def download_cub(root: str | Path, url: str | None = None, md5: str | None = None) -> Path:
-    """Download and extract the official archive so that ``root`` becomes its ``CUB_200_2011/`` folder.
-
-    Nothing happens when ``root`` is already complete. The archive is streamed to a ``.part`` file
-    beside ``root``, checked against ``md5``, renamed, extracted into a temporary folder and moved
-    into place, so an interrupted run never leaves a half dataset at ``root``; the archive is kept
-    until extraction succeeds, so a failed extraction does not cost a new download.
+    """Downloads and extracts the official archive so that ``root`` becomes its ``CUB_200_2011/`` folder
+    (``data.download.download_extracted``); nothing happens when ``root`` is already complete.
 
     Args:
         root: destination folder.
-        url: archive address (http(s) or file://); default ``CUB_URL``.
+        url: archive address; default ``CUB_URL``.
         md5: expected hex digest; default ``CUB_MD5``.
     """
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Lightning runs prepare_data once per node (prepare_data_per_node), which node-local disks
-    # need; on a shared filesystem the nodes would then fetch into the same .part file at once.
-    # A lock beside root (flock: local disks, NFS, and Lustre mounted with -o flock) makes the
-    # later nodes wait and then find the dataset complete.
-    lock = FileLock(root.parent / f".{root.name}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        rank_zero_info(f"Waiting for another process to finish downloading {root} (lock {lock.lock_file}).")
-        lock.acquire()
-    try:
-        return _download_unlocked(root, CUB_URL if url is None else url, CUB_MD5 if md5 is None else md5)
-    finally:
-        lock.release()
-
-
-def _download_unlocked(root: Path, url: str, md5: str) -> Path:
-    if root.exists():
-        missing = missing_annotation_files(root)
-        if not missing:
-            return root
-        raise FileExistsError(f"{root} exists but is incomplete (no {missing[0]}): delete it, then download again.")
-    archive = root.parent / f"{root.name}.tgz"
-    if not (archive.is_file() and _md5(archive) == md5):
-        _fetch(url, archive, md5)
-    rank_zero_info(f"Extracting {archive} to {root}.")
-    tmp = root.parent / f".{root.name}.{uuid.uuid4().hex}.tmp"  # mkdtemp's 0700 mode would outlive the rename
-    tmp.mkdir()
-    try:
-        _safe_extract(archive, tmp)
-        extracted = tmp / "CUB_200_2011"
-        missing = missing_annotation_files(extracted)
-        if missing:
-            raise ValueError(f"{url} is not the CUB-200-2011 archive: it has no CUB_200_2011/{missing[0].relative_to(extracted)}.")
-        os.rename(extracted, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    archive.unlink()
-    return root
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(_DOWNLOAD_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fetch(url: str, destination: Path, md5: str) -> None:
-    """Stream ``url`` to ``destination`` through a ``.part`` file, checking its md5 on the way."""
-    partial = destination.with_name(destination.name + ".part")
-    digest = hashlib.md5()
-    try:
-        with urllib.request.urlopen(url) as response, partial.open("wb") as file:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {destination.name}") as bar:
-                for chunk in iter(lambda: response.read(_DOWNLOAD_CHUNK_BYTES), b""):
-                    file.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise OSError(f"Could not download {url} ({error}); check the connection, or download it by hand from {CUB_PAGE} and extract it.") from error
-    if digest.hexdigest() != md5:
-        partial.unlink()
-        raise ValueError(f"{url} downloaded with md5 {digest.hexdigest()}, expected {md5}: the file is damaged or not the CUB-200-2011 archive; retry.")
-    os.replace(partial, destination)
-
-
-def _safe_extract(archive: Path, destination: Path) -> None:
-    """Extract a tar archive into ``destination``, refusing members that would land outside it."""
-    with tarfile.open(archive) as tar:
-        try:
-            # The "data" filter rejects absolute paths, "..", links leaving the folder and device files.
-            tar.extractall(destination, filter="data")
-        except tarfile.FilterError as error:
-            raise ValueError(f"{archive} holds an unsafe member ({error}); extraction stopped. Delete the archive and download it again.") from error
+    return download_extracted(root, CUB_URL if url is None else url, CUB_MD5 if md5 is None else md5, "CUB_200_2011",
+                              missing_annotation_files, CUB_PAGE)
 
 
 class CUBDataModule(KeypointDataModule):
@@ -546,7 +241,7 @@ class CUBDataModule(KeypointDataModule):
         self.generate_synthetic = generate_synthetic
         self.cmr_cachedir = cmr_cachedir
         if cmr_cachedir is not None:  # before any download or model loading
-            _import_loadmat()
+            import_loadmat()
             for split in get_args(Split):
                 cmr_split_file(cmr_cachedir, split)
         self._datasets: dict[str, CUBDataset] = {}
@@ -587,7 +282,7 @@ class CUBDataModule(KeypointDataModule):
                     f"rerun `python -m data.cub_preprocess --root {self.root} --output {self.images_dir}` (it resumes)."
                 )
             if missing:
-                raise MissingFileError(f"{len(missing)} images of {self.subset} are missing. {_missing_message(missing[0])}")
+                raise MissingFileError(f"{len(missing)} images of {self.subset} are missing. {missing_message(missing[0])}")
 
     def _dataset(self, name: str) -> Dataset:
         if not self._datasets:

@@ -26,7 +26,6 @@ import os
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -37,8 +36,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.cub import CUB_PAGE, read_bounding_boxes, read_images
-from lightning_modules.errors import ConfigError
+from data.cub_files import CUB_PAGE, read_bounding_boxes, read_images
+from lightning_modules.app import files
+from lightning_modules.app.errors import ConfigError
 
 GRAY_RGB = (127, 127, 127)
 BACKENDS = ("cub-masks", "rembg", "grabcut")
@@ -48,7 +48,6 @@ GRABCUT_ITERATIONS = 5
 JPEG_QUALITY = 95
 #: Lists the sources already overwritten by ``--in-place`` (the only way to resume that mode).
 IN_PLACE_LEDGER = "images_composited_in_place.txt"
-_TMP_PREFIX = ".cub_preprocess-"
 #: What a worker returns for an output that was already complete.
 SKIPPED = "skipped"
 _MAX_FAILURES_SHOWN = 20
@@ -247,18 +246,10 @@ def _process(job: Job) -> str | None:
 
 def _save_atomic(image: Image.Image, target: Path) -> None:
     """Write ``image`` to a temporary file beside ``target``, then rename it over ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     image_format = Image.registered_extensions()[target.suffix.lower()]
     options = {"quality": JPEG_QUALITY, "subsampling": 0} if image_format == "JPEG" else {}
-    # A unique name opened with "x" (not tempfile.mkstemp, whose 0600 mode would outlive the rename).
-    temporary = target.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}.tmp"
-    try:
-        with temporary.open("xb") as file:
-            image.save(file, format=image_format, **options)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with files.atomic_file(target) as temporary:
+        image.save(temporary, format=image_format, **options)
 
 
 def _refuse_output_inside_sources(root: Path, output: Path) -> None:
@@ -307,7 +298,7 @@ def preprocess(
     matting = make_matting(backend, masks_dir)  # fails here, before any work, on a missing dependency
 
     output.mkdir(parents=True, exist_ok=True)
-    for stray in output.rglob(f"{_TMP_PREFIX}*.tmp"):  # left by a killed run
+    for stray in output.rglob(f"{files.TEMPORARY_PREFIX}*{files.TEMPORARY_SUFFIX}"):  # left by a killed run
         stray.unlink()
     ledger = root / IN_PLACE_LEDGER
     finished = set(ledger.read_text().splitlines()) if in_place and ledger.is_file() else set()

@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from tqdm import tqdm
 
 from data import images
-from lightning_modules.seeding import stable_hash
+from lightning_modules.app import files
+from lightning_modules.app.seeding import stable_hash
 
 #: Bumped when what counts as readable changes, so older verdicts are not reused.
 CACHE_VERSION = 1
@@ -57,10 +58,7 @@ def _load_cache(path: Path) -> dict[str, list]:
 def _save_cache(path: Path, entries: dict[str, list]) -> None:
     """Atomic write (another rank or run may read it meanwhile); a read-only cache only warns."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"version": CACHE_VERSION, "files": entries}))
-        os.replace(temporary, path)
+        files.write_text(path, json.dumps({"version": CACHE_VERSION, "files": entries}))
     except OSError as error:
         rank_zero_warn(f"Could not write the image-check cache {path} ({error}); the next run checks again.")
 

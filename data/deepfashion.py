@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from data.base import pixels_to_unit, require_file
+from data.base import require_file
+from data.crop import pixels_to_unit
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
 

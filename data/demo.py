@@ -26,8 +26,8 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageDraw, ImageFilter
 
-from data.cub import PART_NAMES
-from lightning_modules.errors import MissingFileError
+from data.cub_files import PART_NAMES
+from lightning_modules.app.errors import MissingFileError
 
 _PART = {name: i for i, name in enumerate(PART_NAMES)}
 

@@ -22,7 +22,7 @@ from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, C
 from data.demo import DEMO_DIR, is_demo_path
 from lightning_modules.backbones.sd import SD15_UNET, SD_VAE
 from lightning_modules.backbones.sdxl import SDXL_UNET
-from lightning_modules.errors import MissingFileError
+from lightning_modules.app.errors import MissingFileError
 
 #: The demo's own model folder per family (relative to the working directory, as in conf/demo.yaml).
 DEMO_MODELS = {

@@ -34,7 +34,8 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from data.base import crop_resize, require_file
+from data.base import require_file
+from data.crop import crop_resize
 from data.images import read_image
 from data.whole_image import SplitsDataModule, WholeImageDataset
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from lightning_modules.errors import UserError
+from lightning_modules.app.errors import UserError
 
 #: Gray of zero123plus' training renders; also the folder's padding colour.
 GRAY_RGB = (127, 127, 127)

@@ -27,7 +27,9 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from data.base import list_images, pixels_to_unit, require_file
+from data.base import require_file
+from data.crop import pixels_to_unit
+from data.image_folder import list_images
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
 

@@ -10,16 +10,11 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
-from data.base import (
-    STAGE_SPLITS,
-    KeypointDataModule,
-    SampleKey,
-    crop_resize,
-    image_region,
-    image_tensor,
-    require_file,
-    sample_draws,
-)
+from data.base import KeypointDataModule, STAGE_SPLITS, require_file
+
+from data.crop import crop_resize, image_region, image_tensor
+
+from data.sampling import SampleKey, sample_draws
 from data.images import GRAY_RGB, read_image
 
 

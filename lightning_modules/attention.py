@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 
 
 class _StopForward(Exception):

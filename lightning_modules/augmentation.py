@@ -29,7 +29,7 @@ from kornia.geometry.linalg import transform_points as kornia_transform_points
 from kornia.geometry.transform import get_affine_matrix2d, get_translation_matrix2d, warp_affine
 from torch import Tensor
 
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 
 
 @dataclass

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lightning_modules.errors import ConfigError, HubError, MissingFileError
-from lightning_modules.run_folder import CONFIG_FILE, EMBEDDING_FILE, METRICS_FILE, REGRESSOR_FILE
+from lightning_modules.app.errors import ConfigError, HubError, MissingFileError
+from lightning_modules.app.run_folder import CONFIG_FILE, EMBEDDING_FILE, METRICS_FILE, REGRESSOR_FILE
 
 DETECTOR_DIR = "detector"
 PICTURES_DIR = "images"

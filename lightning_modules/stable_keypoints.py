@@ -20,15 +20,15 @@ from torch import Tensor, nn
 
 from lightning_modules.augmentation import AffineAugmentation, PhotometricAugmentation, warp
 from lightning_modules.backbones.base import Backbone
-from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_fits, checkpoint_record
+from lightning_modules.app.checkpoints import RECORD_KEY, AtomicCheckpointIO, check_fits, checkpoint_record
 from lightning_modules.concentration import attention_concentration
 from lightning_modules.detector import detector_embedding, embedding_metadata, is_hub_id
-from lightning_modules.errors import CheckpointMismatchError, ConfigError, MissingFileError, NonFiniteError
+from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, MissingFileError, NonFiniteError
 from lightning_modules.evaluation import TEST_LOADER, RegressorEvaluation
 from lightning_modules.keypoints import augmented_keypoints, inside_region, rank_keypoint_tokens, to_source_pixels
 from lightning_modules.losses import equivariance_loss, localization_loss
-from lightning_modules.run_folder import EMBEDDING_FILE, METRICS_FILE, REGRESSOR_FILE, provenance
-from lightning_modules.seeding import Draw, seeded_generator
+from lightning_modules.app.run_folder import EMBEDDING_FILE, METRICS_FILE, REGRESSOR_FILE, provenance
+from lightning_modules.app.seeding import Draw, seeded_generator
 from lightning_modules.selection import RankingMethod, select_tokens
 
 
@@ -480,7 +480,7 @@ class StableKeypoints(L.LightningModule):
         """The folder this command writes into: ``trainer.default_root_dir``.
 
         Under the CLI that is the fit run's folder, or the run's ``test/`` or ``predict/<images>/``
-        (``lightning_modules/run_folder.py``); every artifact's path starts here. Each node plans it on
+        (``lightning_modules/app/run_folder.py``); every artifact's path starts here. Each node plans it on
         its own disk (processes Lightning launches take their launcher's plan), so a rank writes
         beside its node's copy of the checkpoint.
         """

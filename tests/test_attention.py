@@ -15,7 +15,7 @@ from lightning_modules.attention import (
     replaced_attention_output,
 )
 from lightning_modules.backbones import Engine, StableDiffusion
-from lightning_modules.errors import ConfigError, MissingFileError
+from lightning_modules.app.errors import ConfigError, MissingFileError
 
 
 def _maps(module, images, noise_seed=0):

@@ -19,7 +19,7 @@ from lightning_modules.augmentation import (
     unwarp,
     warp,
 )
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 from lightning_modules.selection import argmax_pixels
 
 

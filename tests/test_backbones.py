@@ -17,7 +17,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 from lightning_modules.attention import CaptureProcessor
 from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusionXL, Zero123Plus
 from lightning_modules.backbones.zero123plus import ReferenceAttentionProcessor
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 
 
 def _maps(backbone, images, context, seed=0, resolution=16):

@@ -10,8 +10,8 @@ import torch
 
 from lightning_modules.backbones import StableDiffusion
 from lightning_modules.backbones.sd import SD_UP_LAYERS
-from lightning_modules.checkpoints import RECORD_KEY, AtomicCheckpointIO, checkpoint_record, read_checkpoint
-from lightning_modules.errors import CheckpointMismatchError, ConfigError, MissingFileError
+from lightning_modules.app.checkpoints import RECORD_KEY, AtomicCheckpointIO, checkpoint_record, read_checkpoint
+from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, MissingFileError
 from lightning_modules.stable_keypoints import StableKeypoints
 from tests.conftest import REPO
 

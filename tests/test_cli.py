@@ -372,7 +372,7 @@ def test_one_run_folder_across_fit_test_predict_resume_and_its_detector(tiny_sd_
 
     import wandb
 
-    from lightning_modules.run_folder import code_version
+    from lightning_modules.app.run_folder import code_version
 
     # This process uses wandb first, as a notebook or driver script would: its WANDB_SERVICE reaches every
     # command below. Sharing that wandb-core once made the resumed fit fail with "run ID ... is in use".

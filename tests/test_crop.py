@@ -9,9 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.base import crop_matrix, crop_points, crop_resize, image_tensor
-
-
+from data.crop import crop_matrix, crop_points, crop_resize, image_tensor
 def _photo_like(height: int, width: int, seed: int = 0) -> Image.Image:
     """1/f noise (the spectrum of natural images) with a hard-edged patch, 8-bit RGB."""
     rng = np.random.default_rng(seed)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import io
 import shutil
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,12 +18,12 @@ import torch
 from PIL import Image
 
 import data.cub as cub
-from data.cub import (
+import data.cub_files as cub_files
+from data.crop import crop_matrix, crop_points, crop_resize, image_tensor
+from data.cub import CUBDataModule, CUBDataset, mirror_parts, square_crop_box
+from data.cub_files import (
     PART_NAMES,
-    CUBDataModule,
-    CUBDataset,
     load_annotations,
-    mirror_parts,
     read_bounding_boxes,
     read_classes,
     read_image_class_labels,
@@ -28,11 +31,11 @@ from data.cub import (
     read_part_locs,
     read_part_names,
     read_train_test_split,
-    square_crop_box,
 )
 from data.demo import ensure_synthetic_cub, write_synthetic_cub
-from data.base import SampleKey, crop_matrix, crop_points, crop_resize, image_tensor
-from lightning_modules.seeding import Draw, seeded_generator
+from data.sampling import SampleKey
+from lightning_modules.app.errors import DownloadError
+from lightning_modules.app.seeding import Draw, seeded_generator
 
 S = 64  # small images keep the tests fast
 
@@ -279,41 +282,65 @@ def _tgz(path: Path, source: Path, extra: dict[str, bytes] | None = None) -> str
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_download_from_file_url(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    archive = tmp_path / "served" / "CUB_200_2011.tgz"
-    archive.parent.mkdir()
-    md5 = _tgz(archive, root, {"attributes.txt": b"1 has_bill_shape::curved\n"})
-    monkeypatch.setattr(cub, "CUB_URL", archive.as_uri())
+@pytest.fixture
+def served(tmp_path: Path):
+    """A folder served over HTTP on localhost (pooch fetches http, https and ftp) -> (folder, base URL)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_over_http(root: Path, tmp_path: Path, served, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, url = served
+    md5 = _tgz(folder / "CUB_200_2011.tgz", root, {"attributes.txt": b"1 has_bill_shape::curved\n"})
+    monkeypatch.setattr(cub, "CUB_URL", f"{url}/CUB_200_2011.tgz")
     monkeypatch.setattr(cub, "CUB_MD5", md5)
     target = tmp_path / "datasets" / "CUB_200_2011"
     datamodule = CUBDataModule(str(target), subset="cub_001", image_size=S, download=True)
     datamodule.prepare_data()
     datamodule.setup("fit")
     assert len(datamodule.train_dataset()) == 8
-    # No .part, .tgz or temp left; only the (empty) lock file that keeps concurrent downloads apart.
-    assert sorted(p.name for p in target.parent.iterdir()) == [".CUB_200_2011.lock", "CUB_200_2011"]
+    # No archive, temporary or lock file left beside the dataset, and only the archive's CUB_200_2011/ in it.
+    assert sorted(p.name for p in target.parent.iterdir()) == ["CUB_200_2011"]
+    assert not (target / "attributes.txt").exists()
     # A complete root is left alone, whatever the URL says.
-    monkeypatch.setattr(cub, "CUB_URL", (tmp_path / "absent.tgz").as_uri())
+    monkeypatch.setattr(cub, "CUB_URL", f"{url}/absent.tgz")
     datamodule.prepare_data()
 
 
-def test_download_with_wrong_md5_raises(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    archive = tmp_path / "CUB_200_2011_served.tgz"
-    _tgz(archive, root)
-    monkeypatch.setattr(cub, "CUB_URL", archive.as_uri())
+def test_download_with_wrong_md5_raises(root: Path, tmp_path: Path, served, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, url = served
+    _tgz(folder / "CUB_200_2011.tgz", root)
+    monkeypatch.setattr(cub, "CUB_URL", f"{url}/CUB_200_2011.tgz")
     monkeypatch.setattr(cub, "CUB_MD5", "0" * 32)
     target = tmp_path / "datasets" / "CUB_200_2011"
-    with pytest.raises(ValueError, match="md5"):
+    with pytest.raises(DownloadError, match="md5"):
         CUBDataModule(str(target), download=True).prepare_data()
-    assert [p.name for p in target.parent.iterdir()] == [".CUB_200_2011.lock"]
+    assert list(target.parent.iterdir()) == []
 
 
-def test_download_refuses_path_traversal(root: Path, tmp_path: Path) -> None:
-    archive = tmp_path / "evil.tgz"
-    md5 = _tgz(archive, root / "parts", {"../escaped.txt": b"gotcha"})
+def test_download_without_a_server_is_one_clear_error(tmp_path: Path, served, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, url = served
+    monkeypatch.setattr(cub, "CUB_URL", f"{url}/missing/CUB_200_2011.tgz")
     target = tmp_path / "datasets" / "CUB_200_2011"
-    with pytest.raises(ValueError, match="unsafe"):
-        cub.download_cub(target, url=archive.as_uri(), md5=md5)
+    with pytest.raises(DownloadError, match="Could not download .*missing/CUB_200_2011.tgz.*download it by hand"):
+        CUBDataModule(str(target), download=True).prepare_data()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_download_refuses_path_traversal(root: Path, tmp_path: Path, served) -> None:
+    folder, url = served
+    md5 = _tgz(folder / "evil.tgz", root / "parts", {"../escaped.txt": b"gotcha"})
+    target = tmp_path / "datasets" / "CUB_200_2011"
+    with pytest.raises(DownloadError, match="unsafe"):
+        cub.download_cub(target, url=f"{url}/evil.tgz", md5=md5)
     assert not (tmp_path / "datasets" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
     assert not target.exists()
 
@@ -353,7 +380,7 @@ def test_synthetic_dataset_is_deterministic_and_fast(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("root", ["datasets/CUB_200_2011", ".demo/CUB_200_201", ".demo/models/CUB_200_2011"])
 def test_generate_synthetic_never_replaces_a_mistyped_root(root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_modules.errors import MissingFileError
+    from lightning_modules.app.errors import MissingFileError
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingFileError, match=f"data.root='{root}' does not exist.*only at '.demo/CUB_200_2011'.*download: true"):
@@ -408,7 +435,7 @@ def cmr_cachedir(root: Path, tmp_path: Path) -> tuple[Path, list[str], list[str]
 
 def test_cmr_cachedir_gives_exactly_its_splits(root: Path, cmr_cachedir) -> None:
     cachedir, train_paths, test_paths = cmr_cachedir
-    assert cub.read_cmr_split(cachedir, "train") == train_paths and cub.read_cmr_split(cachedir, "test") == test_paths
+    assert cub_files.read_cmr_split(cachedir, "train") == train_paths and cub_files.read_cmr_split(cachedir, "test") == test_paths
     sizes = {}
     for subset in ("cub_all", "cub_001", "cub_002", "cub_003", "cub_aligned"):
         datamodule = CUBDataModule(str(root), subset=subset, cmr_cachedir=str(cachedir), image_size=S, num_workers=0)
@@ -434,7 +461,7 @@ def test_cmr_cachedir_gives_exactly_its_splits(root: Path, cmr_cachedir) -> None
 def test_cmr_cachedir_errors_name_the_file_and_the_fix(root: Path, cmr_cachedir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from lightning_modules.errors import ConfigError, MissingFileError
+    from lightning_modules.app.errors import ConfigError, MissingFileError
 
     cachedir, _, _ = cmr_cachedir
     (cachedir / "data" / "test_cub_cleaned.mat").unlink()
@@ -447,8 +474,8 @@ def test_cmr_cachedir_errors_name_the_file_and_the_fix(root: Path, cmr_cachedir,
         CUBDataModule(str(root), cmr_cachedir=str(cachedir))
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="999.Unknown/x.jpg"):
-        cub.select_rows(load_annotations(root), "cub_all", "train", ["999.Unknown/x.jpg"])
+        cub_files.select_rows(load_annotations(root), "cub_all", "train", ["999.Unknown/x.jpg"])
     savemat = pytest.importorskip("scipy.io").savemat
     savemat(str(cachedir / "data" / "test_cub_cleaned.mat"), {"sfm_anno": np.zeros(3)})
     with pytest.raises(ConfigError, match="no 'images' struct array"):
-        cub.read_cmr_split(cachedir, "test")
+        cub_files.read_cmr_split(cachedir, "test")

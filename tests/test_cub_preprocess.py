@@ -170,7 +170,7 @@ def test_rembg_model_that_cannot_be_fetched(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize("inside", [".", "images/001.Synthetic_Bird_1", "gray"])
 def test_output_inside_the_dataset_folder_is_refused(root: Path, inside: str) -> None:
-    from lightning_modules.errors import ConfigError
+    from lightning_modules.app.errors import ConfigError
 
     before = _digests(root)
     with pytest.raises(ConfigError, match="--output .* (inside|source images folder).* e.g. .*CUB_200_2011_gray"):

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from lightning_modules import detector
 from lightning_modules.backbones import StableDiffusion
-from lightning_modules.errors import CheckpointMismatchError, ConfigError, HubError, MissingFileError
+from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, HubError, MissingFileError
 from lightning_modules.stable_keypoints import StableKeypoints, load_context
 
 TOKENS = [7, 3, 11, 5]

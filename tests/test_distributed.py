@@ -22,7 +22,7 @@ import data.cub as cub
 from callbacks.prediction_writer import KeypointWriter, image_record, read_shard, shard_identity
 from data.cub import CUBDataModule
 from data.folder import ImageFolderDataModule
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 from lightning_modules.stable_keypoints import frozen_tensor_names
 from tests.conftest import REPO
 from tests.test_callbacks import POINTS, StubKeypointModel, trainer
@@ -299,8 +299,8 @@ def test_a_two_node_job_fits_tests_and_predicts_with_one_set_of_outputs(two_node
 def test_finished_images_are_dropped_from_a_subset_of_readable_images_too(five_images):
     from torch.utils.data import Subset
 
-    from data.base import without_paths
-    from data.folder import ImageFolderDataset
+    from data.sampling import without_paths
+    from data.image_folder import ImageFolderDataset
 
     dataset = ImageFolderDataset(five_images, 32)
     readable = Subset(dataset, [0, 2, 3, 4])  # as KeypointDataModule.checked leaves it with skip_unreadable

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data.base import SampleKey
-from data.folder import PAD_RGB, ImageFolderDataModule, ImageFolderDataset, content_key
-from lightning_modules.errors import ConfigError
+from data.sampling import SampleKey
+from data.folder import ImageFolderDataModule
+from data.image_folder import PAD_RGB, ImageFolderDataset, content_key
+from lightning_modules.app.errors import ConfigError
 
 S = 40
 

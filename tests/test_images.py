@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 import data.images
-from data.base import image_region
+from data.crop import image_region
 from data.cub import CUBDataModule
 from data.decode_check import find_unreadable
-from data.folder import ImageFolderDataModule, ImageFolderDataset
+from data.folder import ImageFolderDataModule
+from data.image_folder import ImageFolderDataset
 from data.images import UnreadableImageError, read_image, upright_size
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 
 S = 32
 

@@ -177,7 +177,7 @@ def test_load_context_from_stablekeypoints_files(tmp_path):
 
 def test_predict_step_restricts_to_the_photo_unless_told_not_to(tiny_sd_module, monkeypatch):
     """The module's predict_within_image flag, both ways, on a 1200 x 300 panorama's square."""
-    from data.base import image_region
+    from data.crop import image_region
 
     module = tiny_sd_module
     monkeypatch.setitem(module._buffers, "keypoint_tokens", torch.tensor([0, 1, 2, 3]))  # a buffer: setattr would be undone by delattr

@@ -10,9 +10,9 @@ from unittest import mock
 
 import pytest
 
-import lightning_modules.backbones.hub as hub
+import lightning_modules.app.hub as hub
 from lightning_modules.backbones import StableDiffusion, StableDiffusionXL
-from lightning_modules.errors import HubError, MissingFileError
+from lightning_modules.app.errors import HubError, MissingFileError
 
 
 def test_a_hub_id_offline_names_it_and_says_what_to_do():

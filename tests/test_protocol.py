@@ -15,7 +15,7 @@ from data.folder import ImageFolderDataModule
 from lightning_modules.evaluation import KeypointSet, RegressorEvaluation
 from lightning_modules.metrics import NormalizedKeypointError
 from lightning_modules.regressor import LinearKeypointRegressor
-from lightning_modules.seeding import Draw, seeded_generator
+from lightning_modules.app.seeding import Draw, seeded_generator
 
 S = 32
 

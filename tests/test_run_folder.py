@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks.progress import StepProgressBar
 from callbacks.wandb_logger import WandbLogger
 from lightning_modules import run_folder
-from lightning_modules.cli import quiet_unactionable_output
-from lightning_modules.errors import ConfigError
-from lightning_modules.run_folder import RunLayout, code_version, new_run_id, run_of_checkpoint, unused_folder, wandb_id
+from lightning_modules.app.cli import quiet_unactionable_output
+from lightning_modules.app.errors import ConfigError
+from lightning_modules.app.run_folder import RunLayout, code_version, new_run_id, run_of_checkpoint, unused_folder, wandb_id
 from tests.conftest import REPO
 
 
@@ -238,7 +238,7 @@ def test_launched_processes_take_their_launchers_layout_and_nobody_else_does(mon
     import os
     import sys
 
-    from lightning_modules.cli import LAYOUT_VARIABLE, inherited_layout
+    from lightning_modules.app.cli import LAYOUT_VARIABLE, inherited_layout
 
     layout = RunLayout.plan("fit", tmp_path, run_id="20261201-093000-abcdef")
     assert RunLayout.from_json(layout.to_json()) == layout

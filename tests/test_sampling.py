@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from data.base import ResumableDataLoader, ResumableSampler, SampleKey, ranking_indices, sample_draws
+from data.sampling import ResumableDataLoader, ResumableSampler, SampleKey, ranking_indices, sample_draws
 from data.cub import CUBDataModule
-from lightning_modules.seeding import Draw, seeded_generator
+from lightning_modules.app.seeding import Draw, seeded_generator
 
 
 class KeyEcho(Dataset):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_modules.backbones import StableDiffusion
-from lightning_modules.errors import CheckpointMismatchError, ConfigError, NonFiniteError
+from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, NonFiniteError
 from lightning_modules.stable_keypoints import StableKeypoints
 
 SMALL = dict(num_tokens=40, feature_upsample_res=16, top_k=4, furthest_point_num_samples=8, sigma_px=1.0)
@@ -132,7 +132,7 @@ def test_a_bad_augmentation_range_is_a_config_error(options, message) -> None:
 
 @pytest.mark.parametrize("key", ["pretrained_context", "pretrained_keypoint_tokens"])
 def test_a_missing_pretrained_file_is_named_before_any_weights_load(key, tmp_path) -> None:
-    from lightning_modules.errors import MissingFileError
+    from lightning_modules.app.errors import MissingFileError
 
     with pytest.raises(MissingFileError, match=f"model.{key}='.*missing.pt' does not exist"):
         unloaded(**{key: str(tmp_path / "missing.pt")})

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from lightning_modules.attention import AttentionCall, AttentionCapture, check_layer_names
 from lightning_modules.backbones.engine import Engine
 from lightning_modules.backbones.frozen import keep_less_for_backward
-from lightning_modules.backbones.hub import ModelSource
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.hub import ModelSource
+from lightning_modules.app.errors import ConfigError
 
 #: Latents of a batch, by name: ``latents`` (B, 4, h, w) always; a family may add more
 #: (zero123plus' reference mode adds its ``condition`` latents). Noise has the same keys.

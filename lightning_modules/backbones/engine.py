@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

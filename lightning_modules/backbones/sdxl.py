@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from lightning_modules.backbones.base import Backbone
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 
 SDXL_LAYERS = tuple(f"up_blocks.0.attentions.0.transformer_blocks.{i}.attn2" for i in range(3))
 #: The public config of stable-diffusion-xl-base-1.0 (``unet/config.json``), reduced to the keys that

@@ -30,7 +30,7 @@ from transformers import CLIPImageProcessorPil
 
 from lightning_modules.attention import AttentionCall
 from lightning_modules.backbones.base import Backbone, Latents
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 
 ZERO123PLUS_LAYERS = tuple(f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2" for i in range(3))
 

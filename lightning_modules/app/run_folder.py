@@ -36,7 +36,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 
-from lightning_modules.errors import ConfigError
+from lightning_modules.app.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"

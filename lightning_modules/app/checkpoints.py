@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from importlib import import_module
 import zipfile
 from collections.abc import Sequence
@@ -22,7 +21,8 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.errors import CheckpointMismatchError, MissingFileError
+from lightning_modules.app.files import atomic_file
+from lightning_modules.app.errors import CheckpointMismatchError, MissingFileError
 
 #: The key of the record in a checkpoint's dict.
 RECORD_KEY = "stable_keypoints"
@@ -37,47 +37,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Lightning's own writer opens the target and writes into it (no fsync), so a full disk or a kill
     mid-write can leave a truncated or 0-byte ``.ckpt`` that looks like a checkpoint. This one writes
-    a temporary file in the same folder, fsyncs it, and ``os.replace``s it onto the target (atomic on
-    POSIX and Windows); on any failure the temporary file is removed and the previous file, if any,
-    is untouched. Remote (fsspec URL) paths keep Lightning's writer.
+    through ``files.atomic_file`` (temporary sibling, fsync, rename); the previous file, if any, is
+    untouched on failure. Remote (fsspec URL) paths keep Lightning's writer.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            # os.open with 0o666 (not tempfile.mkstemp's 0o600) so the file gets the user's usual mode.
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_folder(target.parent)
+        with atomic_file(path) as tmp:
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None) -> dict:
         if not _is_local(path):
             return super().load_checkpoint(path, map_location, weights_only)
         return read_checkpoint(path, map_location=map_location, weights_only=weights_only)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Makes the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _is_intact_zip(path: Path) -> bool:

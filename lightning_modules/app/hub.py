@@ -23,7 +23,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from lightning_modules.errors import HubError, MissingFileError
+from lightning_modules.app.errors import HubError, MissingFileError
 
 #: The file every diffusers model folder of this project has: the first one looked up on the hub.
 PROBE_FILE = "unet/config.json"

@@ -30,3 +30,7 @@ class HubError(UserError, OSError):
 
 class NonFiniteError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss, gradient or context (the message names the step)."""
+
+
+class DownloadError(UserError, OSError):
+    """A dataset could not be fetched or extracted (no network, a damaged archive, an incomplete folder)."""

@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.progress import StepProgressBar
 from callbacks.wandb_logger import WandbLogger
-from lightning_modules.checkpoints import check_config_fits
-from lightning_modules.run_folder import CHECKPOINTS, RunConfigSaver, RunLayout, as_source
+from lightning_modules.app.checkpoints import check_config_fits
+from lightning_modules.app.run_folder import CHECKPOINTS, RunConfigSaver, RunLayout, as_source
 from lightning_modules.stable_keypoints import check_trainer_precision
 
 #: How a process hands its planned folders to the processes it launches (Lightning's DDP launcher
