@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from callbacks.progress import StepProgressBar
 from data.base import KeypointDataModule
 from lightning_modules.app.cli import StableKeypointsCLI
 from lightning_modules.app.errors import UserError
@@ -20,6 +21,7 @@ def main(args: list[str] | None = None) -> StableKeypointsCLI:
         KeypointDataModule,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        progress_bar=StepProgressBar,
         args=args,
     )
 

@@ -54,13 +54,14 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa
 
 from benchmarks import limits  # noqa: E402
 from benchmarks.limits import Phases, sync  # noqa: E402
-from lightning_modules.attention import CaptureProcessor  # noqa: E402
+from lightning_modules.capture import CaptureProcessor  # noqa: E402
 from lightning_modules.augmentation import warp  # noqa: E402
 from data.demo_models import TINY_VAE, sd_scheduler, tiny_sd_unet  # noqa: E402
 from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusionXL  # noqa: E402
-from lightning_modules.backbones.sd import SD15_UNET, SD_VAE  # noqa: E402
-from lightning_modules.backbones.sdxl import SDXL_UNET  # noqa: E402
-from lightning_modules.stable_keypoints import StableKeypoints, release_freed_host_memory  # noqa: E402
+from benchmarks.real_models import SD15_UNET, SD_VAE  # noqa: E402
+from benchmarks.real_models import SDXL_UNET  # noqa: E402
+from lightning_modules.engine import release_freed_host_memory
+from lightning_modules.stable_keypoints import StableKeypoints  # noqa: E402
 
 MODES = ("optimized", "naive", "bf16", "checkpointing", "compile")
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules import attention  # noqa: E402
+from lightning_modules.engine import attention  # noqa: E402
 
 #: (name, head dim, side of the layer's grid) of SD 1.5's default layers at 512 px.
 LAYERS = (("up_blocks.1 (16x16, d 160)", 160, 16), ("up_blocks.2 (32x32, d 80)", 80, 32))

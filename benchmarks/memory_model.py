@@ -50,8 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench import build_components  # noqa: E402
-from lightning_modules.attention import UnreachedWeights  # noqa: E402
-from lightning_modules.backbones.frozen import keep_less_for_backward  # noqa: E402
+from lightning_modules.engine.unreached import UnreachedWeights  # noqa: E402
+from lightning_modules.engine.frozen import keep_less_for_backward  # noqa: E402
 
 GB = 1e9
 GIB = 2**30

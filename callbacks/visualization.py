@@ -39,7 +39,7 @@ from callbacks.drawing import (
     to_pil,
     with_legend,
 )
-from lightning_modules.selection import argmax_pixels, select_tokens
+from lightning_modules.selection import argmax_pixels
 
 
 def wandb_logger(trainer: L.Trainer) -> WandbLogger | None:
@@ -68,7 +68,7 @@ class AttentionVisualizer(Callback):
     ``trainer.datamodule.keypoint_index_dataloader()`` (no augmentation) and a noise seed, so the
     pictures of successive steps differ by the learned context alone. During training the global
     keypoint tokens are not chosen yet (they are ranked after fit, SPEC 5.1), so for each image it
-    selects tokens as a training step does (``lightning_modules.selection.select_tokens`` with the
+    selects tokens as a training step does (``StableKeypoints.select`` with the
     model's ``top_k``, ``furthest_point_num_samples``, ``selection`` and ``sigma_px``), and says so
     on the picture; when the model already has its keypoint tokens (a pretrained context) those are
     drawn instead. Each picture is one grid: the image with each token's peak, then up to
@@ -147,14 +147,13 @@ class AttentionVisualizer(Callback):
     @torch.no_grad()
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, folder_name: str, log: bool) -> None:
         step = trainer.global_step
-        hp = pl_module.hparams
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         maps = pl_module.maps_of(self._images.to(pl_module.device), generator).float()  # (N, T, R, R)
         final = pl_module.keypoint_tokens.numel() > 0
         if final:
             tokens = pl_module.keypoint_tokens.to(maps.device)[None].expand(len(maps), -1)
         else:
-            tokens = select_tokens(maps, hp.top_k, hp.furthest_point_num_samples, hp.selection, hp.sigma_px)
+            tokens = pl_module.select(maps)
         tokens = tokens[:, : self.max_tokens]
         selected = maps[torch.arange(len(maps), device=maps.device)[:, None], tokens].cpu()  # (N, k, R, R)
         tokens = tokens.cpu()
@@ -240,7 +239,7 @@ class TestResultsTable(Callback):
 
     Reads the test split's batches (dataloader 1) and the ``predictions`` (B, J, 2) that
     ``test_step`` returns for them, and scores each image with the functional twin of
-    ``pl_module.test_metric`` (its ``per_image``; for PCK the value is a percentage, higher is better).
+    ``pl_module.evaluation.metric`` (its ``per_image``; for PCK the value is a percentage, higher is better).
     At the end of the test it writes ``<run_dir>/test_examples/example_{i:03d}.png`` (the model's
     input at display size, longer side in [256, 1024] px; blue disc: ground truth, orange square:
     prediction, white line: the error; the file name, the error and this legend on the picture) and ``examples.csv``
@@ -284,8 +283,8 @@ class TestResultsTable(Callback):
             )
         preds = outputs["predictions"].detach().cpu()
         target, visible = batch["keypoints"].cpu(), batch["visible"].cpu()
-        errors = per_image_error(pl_module.test_metric, preds, target, visible)
-        metric = type(pl_module.test_metric).__name__
+        errors = per_image_error(pl_module.evaluation.metric, preds, target, visible)
+        metric = type(pl_module.evaluation.metric).__name__
         for b in range(min(len(preds), self.max_rows - len(self._examples))):
             image, _ = fit_for_display(to_pil(batch["image"][b]))
             scale = np.array(image.size, dtype=np.float64)  # normalized -> pixels of the displayed image
@@ -307,7 +306,7 @@ class TestResultsTable(Callback):
         names = [f"example_{i:03d}.png" for i in range(len(self._examples))]
         for name, example in zip(names, self._examples):
             save_png(example.picture, folder / name)
-        metric = type(pl_module.test_metric).__name__
+        metric = type(pl_module.evaluation.metric).__name__
         with (folder / "examples.csv").open("w", newline="") as file:
             file.write(f"# error: per-image {metric}; points: normalized (x, y) of the model's image, null = not "
                        "visible; pictures: blue disc = ground truth, orange square = prediction\n")

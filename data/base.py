@@ -34,22 +34,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchmetrics import Metric
 
 from data.decode_check import find_unreadable
 from data.image_folder import ImageFolderDataset
 from data.sampling import ResumableDataLoader, ResumableSampler, SampleSubset, ranking_indices, without_paths
 from data.images import GRAY_RGB
 from lightning_modules.app.errors import ConfigError, MissingFileError
-
-if TYPE_CHECKING:
-    from lightning_modules.regressor import LinearKeypointRegressor
 
 #: The splits each stage reads (``predict`` without ``path`` reads the test split).
 STAGE_SPLITS = {"fit": ("train", "regression"), "test": ("regression", "test"), "predict": ("test",)}
@@ -63,6 +60,27 @@ def _listing(bad: list[tuple[str, str]]) -> str:
     if len(bad) > _LISTED_FILES:
         listing += f"\n  ... and {len(bad) - _LISTED_FILES} more"
     return listing
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a labelled dataset is scored, named in plain values (``lightning_modules.evaluation`` builds it),
+    so that ``data/`` needs no metric or regressor code.
+
+    Attributes:
+        metric: ``normalized_keypoint_error``, ``inter_ocular_error``, ``summed_keypoint_error``,
+            ``percentage_correct_keypoints`` or ``orientation_invariant_error`` (``lightning_modules.metrics``),
+            also the name of the logged ``test/<metric>``.
+        metric_args: the metric's keyword arguments, e.g. ``{"scale": 256}``.
+        regressor: ``linear`` (least squares on each ground-truth keypoint's visible rows) or
+            ``orientation_invariant`` (Human3.6M: refit with left/right-swapped ground truth).
+        swap_pairs: left/right keypoint pairs, 0-based: the swap of ``orientation_invariant`` (regressor and metric).
+    """
+
+    metric: str
+    metric_args: dict[str, float] = field(default_factory=dict)
+    regressor: Literal["linear", "orientation_invariant"] = "linear"
+    swap_pairs: tuple[tuple[int, int], ...] = ()
 
 
 class KeypointDataModule(L.LightningDataModule):
@@ -150,19 +168,9 @@ class KeypointDataModule(L.LightningDataModule):
         """
         return self.regression_dataset()
 
-    def make_metric(self) -> Metric:
-        """The dataset's evaluation metric (a torchmetrics ``Metric``: update(pred, target, visible))."""
-        raise NotImplementedError(f"{type(self).__name__} defines no evaluation metric.")
-
-    def fit_regressor(self, keypoints: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor) -> LinearKeypointRegressor:
-        """keypoints (N, K, 2), targets (N, J, 2), visible (N, J) of the regression split -> the fitted regressor.
-
-        The dataset's regression protocol (SPEC section 7): least squares on the visible rows of
-        each keypoint; Human3.6M overrides it with the orientation-invariant fit.
-        """
-        from lightning_modules.regressor import LinearKeypointRegressor
-
-        return LinearKeypointRegressor.fit(keypoints, targets, visible)
+    def evaluation(self) -> Evaluation:
+        """How the test split is scored, by name (``Evaluation``): built by ``lightning_modules.evaluation``."""
+        raise NotImplementedError(f"{type(self).__name__} has no labelled test split: it cannot be used for `test`.")
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(

@@ -23,9 +23,8 @@ from typing import get_args
 
 import torch
 from torch.utils.data import Dataset
-from torchmetrics import Metric
 
-from data.base import KeypointDataModule, STAGE_SPLITS
+from data.base import STAGE_SPLITS, Evaluation, KeypointDataModule
 
 from data.crop import crop_matrix, crop_points, crop_resize, image_region, image_tensor
 
@@ -299,7 +298,6 @@ class CUBDataModule(KeypointDataModule):
     def test_dataset(self) -> Dataset:
         return self._dataset("test")
 
-    def make_metric(self) -> Metric:
-        from lightning_modules.metrics import NormalizedKeypointError
-
-        return NormalizedKeypointError()
+    def evaluation(self) -> Evaluation:
+        """Visible rows for the regressor; error over the visible parts x100 (StableKeypoints' ``visible``)."""
+        return Evaluation("normalized_keypoint_error")

@@ -30,9 +30,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchmetrics import Metric
 
-from data.base import require_file
+from data.base import Evaluation, require_file
 from data.crop import pixels_to_unit
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
@@ -105,7 +104,6 @@ class DeepFashionDataModule(SplitsDataModule):
         self.keypoint_names = tuple(f"kp{j:02d}" for j in range(dataset.keypoints_px.shape[1]))
         return dataset
 
-    def make_metric(self) -> Metric:
-        from lightning_modules.metrics import PercentageCorrectKeypoints
-
-        return PercentageCorrectKeypoints(scale=256, threshold_px=6)
+    def evaluation(self) -> Evaluation:
+        """PCK: the share of keypoints within 6 px at 256 px, per image, then averaged (higher is better)."""
+        return Evaluation("percentage_correct_keypoints", {"scale": 256, "threshold_px": 6})

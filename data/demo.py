@@ -17,9 +17,6 @@ places ``data.cub_preprocess`` looks for it.)
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageDraw, ImageFilter
 
 from data.cub_files import PART_NAMES
+from lightning_modules.app import files
 from lightning_modules.app.errors import MissingFileError
 
 _PART = {name: i for i, name in enumerate(PART_NAMES)}
@@ -111,34 +109,19 @@ def is_demo_path(path: str | Path, demo_path: Path) -> bool:
 
 
 def ensure_synthetic_cub(root: str | Path, **kwargs) -> Path:
-    """Write the synthetic dataset at ``root`` unless ``root`` exists; never leaves a half dataset.
-
-    It is written into a temporary sibling folder that is renamed to ``root`` once complete, so a
-    killed run leaves either nothing or the whole dataset. ``kwargs`` go to ``write_synthetic_cub``.
-    (``CUBDataModule`` calls it only for ``DEMO_CUB_ROOT``; tests and benchmarks pass their own folders.)
+    """Write the synthetic dataset at ``root`` unless ``root`` exists; never leaves a half dataset
+    (``app.files.atomic_folder``: another process finishing first keeps its copy). ``kwargs`` go to
+    ``write_synthetic_cub``. (``CUBDataModule`` calls it only for ``DEMO_CUB_ROOT``; tests and
+    benchmarks pass their own folders.)
     """
     root = Path(root)
     if root.exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide the data from other users.
-    tmp = root.parent / f".{root.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    try:
+    with files.atomic_folder(root) as tmp:
         write_synthetic_cub(tmp, **kwargs)
-        os.rename(tmp, root)
-    except OSError:
-        # Another process (e.g. a second DDP node) finished first: its copy is as good as ours.
-        if not root.exists():
-            raise
-    else:
-        count = len((root / "images.txt").read_text().splitlines())
-        rank_zero_info(
-            f"Wrote a synthetic demo dataset to {root}: {count} drawn birds in CUB's layout (not CUB's photos; "
-            "the demo's numbers mean nothing)."
-        )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    count = len((root / "images.txt").read_text().splitlines())
+    rank_zero_info(f"Wrote a synthetic demo dataset to {root}: {count} drawn birds in CUB's layout (not CUB's photos; "
+                   "the demo's numbers mean nothing).")
     return root
 
 

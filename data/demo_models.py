@@ -8,9 +8,6 @@ path that does not exist.
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,8 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from data.demo import DEMO_DIR, is_demo_path
-from lightning_modules.backbones.sd import SD15_UNET, SD_VAE
-from lightning_modules.backbones.sdxl import SDXL_UNET
+from lightning_modules.app import files
 from lightning_modules.app.errors import MissingFileError
 
 #: The demo's own model folder per family (relative to the working directory, as in conf/demo.yaml).
@@ -32,13 +28,20 @@ DEMO_MODELS = {
 }
 
 #: The SD VAE shape (x8 downsampling, 4 latent channels) with few channels.
-TINY_VAE = {**SD_VAE, "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 128}
+TINY_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=128,
+)
 
 
 def tiny_sd_unet(cross_attention_dim: int = 32, **overrides) -> UNet2DConditionModel:
     """An SD 1.5-shaped UNet (same block layout and module names), 2.4 M parameters."""
     config = dict(
-        SD15_UNET,
         sample_size=16,
         block_out_channels=(32, 32, 64, 64),
         cross_attention_dim=cross_attention_dim,
@@ -90,17 +93,18 @@ def write_tiny_sdxl(folder: str | Path, seed: int = 0) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         UNet2DConditionModel(
-            **{
-                **SDXL_UNET,
-                "sample_size": 16,
-                "block_out_channels": (32, 64, 64),
-                "transformer_layers_per_block": (1, 2, 3),
-                "attention_head_dim": (2, 4, 8),
-                "addition_time_embed_dim": time_dim,
-                "projection_class_embeddings_input_dim": 6 * time_dim + projection,
-                "cross_attention_dim": 2 * hidden,
-                "norm_num_groups": 8,
-            }
+            sample_size=16,
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 3),
+            attention_head_dim=(2, 4, 8),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + projection,
+            cross_attention_dim=2 * hidden,
+            norm_num_groups=8,
         ).save_pretrained(folder / "unet")
         AutoencoderKL(**{**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}).save_pretrained(folder / "vae")
         text = dict(hidden_size=hidden, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
@@ -151,20 +155,11 @@ TINY_WRITERS: dict[str, Callable[[Path], None]] = {
 def write_tiny(family: str, folder: str | Path) -> Path:
     """Writes the tiny model of ``family`` (a class name of ``lightning_modules.backbones``) into ``folder``.
 
-    Written into a temporary sibling renamed once complete: a killed run leaves nothing or the whole model.
+    Atomically (``app.files.atomic_folder``): a killed run leaves nothing or the whole model.
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    try:
+    with files.atomic_folder(folder) as tmp:
         TINY_WRITERS[family](tmp)
-        os.rename(tmp, folder)
-    except OSError:
-        if not folder.exists():  # another process finished first: its copy is as good as ours
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def ensure_demo_model(family: str, path: str | Path) -> None:
@@ -182,7 +177,23 @@ def ensure_demo_model(family: str, path: str | Path) -> None:
                        "so its keypoints mean nothing).")
         return
     raise MissingFileError(
-        f"pretrained_model_name_or_path={str(path)!r} does not exist. create_tiny_if_missing writes a random "
-        f"model only at the demo's own folder {str(demo)!r}; fix the path (a diffusers folder or a hub id) or "
-        "set model.backbone.init_args.create_tiny_if_missing: false."
+        f"pretrained_model_name_or_path={str(path)!r} does not exist. The demo writes a random model only at its "
+        f"own folder {str(demo)!r}; fix the path (a diffusers folder or a hub id) or remove "
+        "model.backbone.init_args.create_if_missing."
     )
+
+
+# What the demo config names as ``model.backbone.init_args.create_if_missing``, one per family.
+def tiny_sd15(path: str) -> None:
+    """The demo's tiny SD 1.5-shaped model at ``path`` (only at ``.demo/models/sd15-tiny``)."""
+    ensure_demo_model("StableDiffusion", path)
+
+
+def tiny_sdxl(path: str) -> None:
+    """The demo's tiny SDXL-shaped model at ``path`` (only at ``.demo/models/sdxl-tiny``)."""
+    ensure_demo_model("StableDiffusionXL", path)
+
+
+def tiny_zero123plus(path: str) -> None:
+    """The demo's tiny zero123plus-shaped model at ``path`` (only at ``.demo/models/zero123plus-tiny``)."""
+    ensure_demo_model("Zero123Plus", path)

@@ -27,20 +27,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchmetrics import Metric
 
-from data.base import require_file
+from data.base import Evaluation, require_file
 from data.crop import crop_resize
 from data.images import read_image
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
-if TYPE_CHECKING:
-    from lightning_modules.regressor import LinearKeypointRegressor
 
 
 H36M_SOURCE = (
@@ -50,6 +47,19 @@ H36M_SOURCE = (
     "AutoLink-Self-supervised-Learning-of-Human-Skeletons-and-Object-Outlines-by-Linking-Keypoints) "
     "and SK use, under data.root."
 )
+#: Left/right joint pairs of the 32-joint Human3.6M skeleton, 0-based, exactly StableKeypoints'
+#: list (``unsupervised_keypoints/eval.py``, ``swap_points``) except one pair. The joints: right
+#: hip, knee, ankle, foot, toes = 1-5 <-> left 6-10; left shoulder, elbow, wrist, hand, small
+#: finger, centre finger, thumb = 17-23 <-> right 25-31. Joints 0 and 11 (hip), 12-15 (spine, neck,
+#: head) lie on the midline, and 16 and 24 are duplicates of a midline joint in the 32-joint
+#: release (SK leaves them unswapped too). SK lists (21, 28) where (21, 29) is meant (SPEC
+#: section 9, bug 9): with joint 28 paired twice, SK's "swap" copies joint 28 into both 20 and 21,
+#: drops joint 20 and never moves 29. Here it is (21, 29), the two small fingers, so the swap is a
+#: permutation; ``lightning_modules.metrics.swap_permutation`` rejects a list that names a joint twice.
+H36M_LEFT_RIGHT_SWAP: tuple[tuple[int, int], ...] = (
+    (1, 6), (2, 7), (3, 8), (4, 9), (5, 10),
+    (17, 25), (18, 26), (19, 27), (20, 28), (21, 29), (22, 30), (23, 31),
+)  # fmt: skip
 H36M_ACTIONS = ("Directions", "Discussion", "Posing", "Waiting", "Greeting", "Walking")
 
 
@@ -161,15 +171,7 @@ class Human36MDataModule(SplitsDataModule):
         subjects = self.test_subjects if split == "test" else self.train_subjects
         return Human36MDataset(self.root, self.image_size, subjects, self.actions, labelled=split != "train")
 
-    def make_metric(self) -> Metric:
-        from lightning_modules.metrics import H36M_LEFT_RIGHT_SWAP, OrientationInvariantError
-
-        return OrientationInvariantError(scale=128, swap=H36M_LEFT_RIGHT_SWAP)
-
-    def fit_regressor(self, keypoints: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor) -> LinearKeypointRegressor:
-        """StableKeypoints' orientation-invariant fit (``regressor.fit_orientation_invariant_regressor``)."""
-        from lightning_modules.metrics import H36M_LEFT_RIGHT_SWAP, swap_permutation
-        from lightning_modules.regressor import LinearKeypointRegressor
-
-        swap = swap_permutation(targets.shape[1], H36M_LEFT_RIGHT_SWAP)
-        return LinearKeypointRegressor.fit_orientation_invariant(keypoints, targets, visible, swap=swap)
+    def evaluation(self) -> Evaluation:
+        """StableKeypoints' orientation-invariant fit and error (x128), with ``H36M_LEFT_RIGHT_SWAP``."""
+        return Evaluation("orientation_invariant_error", {"scale": 128}, regressor="orientation_invariant",
+                          swap_pairs=H36M_LEFT_RIGHT_SWAP)

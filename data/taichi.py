@@ -25,9 +25,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchmetrics import Metric
 
-from data.base import require_file
+from data.base import Evaluation, require_file
 from data.crop import pixels_to_unit
 from data.image_folder import list_images
 from data.whole_image import SplitsDataModule, WholeImageDataset
@@ -117,7 +116,6 @@ class TaiChiDataModule(SplitsDataModule):
             return WholeImageDataset(files, self.image_size, TAICHI_SOURCE, flip_prob=self.train_flip_prob)
         return TaiChiDataset(self.root, self.image_size, "train" if split == "regression" else "test")
 
-    def make_metric(self) -> Metric:
-        from lightning_modules.metrics import SummedKeypointError
-
-        return SummedKeypointError(scale=256)
+    def evaluation(self) -> Evaluation:
+        """Visible rows for the regressor; the sum over visible keypoints of the error at 256 px."""
+        return Evaluation("summed_keypoint_error", {"scale": 256})

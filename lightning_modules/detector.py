@@ -1,4 +1,11 @@
-"""A trained detector as one small folder: exported from a run, loaded by path or hub id, pushed to the Hub.
+"""A trained context as an artifact: the context file, and the detector folder that ships it.
+
+The context file (``embedding.safetensors``) holds the context (T, D) and its keypoint tokens (K,),
+with the context's ``ContextSignature`` and provenance as metadata; ``save_context`` writes it and
+``load_pretrained`` reads it back (or StableKeypoints' ``embedding.pt`` and ``indices.pt``) for
+``model.pretrained_context``, refusing a context trained differently.
+
+A trained detector is one small folder: exported from a run, loaded by path or hub id, pushed to the Hub.
 
 The folder (KBs to a few MB; the frozen diffusion model stays on the Hub under its own id)::
 
@@ -21,27 +28,26 @@ outside this project). Commands::
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
-from lightning_modules.app.errors import ConfigError, HubError, MissingFileError
+from lightning_modules.app import files
+from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, HubError, MissingFileError
+from lightning_modules.app.hub import is_hub_id
+from lightning_modules.app.settings import require_finite_context
 from lightning_modules.app.run_folder import CONFIG_FILE, EMBEDDING_FILE, METRICS_FILE, REGRESSOR_FILE
+from lightning_modules.backbones.signature import ContextSignature, check_fits
 
 DETECTOR_DIR = "detector"
 PICTURES_DIR = "images"
 CARD_FILE = "README.md"
-#: owner/name, as the Hub spells repository ids.
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 #: What a user of the detector needs from a hub repository (the pictures are for the card only).
 DOWNLOADED = [EMBEDDING_FILE, CONFIG_FILE, METRICS_FILE, REGRESSOR_FILE, CARD_FILE]
-
-
-def is_hub_id(source: str) -> bool:
-    """``owner/name`` and not a path (``./x/y``, ``/x/y``)."""
-    return bool(HUB_ID.fullmatch(source)) and not source.startswith((".", "/"))
 
 
 def embedding_metadata(path: str | Path) -> dict[str, str]:
@@ -93,6 +99,101 @@ def detector_embedding(source: str) -> Path:
                 "(`python -m lightning_modules.detector export <run>`) or a context file."
             )
     return path
+
+
+def check_sources(pretrained_context: str | None, pretrained_keypoint_tokens: str | None) -> None:
+    """Raises ``MissingFileError`` for a ``model.pretrained_*`` path that cannot exist (a hub id is looked up later)."""
+    if pretrained_context is not None and not Path(pretrained_context).exists() and not is_hub_id(pretrained_context):
+        raise MissingFileError(
+            f"model.pretrained_context={pretrained_context!r} does not exist: give the file a trained context was "
+            "saved to, a detector folder or its hub id (owner/name)."
+        )
+    if pretrained_keypoint_tokens is not None and not Path(pretrained_keypoint_tokens).is_file():
+        raise MissingFileError(f"model.pretrained_keypoint_tokens={pretrained_keypoint_tokens!r} does not exist: give "
+                               "the file the keypoint tokens were saved to.")
+
+
+def save_context(path: str | Path, context: Tensor, keypoint_tokens: Tensor, signature: ContextSignature,
+                 metadata: dict[str, str]) -> Path:
+    """Writes the context (T, D) and the keypoint tokens (K,; none when empty) to a safetensors file, atomically.
+
+    Its metadata is the context's ``signature`` and ``metadata`` (provenance, training step).
+    """
+    tensors = {"context": context.detach().float().cpu().contiguous()}
+    if keypoint_tokens.numel():
+        tensors["keypoint_tokens"] = keypoint_tokens.detach().cpu().contiguous()
+    with files.atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**signature.metadata(), **metadata})
+    return Path(path)
+
+
+def export_context(module, path: str | Path, checkpoint: str | None = None) -> Path:
+    """Writes a ``StableKeypoints``' context and keypoint tokens (when chosen) to a context file.
+
+    Its metadata holds the context's signature and its origin (the module's ``provenance()``;
+    ``checkpoint``: the checkpoint holding the same context, when there is one).
+    """
+    require_finite_context(module.context, f"the context to {path}", module.global_step)
+    metadata = {"global_step": str(module.global_step), **{key: str(value) for key, value in module.provenance().items()}}
+    if checkpoint:  # fit: the context is that of its last checkpoint; record where it started from
+        metadata["started_from"] = metadata["checkpoint"]
+        metadata["checkpoint"] = str(Path(checkpoint).resolve())
+    return save_context(path, module.context, module.keypoint_tokens, module.signature(), metadata)
+
+
+def load_context(path: str, tokens_path: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """A trained context (T, D) and its keypoint tokens (K,) or None, from either file format.
+
+    This project's ``embedding.safetensors`` holds both; StableKeypoints saved the context as
+    ``embedding.pt`` ((T, D) or (1, T, D)) and the tokens separately as ``indices.pt``.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise MissingFileError(f"model.pretrained_context={path!r} does not exist.")
+    tokens = None
+    if file.suffix == ".safetensors":
+        tensors = load_file(str(file))
+        if "context" not in tensors:
+            raise ConfigError(f"model.pretrained_context: {path} holds no 'context' tensor (keys: {sorted(tensors)}).")
+        context, tokens = tensors["context"], tensors.get("keypoint_tokens")
+    else:
+        context = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(context, Tensor):
+            raise ConfigError(f"model.pretrained_context: {path} does not hold a tensor: expected StableKeypoints' embedding.pt.")
+    if context.dim() == 3 and context.shape[0] == 1:
+        context = context[0]
+    if context.dim() != 2:
+        raise ConfigError(f"model.pretrained_context: {path}: a context is (T, D) or (1, T, D), got {tuple(context.shape)}.")
+    if tokens_path is not None:
+        if not Path(tokens_path).is_file():
+            raise MissingFileError(f"model.pretrained_keypoint_tokens={tokens_path!r} does not exist.")
+        tokens = torch.load(tokens_path, map_location="cpu", weights_only=True)
+        tokens = torch.as_tensor(tokens).flatten().long()
+    return context, tokens
+
+
+def load_pretrained(source: str, tokens_path: str | None, expected: ContextSignature) -> tuple[Tensor, Tensor | None]:
+    """The context (T, D) and keypoint tokens (K,) or None of ``model.pretrained_context``, checked against
+    the configured model's signature (``expected``, its width known).
+
+    ``source``: a context file, a detector folder or its hub id; ``tokens_path``: StableKeypoints' ``indices.pt``.
+    """
+    path = detector_embedding(source)  # a file, a detector folder or a hub id
+    name = f"pretrained_context={source!r}"
+    if path.suffix == ".safetensors":
+        check_fits(ContextSignature.from_metadata(embedding_metadata(path)), expected, name)
+    context, tokens = load_context(str(path), tokens_path)
+    if context.shape[-1] != expected.width:
+        raise CheckpointMismatchError(f"{name} is {context.shape[-1]} wide but the backbone expects {expected.width}.")
+    if context.shape[0] != expected.num_tokens:
+        raise CheckpointMismatchError(f"{name} holds {context.shape[0]} tokens but model.num_tokens={expected.num_tokens}: "
+                                      f"set model.num_tokens {context.shape[0]}.")
+    if not torch.isfinite(context).all():
+        raise ConfigError(f"{name} holds non-finite values (NaN or inf).")
+    if tokens is not None and tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < expected.num_tokens):
+        raise ConfigError(f"The imported keypoint tokens {tokens.tolist()} must lie in [0, {expected.num_tokens}) "
+                          f"(model.num_tokens={expected.num_tokens}): they index the context's tokens.")
+    return context.float(), None if tokens is None else tokens.long()
 
 
 def _scored_this_state(metrics_file: Path, embedding: Path, checkpoint: str | None) -> bool:

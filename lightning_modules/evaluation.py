@@ -1,25 +1,68 @@
-"""The test stage (SPEC section 7) in one place: collect, fit, score; every image counted once.
+"""The test stage (SPEC section 7) in one place: collect, fit, score, write; every image counted once.
 
-``test`` runs two loaders: the regression split (0), then the test split (1). ``RegressorEvaluation``
-collects each image's keypoints with its dataset ``index`` (``KeypointSet``, a torchmetrics Metric
-with ``cat`` states), fits the regressor when the test split starts (the loader boundary), and
-scores the test split at the end of the epoch. Both steps gather the rows of every rank and keep
+A DataModule names its evaluation (``data.base.Evaluation``: the metric, its arguments, the regression
+protocol); ``RegressorEvaluation.of`` builds it. ``test`` runs two loaders: the regression split (0),
+then the test split (1). ``RegressorEvaluation`` collects each image's keypoints with its dataset
+``index`` (``KeypointSet``, a torchmetrics Metric with ``cat`` states), fits the regressor when the
+test split starts (the loader boundary), scores the test split at the end of the epoch and writes
+``metrics.json`` and ``regressor.safetensors``. Both steps gather the rows of every rank and keep
 each index once: a DistributedSampler pads the ranks' shares with repeated images, so without this
 some images would be fitted on and scored twice and the number would depend on the device count.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_modules import metrics
+from lightning_modules.app import files
+from lightning_modules.app.errors import ConfigError
+from lightning_modules.app.run_folder import METRICS_FILE, REGRESSOR_FILE
+from lightning_modules.metrics import swap_permutation
 from lightning_modules.regressor import LinearKeypointRegressor
 
 REGRESSION_LOADER, TEST_LOADER = 0, 1
+
+#: The metrics a DataModule's ``Evaluation`` can name, by the name logged as ``test/<name>``.
+METRICS: dict[str, type[Metric]] = {
+    "normalized_keypoint_error": metrics.NormalizedKeypointError,
+    "inter_ocular_error": metrics.InterOcularError,
+    "summed_keypoint_error": metrics.SummedKeypointError,
+    "percentage_correct_keypoints": metrics.PercentageCorrectKeypoints,
+    "orientation_invariant_error": metrics.OrientationInvariantError,
+}
+
+
+def build_metric(evaluation: Any) -> Metric:
+    """The metric a ``data.base.Evaluation`` names, with its arguments (and its swap pairs, where it takes them)."""
+    if evaluation.metric not in METRICS:
+        raise ConfigError(f"The DataModule names the metric {evaluation.metric!r}; known: {sorted(METRICS)}.")
+    kwargs = dict(evaluation.metric_args)
+    if evaluation.metric == "orientation_invariant_error":
+        kwargs["swap"] = evaluation.swap_pairs
+    return METRICS[evaluation.metric](**kwargs)
+
+
+def regression_protocol(evaluation: Any) -> Callable[[Tensor, Tensor, Tensor], LinearKeypointRegressor]:
+    """keypoints (N, K, 2), targets (N, J, 2), visible (N, J) -> the regressor, as ``evaluation.regressor`` says."""
+    if evaluation.regressor == "linear":
+        return LinearKeypointRegressor.fit
+    if evaluation.regressor == "orientation_invariant":
+        def fit(keypoints: Tensor, targets: Tensor, visible: Tensor) -> LinearKeypointRegressor:
+            swap = swap_permutation(targets.shape[1], evaluation.swap_pairs)
+            return LinearKeypointRegressor.fit_orientation_invariant(keypoints, targets, visible, swap=swap)
+
+        return fit
+    raise ConfigError(f"The DataModule names the regressor {evaluation.regressor!r}: use 'linear' or 'orientation_invariant'.")
 
 
 class KeypointSet(Metric):
@@ -68,10 +111,11 @@ class RegressorEvaluation:
     Not an ``nn.Module``: held by the LightningModule, it stays out of its state dict and checkpoints.
 
     Args:
-        metric: the dataset's metric (``KeypointDataModule.make_metric``).
+        metric: the dataset's metric (``build_metric``).
         fit_regressor: the dataset's regression protocol, keypoints (N, K, 2), targets (N, J, 2),
-            visible (N, J) -> regressor (``KeypointDataModule.fit_regressor``).
+            visible (N, J) -> regressor (``regression_protocol``).
         device: where the rows are kept and gathered (the LightningModule's device).
+        name: the metric's name, logged as ``test/<name>``.
     """
 
     def __init__(
@@ -79,7 +123,9 @@ class RegressorEvaluation:
         metric: Metric,
         fit_regressor: Callable[[Tensor, Tensor, Tensor], LinearKeypointRegressor] = LinearKeypointRegressor.fit,
         device: torch.device | str = "cpu",
+        name: str = "metric",
     ) -> None:
+        self.name = name
         self.fit_regressor = fit_regressor
         self.regression = KeypointSet().to(device)
         self.test = KeypointSet().to(device)
@@ -87,6 +133,12 @@ class RegressorEvaluation:
         self.regressor: LinearKeypointRegressor | None = None
         self.num_regression_images = 0
         self.num_test_images = 0
+        self.value: float | None = None
+
+    @classmethod
+    def of(cls, evaluation: Any, device: torch.device | str = "cpu") -> RegressorEvaluation:
+        """The evaluation a DataModule names (``data.base.Evaluation``)."""
+        return cls(build_metric(evaluation), regression_protocol(evaluation), device, name=evaluation.metric)
 
     def update(self, dataloader_idx: int, index: Tensor, keypoints: Tensor, targets: Tensor, visible: Tensor) -> None:
         split = self.regression if dataloader_idx == REGRESSION_LOADER else self.test
@@ -113,4 +165,46 @@ class RegressorEvaluation:
         mine = rows["index"] % world_size == rank
         predictions = self.regressor(rows["keypoints"][mine])
         self.metric.update(predictions, rows["targets"][mine], rows["visible"][mine])
-        return float(self.metric.compute())
+        self.value = float(self.metric.compute())
+        return self.value
+
+    def save(self, folder: Path, dataset: str, keypoint_tokens: list[int], model: str, provenance: dict) -> Path:
+        """Writes the regressor and ``metrics.json`` (the score, what was scored, ``provenance``) -> its path."""
+        self.regressor.save(folder / REGRESSOR_FILE)
+        result = {
+            "metric": self.name,
+            "value": self.value,
+            "higher_is_better": bool(self.metric.higher_is_better),
+            "dataset": dataset,
+            "keypoint_tokens": keypoint_tokens,
+            "model": model,
+            "num_regression_images": self.num_regression_images,
+            "num_test_images": self.num_test_images,
+            **provenance,
+        }
+        return files.write_text(folder / METRICS_FILE, json.dumps(result, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ the test stage's hooks
+    def step(self, dataloader_idx: int, batch: dict, keypoints: Tensor) -> dict[str, Tensor]:
+        """Collects a batch's keypoints (B, K, 2) -> ``keypoints`` and, on the test split, the regressor's
+        ``predictions`` (B, J, 2), normalized (x, y), for callbacks (``callbacks.visualization.TestResultsTable``)."""
+        self.update(dataloader_idx, batch["index"], keypoints, batch["keypoints"], batch["visible"])
+        if dataloader_idx != TEST_LOADER:
+            return {"keypoints": keypoints}
+        return {"keypoints": keypoints, "predictions": self.regressor(keypoints)}
+
+    def at_batch_start(self, dataloader_idx: int) -> None:
+        """The loader boundary: every rank has collected its share of the regression split; fit (collective)."""
+        if dataloader_idx == TEST_LOADER and self.regressor is None:
+            self.fit()
+
+    def finish(self, module: Any) -> float:
+        """At the end of the test epoch: scores, logs ``test/<name>`` and (rank 0) writes the results -> the score."""
+        trainer = module.trainer
+        value = self.score(trainer.global_rank, trainer.world_size)
+        module.log(f"test/{self.name}", value, add_dataloader_idx=False, sync_dist=True)  # equal on every rank
+        if trainer.is_global_zero:
+            written = self.save(module.run_dir(), type(trainer.datamodule).__name__, module.keypoint_tokens.tolist(),
+                                module.backbone.pretrained_model_name_or_path, module.provenance())
+            rank_zero_info(f"\n{'metric':<32} value\n{self.name:<32} {value:.4f}\nwritten to {written}")
+        return value

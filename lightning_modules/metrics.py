@@ -15,20 +15,6 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-#: Left/right joint pairs of the 32-joint Human3.6M skeleton, 0-based, exactly StableKeypoints'
-#: list (``unsupervised_keypoints/eval.py``, ``swap_points``) except one pair. The joints: right
-#: hip, knee, ankle, foot, toes = 1-5 <-> left 6-10; left shoulder, elbow, wrist, hand, small
-#: finger, centre finger, thumb = 17-23 <-> right 25-31. Joints 0 and 11 (hip), 12-15 (spine, neck,
-#: head) lie on the midline, and 16 and 24 are duplicates of a midline joint in the 32-joint
-#: release (SK leaves them unswapped too). SK lists (21, 28) where (21, 29) is meant (SPEC
-#: section 9, bug 9): with joint 28 paired twice, SK's "swap" copies joint 28 into both 20 and 21,
-#: drops joint 20 and never moves 29. Here it is (21, 29), the two small fingers, so the swap is a
-#: permutation; ``swap_permutation`` rejects a list that names a joint twice.
-H36M_LEFT_RIGHT_SWAP: tuple[tuple[int, int], ...] = (
-    (1, 6), (2, 7), (3, 8), (4, 9), (5, 10),
-    (17, 25), (18, 26), (19, 27), (20, 28), (21, 29), (22, 30), (23, 31),
-)  # fmt: skip
-
 
 def swap_permutation(num_joints: int, pairs: Sequence[tuple[int, int]]) -> Tensor:
     """-> (num_joints,) long: ``points[..., perm, :]`` exchanges the two joints of every pair.
@@ -178,7 +164,8 @@ def orientation_invariant_error(
     target: Tensor,
     visible: Tensor | None = None,
     scale: float = 128.0,
-    swap: Sequence[tuple[int, int]] = H36M_LEFT_RIGHT_SWAP,
+    *,
+    swap: Sequence[tuple[int, int]],
 ) -> Tensor:
     """preds, target: (B, J, 2), visible: (B, J) -> (B,) Human3.6M error in ``scale`` px.
 
@@ -272,7 +259,7 @@ class OrientationInvariantError(_PerImageMean):
         swap: left/right joint pairs, 0-based; each joint in at most one pair.
     """
 
-    def __init__(self, scale: float = 128.0, swap: Sequence[tuple[int, int]] = H36M_LEFT_RIGHT_SWAP, **kwargs) -> None:
+    def __init__(self, swap: Sequence[tuple[int, int]], scale: float = 128.0, **kwargs) -> None:
         super().__init__(**kwargs)
         swap = tuple((int(a), int(b)) for a, b in swap)
         # Reject a malformed list here, where it enters, rather than at the first test batch.

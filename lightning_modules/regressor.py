@@ -16,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_modules.app import files
+
 
 def _check_points(points: Tensor, name: str) -> None:
     if points.ndim != 3 or points.shape[-1] != 2:
@@ -193,7 +195,8 @@ class LinearKeypointRegressor(nn.Module):
             "convention": "targets = (keypoints - 0.5) @ weight + 0.5, points flattened as [x1, y1, x2, y2, ...], "
             "(x, y) normalized to [0, 1]",
         }
-        save_file({"weight": self.weight.detach().cpu().contiguous()}, str(path), metadata=metadata)
+        with files.atomic_file(path) as tmp:
+            save_file({"weight": self.weight.detach().cpu().contiguous()}, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> LinearKeypointRegressor:

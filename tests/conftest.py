@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,16 +38,31 @@ def tiny_sd_path(tmp_path_factory) -> Path:
     return _tiny_model(tmp_path_factory, "StableDiffusion", "sd15-tiny")
 
 
-@pytest.fixture(scope="session")
-def tiny_sd_module(tiny_sd_path):
-    """A loaded StableKeypoints on the tiny SD model (shared: do not train it in place)."""
+#: The tiny model's usual settings: 40 tokens, 16 px maps, 4 keypoints of 8 candidates, sigma 1 px.
+TINY_SETTINGS = dict(num_tokens=40, feature_upsample_res=16, top_k=4, furthest_point_num_samples=8, sigma_px=1.0)
+
+
+def tiny_module(model_path, family: type | None = None, backbone: dict | None = None, load: bool = True, **settings):
+    """A ``StableKeypoints`` on a tiny model: ``TINY_SETTINGS`` updated by ``settings``.
+
+    Args:
+        model_path: the tiny model's folder (a fixture of this file).
+        family: the backbone class (default ``StableDiffusion``); backbone: its keyword arguments.
+        load: load the weights and make the context (``configure_model``).
+    """
     from lightning_modules.backbones import StableDiffusion
     from lightning_modules.stable_keypoints import StableKeypoints
 
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=40, feature_upsample_res=16, top_k=4,
-                             furthest_point_num_samples=8, sigma_px=1.0)
-    module.configure_model()
+    module = StableKeypoints((family or StableDiffusion)(str(model_path), **(backbone or {})), **{**TINY_SETTINGS, **settings})
+    if load:
+        module.configure_model()
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_module(tiny_sd_path):
+    """A loaded StableKeypoints on the tiny SD model (shared: do not train it in place)."""
+    return tiny_module(tiny_sd_path)
 
 
 @pytest.fixture
@@ -69,3 +87,18 @@ def cub_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "CUB_200_2011"
     write_synthetic_cub(root)
     return root
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    """A folder served over HTTP on localhost (pooch fetches http, https and ftp) -> (folder, base URL)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

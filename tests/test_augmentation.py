@@ -21,6 +21,7 @@ from lightning_modules.augmentation import (
 )
 from lightning_modules.app.errors import ConfigError
 from lightning_modules.selection import argmax_pixels
+from tests.conftest import tiny_module
 
 
 def _one_hot(size: int, x: int, y: int) -> torch.Tensor:
@@ -145,11 +146,8 @@ def test_photometric_grayscale_only_makes_gray_images():
 
 @pytest.mark.parametrize("photometric", [None, PhotometricAugmentation(), PhotometricAugmentation(brightness=0.5, blur_p=1.0)])
 def test_equivariance_pair_changes_only_the_transformed_copy(tiny_sd_path, photometric):
-    from lightning_modules.backbones import StableDiffusion
-    from lightning_modules.stable_keypoints import StableKeypoints
-
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=20, top_k=2, furthest_point_num_samples=4,
-                             photometric=photometric)
+    module = tiny_module(tiny_sd_path, load=False, num_tokens=20, top_k=2, furthest_point_num_samples=4,
+                         photometric=photometric)
     seen = []
     module.maps_of = lambda x, generator: seen.append(x) or x
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from lightning_modules.attention import CaptureProcessor
+from lightning_modules.capture import CaptureProcessor
 from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusionXL, Zero123Plus
 from lightning_modules.backbones.zero123plus import ReferenceAttentionProcessor
 from lightning_modules.app.errors import ConfigError
@@ -231,18 +231,27 @@ def test_float16_is_refused_with_the_reason():
 
 
 def test_engine_options_reach_the_capture_and_the_unet(tiny_sd_path):
-    engine = Engine(stop_early=False, memory_efficient_maps=False, upsample_queries=False, replace_output=True,
-                    gradient_checkpointing=True)
-    backbone = StableDiffusion(str(tiny_sd_path), engine=engine)
+    from lightning_modules.engine.attention import FastLayerMaps
+
+    engine = Engine(stop_early=False, memory_efficient_maps=False, upsample_queries=True, gradient_checkpointing=True,
+                    channels_last=False)
+    backbone = StableDiffusion(str(tiny_sd_path), engine=engine, replace_output=True)
     backbone.load()
-    capture = backbone.capture
-    assert (capture.stop_early, capture.memory_efficient, capture.upsample_queries, capture.replace_output) == (
-        False, False, False, True)
+    capture, applied = backbone.capture, backbone.applied
+    maps = capture.layer_maps
+    assert (capture.stop_early, maps.memory_efficient, maps.upsample_queries, capture.replace_output) == (
+        False, False, True, True)
+    assert (applied.stop_early, applied.channels_last, applied.unreached) == (False, False, None)
     assert backbone.unet.is_gradient_checkpointing
+    assert backbone.unet.conv_in.weight.is_contiguous()  # NCHW
     default = StableDiffusion(str(tiny_sd_path))
     default.load()
-    assert (default.capture.stop_early, default.capture.memory_efficient, default.capture.upsample_queries,
-            default.capture.replace_output, default.unet.is_gradient_checkpointing) == (True, True, True, False, False)
+    maps = default.capture.layer_maps
+    assert isinstance(maps, FastLayerMaps)
+    assert (default.capture.stop_early, maps.memory_efficient, maps.upsample_queries, default.capture.replace_output,
+            default.unet.is_gradient_checkpointing) == (True, True, True, False, False)
+    assert default.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert default.applied.unreached is not None  # released after the first call
 
 
 FAMILIES = {
@@ -272,7 +281,7 @@ def _maps_and_gradient(family: str, path: Path, stop_early: bool, checkpointing:
     context = torch.randn(10, width, generator=torch.Generator().manual_seed(1), requires_grad=True)
     with torch.no_grad():
         first = _maps(backbone, images, context)
-    assert (backbone.capture.released > 0) == stop_early  # every family's default layers leave a tail
+    assert (backbone.applied.released > 0) == stop_early  # every family's default layers leave a tail
     maps = _maps(backbone, images, context)
     torch.testing.assert_close(maps, first, atol=0, rtol=0)
     (maps[:, [2, 7]] * torch.linspace(0, 1, 16 * 16).view(16, 16)).sum().backward()
@@ -319,7 +328,7 @@ def test_the_first_call_frees_exactly_the_modules_after_the_last_captured_layer(
     kept = last_block.attn2.to_q.weight.clone()
     context = torch.randn(10, backbone.context_dim, generator=torch.Generator().manual_seed(1))
     before = _maps(backbone, images, context)
-    assert backbone.capture.released == expected > 0
+    assert backbone.applied.released == expected > 0
     assert all(p.numel() == 0 for module in tail for p in module.parameters())
     assert torch.equal(last_block.attn2.to_q.weight, kept) and unet.down_blocks[0].resnets[0].conv1.weight.numel() > 0
     backbone.to(torch.float64).to(torch.float32)  # a freed module still moves (Lightning moves modules around)
@@ -330,4 +339,4 @@ def test_without_the_early_stop_nothing_is_freed(tiny_sd_path, images):
     backbone = StableDiffusion(str(tiny_sd_path), engine=Engine(stop_early=False))
     backbone.load()
     _maps(backbone, images, torch.randn(10, backbone.context_dim))
-    assert backbone.capture.released == 0 and backbone.unet.conv_out.weight.numel() > 0
+    assert backbone.applied.released == 0 and backbone.unet.conv_out.weight.numel() > 0

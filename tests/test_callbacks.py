@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -32,6 +33,7 @@ from callbacks.visualization import AttentionVisualizer, TestResultsTable, per_i
 from data.folder import ImageFolderDataModule
 from lightning_modules.keypoints import inside_region, to_source_pixels
 from lightning_modules.metrics import NormalizedKeypointError, normalized_keypoint_error
+from lightning_modules.selection import select_tokens
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: K = 3 keypoints, normalized (x, y) in the model's image.
@@ -60,7 +62,7 @@ class StubKeypointModel(L.LightningModule):
         self.backbone = nn.Module()
         self.backbone.pretrained_model_name_or_path = "stub/model"
         self._run_dir = Path(run_dir)
-        self.test_metric = None
+        self.evaluation = None
         self.points = POINTS  # what predict_step finds in every image
 
     def run_dir(self) -> Path:
@@ -89,14 +91,18 @@ class StubKeypointModel(L.LightningModule):
         inside = inside_region(keypoints, batch["image_region"])
         return {"path": batch["path"], "keypoints": keypoints, "keypoints_px": pixels, "inside": inside}
 
+    def select(self, maps: Tensor) -> Tensor:
+        hp = self.hparams
+        return select_tokens(maps, hp.top_k, hp.furthest_point_num_samples, hp.selection, hp.sigma_px)
+
     def on_test_start(self) -> None:
-        self.test_metric = NormalizedKeypointError()
+        self.evaluation = SimpleNamespace(metric=NormalizedKeypointError())
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
         if dataloader_idx == 0:
             return None
         predictions = batch["keypoints"] + 0.05
-        self.test_metric.update(predictions, batch["keypoints"], batch["visible"])
+        self.evaluation.metric.update(predictions, batch["keypoints"], batch["visible"])
         return {"keypoints": predictions, "predictions": predictions}
 
 

@@ -8,22 +8,21 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_modules.backbones import StableDiffusion
 from lightning_modules.backbones.sd import SD_UP_LAYERS
-from lightning_modules.app.checkpoints import RECORD_KEY, AtomicCheckpointIO, checkpoint_record, read_checkpoint
+from lightning_modules.backbones.signature import ContextSignature
+from lightning_modules.app.checkpoints import RECORD_KEY, AtomicCheckpointIO, read_checkpoint
 from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, MissingFileError
-from lightning_modules.stable_keypoints import StableKeypoints
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_module
 
 DEMO = str(REPO / "conf" / "demo.yaml")
 
 
 def fake_checkpoint(family: str = "StableDiffusion", tokens: int = 50, width: int = 32, layers=SD_UP_LAYERS,
-                    model: str = "/models/sd15-tiny", **hparams) -> dict:
+                    model: str = "/models/sd15-tiny", feature_upsample_res: int | None = None, **hparams) -> dict:
     """What StableKeypoints writes: the context, its keypoint tokens, the record and hyperparameters."""
     return {
         "state_dict": {"context": torch.randn(tokens, width), "keypoint_tokens": torch.arange(4)},
-        RECORD_KEY: checkpoint_record(family, model, layers, (tokens, width)),
+        RECORD_KEY: ContextSignature(family, model, tuple(layers), feature_upsample_res, tokens, width).record(),
         "hyper_parameters": {"num_tokens": tokens, **hparams},
     }
 
@@ -59,7 +58,7 @@ def test_checkpoints_get_the_usual_file_mode(tmp_path) -> None:
 def test_the_module_installs_the_atomic_writer_and_keeps_a_users_own(tiny_sd_path) -> None:
     from lightning.fabric.plugins import TorchCheckpointIO
 
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=30, top_k=3, furthest_point_num_samples=5)
+    module = tiny_module(tiny_sd_path, load=False)
     module.trainer = L.Trainer(accelerator="cpu", logger=False)
     assert type(module.trainer.strategy.checkpoint_io) is TorchCheckpointIO
     module.setup("fit")
@@ -100,6 +99,7 @@ def test_a_written_checkpoint_records_family_model_layers_and_context_shape(tiny
         "model": tiny_sd_module.backbone.pretrained_model_name_or_path,
         "layers": list(SD_UP_LAYERS),
         "context_shape": [40, 32],
+        "feature_upsample_res": 16,
     }
     assert set(checkpoint["state_dict"]) == {"context"}
 
@@ -112,8 +112,9 @@ def test_a_written_checkpoint_records_family_model_layers_and_context_shape(tiny
         (fake_checkpoint(tokens=50), "context of 50 tokens, but model.num_tokens=40: set --model.num_tokens 50"),
         (fake_checkpoint(tokens=40, layers=SD_UP_LAYERS[:2]), "trained on the maps of layers .*set model.backbone.init_args.layers"),
         (fake_checkpoint(tokens=40, width=1024), "context 1024 wide .*expects 32"),
+        (fake_checkpoint(tokens=40, feature_upsample_res=64), "trained on 64 x 64 maps, but model.feature_upsample_res=16"),
     ],
-    ids=["sdxl", "zero123plus", "num_tokens", "layers", "width"],
+    ids=["sdxl", "zero123plus", "num_tokens", "layers", "width", "feature_upsample_res"],
 )
 def test_loading_a_checkpoint_of_another_model_fails_clearly(tiny_sd_module, checkpoint, message) -> None:
     with pytest.raises(CheckpointMismatchError, match=message):
@@ -134,7 +135,7 @@ def cli_args(cub_root, *extra: str) -> list[str]:
     return [
         "predict", "--config", DEMO,
         "--model.backbone.init_args.pretrained_model_name_or_path", "/no/such/model",
-        "--model.backbone.init_args.create_tiny_if_missing", "false",
+        "--model.backbone.init_args.create_if_missing", "null",
         "--data.init_args.root", str(cub_root),
         *extra,
     ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_module
 
 DEMO = str(REPO / "conf" / "demo.yaml")
 #: Evaluation runs compare 1 and 2 devices, not quality: 3 augmentations per image instead of 10.
@@ -169,10 +169,7 @@ def test_a_wrong_config_key_is_an_error_before_anything_runs(capsys):
 def test_half_precision_trainer_is_refused_with_the_reason(precision, tiny_sd_path):
     import lightning as L
 
-    from lightning_modules.backbones import StableDiffusion
-    from lightning_modules.stable_keypoints import StableKeypoints
-
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=30, top_k=3, furthest_point_num_samples=5)
+    module = tiny_module(tiny_sd_path, load=False)
     module.trainer = L.Trainer(precision=precision, accelerator="cpu", logger=False)
     with pytest.raises(ValueError, match="does not converge.*bfloat16"):
         module.setup("fit")
@@ -286,14 +283,14 @@ def test_sdxl_reproduce_holds_stablexlkeypoints_settings_and_sdxl_the_right_ones
     config = configs["sdxl_reproduce"]
     backbone = config["model"]["backbone"]["init_args"]
     assert backbone["layers"] == [f"up_blocks.0.attentions.0.transformer_blocks.{i}.attn2" for i in range(3)]
-    assert backbone["latent_scaling_factor"] == 0.18215 and backbone["engine"]["replace_output"] is True
+    assert backbone["latent_scaling_factor"] == 0.18215 and backbone["replace_output"] is True
     assert config["model"]["optimizer"] == {"class_path": "torch.optim.AdamW",
                                             "init_args": {**config["model"]["optimizer"]["init_args"], "lr": 0.005,
                                                           "weight_decay": 0.0001}}
     assert config["trainer"]["max_steps"] == 200
     assert (config["data"]["init_args"]["batch_size"], config["data"]["init_args"]["image_size"]) == (4, 512)
     right = configs["sdxl"]["model"]["backbone"]["init_args"]
-    assert right["latent_scaling_factor"] is None and right["engine"]["replace_output"] is False
+    assert right["latent_scaling_factor"] is None and right["replace_output"] is False
 
 
 @pytest.mark.slow

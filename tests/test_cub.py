@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import shutil
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -242,9 +239,15 @@ def test_datamodule_loaders(root: Path) -> None:
     assert not next(iter(regression))["flipped"].any()
 
 
-def test_make_metric(root: Path) -> None:
-    metrics = pytest.importorskip("lightning_modules.metrics")
-    assert isinstance(CUBDataModule(str(root)).make_metric(), metrics.NormalizedKeypointError)
+def test_cub_names_its_evaluation(root: Path) -> None:
+    from lightning_modules.evaluation import build_metric, regression_protocol
+    from lightning_modules.metrics import NormalizedKeypointError
+    from lightning_modules.regressor import LinearKeypointRegressor
+
+    evaluation = CUBDataModule(str(root)).evaluation()
+    assert (evaluation.metric, evaluation.metric_args, evaluation.regressor) == ("normalized_keypoint_error", {}, "linear")
+    assert isinstance(build_metric(evaluation), NormalizedKeypointError)
+    assert regression_protocol(evaluation) == LinearKeypointRegressor.fit
 
 
 def test_missing_annotation_file_error_names_it(root_copy: Path) -> None:
@@ -280,21 +283,6 @@ def _tgz(path: Path, source: Path, extra: dict[str, bytes] | None = None) -> str
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def served(tmp_path: Path):
-    """A folder served over HTTP on localhost (pooch fetches http, https and ftp) -> (folder, base URL)."""
-    folder = tmp_path / "served"
-    folder.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def test_download_over_http(root: Path, tmp_path: Path, served, monkeypatch: pytest.MonkeyPatch) -> None:

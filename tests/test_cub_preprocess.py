@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data.cub import read_bounding_boxes, read_images
+from data.cub_files import read_bounding_boxes, read_images
 from data.cub_preprocess import IN_PLACE_LEDGER, GrabCut, Rembg, composite_on_gray, main, preprocess
 from data.demo import write_synthetic_cub
 

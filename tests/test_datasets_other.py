@@ -387,15 +387,27 @@ def test_h36m_rejects_pixel_keypoints(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("datamodule", "metric_name"),
+    ("datamodule", "metric_name", "metric_args", "regressor"),
     [
-        (CelebADataModule, "InterOcularError"),
-        (TaiChiDataModule, "SummedKeypointError"),
-        (DeepFashionDataModule, "PercentageCorrectKeypoints"),
-        (Human36MDataModule, "OrientationInvariantError"),
+        (CelebADataModule, "InterOcularError", {"left_eye": 0, "right_eye": 1}, "linear"),
+        (TaiChiDataModule, "SummedKeypointError", {"scale": 256}, "linear"),
+        (DeepFashionDataModule, "PercentageCorrectKeypoints", {"scale": 256, "threshold_px": 6}, "linear"),
+        (Human36MDataModule, "OrientationInvariantError", {"scale": 128}, "orientation_invariant"),
     ],
 )
-def test_make_metric_returns_the_dataset_metric(datamodule: type, metric_name: str) -> None:
-    metrics = pytest.importorskip("lightning_modules.metrics")
-    metric = datamodule(root="unused").make_metric()
+def test_each_datamodule_names_its_evaluation(datamodule: type, metric_name: str, metric_args: dict, regressor: str) -> None:
+    from lightning_modules import metrics
+    from lightning_modules.evaluation import build_metric
+
+    evaluation = datamodule(root="unused").evaluation()
+    assert (evaluation.metric_args, evaluation.regressor) == (metric_args, regressor)
+    metric = build_metric(evaluation)
     assert type(metric) is getattr(metrics, metric_name)
+    assert evaluation.metric == metric_name_of(metric_name)
+    for key, value in metric_args.items():
+        assert getattr(metric, key) == value
+
+
+def metric_name_of(class_name: str) -> str:
+    """``InterOcularError`` -> ``inter_ocular_error``: the name logged as ``test/<name>``."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in class_name).lstrip("_")

@@ -18,6 +18,7 @@ from PIL import Image
 from lightning_modules.augmentation import PhotometricAugmentation, unwarp
 from lightning_modules.keypoints import augmented_keypoints
 from lightning_modules.app.seeding import seeded_generator
+from tests.conftest import tiny_module
 
 TRANSFORMED_MAPS = [0.009714998304843903, 0.010097509250044823, 0.012178708799183369, 0.010870687663555145, 0.011304158717393875, 0.010234556160867214, 0.011642658151686192, 0.010421400889754295, 0.010039353743195534, 0.010891687124967575, 0.010641207918524742, 0.010489780455827713]
 UNWARPED_SELECTED = [0.010451954789459705, 0.010848663747310638, 0.011282609775662422, 0.0, 0.015116646885871887, 0.009136791341006756, 0.011856443248689175, 0.01080600917339325, 0.014237740077078342, 0.012530490756034851, 0.011857462115585804, 0.0]
@@ -28,12 +29,7 @@ KEYPOINTS = [0.8007792234420776, 0.9570350646972656, 0.15275904536247253, 0.9089
 
 @pytest.fixture(scope="module")
 def demo(tiny_sd_path, cub_root):
-    from lightning_modules.backbones import StableDiffusion
-    from lightning_modules.stable_keypoints import StableKeypoints
-
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=100, feature_upsample_res=32, top_k=10,
-                             furthest_point_num_samples=25, sigma_px=1.0)
-    module.configure_model()
+    module = tiny_module(tiny_sd_path, num_tokens=100, feature_upsample_res=32, top_k=10, furthest_point_num_samples=25)
     # Read with PIL directly, so that changes to the data pipeline do not move these numbers.
     names = [line.split()[1] for line in (cub_root / "images.txt").read_text().splitlines()[:2]]
     pixels = []

@@ -14,18 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lightning_modules import detector
-from lightning_modules.backbones import StableDiffusion
 from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, HubError, MissingFileError
-from lightning_modules.stable_keypoints import StableKeypoints, load_context
+from lightning_modules.detector import export_context, load_context
+from tests.conftest import tiny_module
 
 TOKENS = [7, 3, 11, 5]
-
-
-def tiny_module(tiny_sd_path, **kwargs) -> StableKeypoints:
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=40, feature_upsample_res=16, top_k=4,
-                             furthest_point_num_samples=8, sigma_px=1.0, **kwargs)
-    module.configure_model()
-    return module
 
 
 @pytest.fixture
@@ -38,7 +31,7 @@ def run(tmp_path, tiny_sd_path) -> Path:
     last = run / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"ckpt")
-    module.export_embedding(run / "embedding.safetensors", checkpoint=str(last))
+    export_context(module, run / "embedding.safetensors", checkpoint=str(last))
     (run / "config.yaml").write_text("# Written by `run.py fit`\nmodel:\n  num_tokens: 40\n")
     old = time.time() - 100
     os.utime(run / "embedding.safetensors", (old, old))
@@ -103,13 +96,11 @@ def test_a_detector_folder_loads_as_pretrained_context(run, tiny_sd_path):
 
 def test_a_detector_trained_with_other_layers_or_resolution_is_refused(run, tiny_sd_path):
     folder = detector.export(str(run))
-    with pytest.raises(CheckpointMismatchError, match="feature_upsample_res: '16' there, '32' here"):
-        StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=40, feature_upsample_res=32, top_k=4,
-                        furthest_point_num_samples=8, pretrained_context=folder).configure_model()
+    with pytest.raises(CheckpointMismatchError, match="trained on 16 x 16 maps, but model.feature_upsample_res=32: set --model.feature_upsample_res 16"):
+        tiny_module(tiny_sd_path, feature_upsample_res=32, pretrained_context=folder)
     layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     with pytest.raises(CheckpointMismatchError, match="layers"):
-        StableKeypoints(StableDiffusion(str(tiny_sd_path), layers=[layer]), num_tokens=40, feature_upsample_res=16,
-                        top_k=4, furthest_point_num_samples=8, pretrained_context=folder).configure_model()
+        tiny_module(tiny_sd_path, backbone={"layers": [layer]}, pretrained_context=folder)
 
 
 def test_stablekeypoints_embedding_pt_still_loads_without_metadata_checks(tmp_path, tiny_sd_path):

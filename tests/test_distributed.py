@@ -23,7 +23,7 @@ from callbacks.prediction_writer import KeypointWriter, image_record, read_shard
 from data.cub import CUBDataModule
 from data.folder import ImageFolderDataModule
 from lightning_modules.app.errors import ConfigError
-from lightning_modules.stable_keypoints import frozen_tensor_names
+from lightning_modules.engine import frozen_tensor_names
 from tests.conftest import REPO
 from tests.test_callbacks import POINTS, StubKeypointModel, trainer
 from tests.test_cli import DEMO
@@ -51,24 +51,26 @@ def test_frozen_tensor_names_follows_requires_grad():
 # ------------------------------------------------------------------ 14.2 the download on a shared filesystem
 
 
-def test_two_nodes_downloading_into_one_shared_folder_fetch_once(cub_root, tmp_path, monkeypatch):
+def test_two_nodes_downloading_into_one_shared_folder_fetch_once(cub_root, tmp_path, served, monkeypatch):
     import hashlib
     import tarfile
 
-    archive = tmp_path / "served" / "CUB_200_2011.tgz"
-    archive.parent.mkdir()
+    import data.download
+
+    folder, url = served
+    archive = folder / "CUB_200_2011.tgz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(cub_root, arcname="CUB_200_2011")
-    monkeypatch.setattr(cub, "CUB_URL", archive.as_uri())
+    monkeypatch.setattr(cub, "CUB_URL", f"{url}/CUB_200_2011.tgz")
     monkeypatch.setattr(cub, "CUB_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
-    fetch, fetches = cub._fetch, []
+    retrieve, fetches = data.download.pooch.retrieve, []
 
-    def slow_fetch(*args):  # a slow network: the second node starts while the first still downloads
-        fetches.append(args[0])
+    def slow_retrieve(url, *args, **kwargs):  # a slow network: the second node starts while the first still downloads
+        fetches.append(url)
         time.sleep(0.5)
-        fetch(*args)
+        return retrieve(url, *args, **kwargs)
 
-    monkeypatch.setattr(cub, "_fetch", slow_fetch)
+    monkeypatch.setattr(data.download.pooch, "retrieve", slow_retrieve)
     target = tmp_path / "shared" / "CUB_200_2011"
     errors = []
 
@@ -86,7 +88,7 @@ def test_two_nodes_downloading_into_one_shared_folder_fetch_once(cub_root, tmp_p
         thread.join(timeout=60)
     assert errors == [] and len(fetches) == 1
     assert not cub.missing_annotation_files(target)
-    assert sorted(p.name for p in target.parent.iterdir()) == [".CUB_200_2011.lock", "CUB_200_2011"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["CUB_200_2011"]  # no archive or lock left
 
 
 # ------------------------------------------------------------------ 14.3 resumable predict, in one process

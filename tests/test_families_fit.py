@@ -8,22 +8,22 @@ import torch
 
 from data.cub import CUBDataModule
 from lightning_modules.backbones import Engine, StableDiffusionXL, Zero123Plus
-from lightning_modules.stable_keypoints import StableKeypoints
+from tests.conftest import tiny_module
 
 
 @pytest.mark.parametrize(
     "family, options",
     [
         ("sdxl", {}),
-        ("sdxl", {"pooled_embedding": "prompt", "engine": Engine(replace_output=True)}),
+        ("sdxl", {"pooled_embedding": "prompt", "replace_output": True}),
         ("zero123plus", {"mode": "reference_attention", "engine": Engine(gradient_checkpointing=True)}),
         ("zero123plus", {"naive": True}),
     ],
 )
 def test_fit_on_demo_data(family, options, tiny_sdxl_path, tiny_zero123plus_path, cub_root, tmp_path):
     cls, path = {"sdxl": (StableDiffusionXL, tiny_sdxl_path), "zero123plus": (Zero123Plus, tiny_zero123plus_path)}[family]
-    module = StableKeypoints(cls(str(path), **options), num_tokens=30, feature_upsample_res=16, top_k=3,
-                             furthest_point_num_samples=6, num_indices=4, augmentation_iterations=2)
+    module = tiny_module(path, family=cls, backbone=options, load=False, num_tokens=30, top_k=3, furthest_point_num_samples=6,
+                         sigma_px=2.0, num_indices=4, augmentation_iterations=2)
     datamodule = CUBDataModule(str(cub_root), image_size=64, batch_size=2, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -42,29 +42,23 @@ def test_fit_on_demo_data(family, options, tiny_sdxl_path, tiny_zero123plus_path
 
 
 def test_a_stablekeypoints_embedding_is_loaded_for_evaluation(tiny_sd_path, tiny_zero123plus_path, tmp_path):
-    from lightning_modules.backbones import StableDiffusion
-
     context = torch.randn(1, 25, 32)
     torch.save(context, tmp_path / "embedding.pt")
     torch.save(torch.tensor([3, 9, 1]), tmp_path / "indices.pt")
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=25, top_k=3, furthest_point_num_samples=6,
-                             pretrained_context=str(tmp_path / "embedding.pt"),
-                             pretrained_keypoint_tokens=str(tmp_path / "indices.pt"))
-    module.configure_model()
+    module = tiny_module(tiny_sd_path, num_tokens=25, top_k=3, furthest_point_num_samples=6,
+                         pretrained_context=str(tmp_path / "embedding.pt"), pretrained_keypoint_tokens=str(tmp_path / "indices.pt"))
     torch.testing.assert_close(module.context.detach(), context[0])
     assert module.keypoint_tokens.tolist() == [3, 9, 1]
-    wrong = StableKeypoints(Zero123Plus(str(tiny_zero123plus_path)), num_tokens=25, top_k=3, furthest_point_num_samples=6,
-                            pretrained_context=str(tmp_path / "embedding.pt"))
+    wrong = tiny_module(tiny_zero123plus_path, family=Zero123Plus, load=False, num_tokens=25, top_k=3,
+                        furthest_point_num_samples=6, pretrained_context=str(tmp_path / "embedding.pt"))
     with pytest.raises(ValueError, match="is 32 wide but the backbone expects 48"):
         wrong.configure_model()
 
 
 def test_keypoint_tokens_are_ranked_and_exported_before_the_trainer_tears_down(tiny_sd_path, cub_root, tmp_path, monkeypatch):
     """Lightning's teardown moves the module to the CPU before on_fit_end: ranking there would run a real UNet on the CPU."""
-    from lightning_modules.backbones import StableDiffusion
-
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=30, feature_upsample_res=16, top_k=3,
-                             furthest_point_num_samples=6, num_indices=4, augmentation_iterations=2)
+    module = tiny_module(tiny_sd_path, load=False, num_tokens=30, top_k=3, furthest_point_num_samples=6, sigma_px=2.0,
+                         num_indices=4, augmentation_iterations=2)
     datamodule = CUBDataModule(str(cub_root), image_size=64, batch_size=2, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)

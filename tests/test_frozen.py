@@ -11,7 +11,7 @@ from torch import nn
 
 from data.demo_models import tiny_sd_unet
 from lightning_modules.backbones import Engine, StableDiffusion
-from lightning_modules.backbones.frozen import FrozenConv2d, FrozenGEGLU, keep_less_for_backward
+from lightning_modules.engine.frozen import FrozenConv2d, FrozenGEGLU, keep_less_for_backward
 
 
 def _run(unet, latents, context):

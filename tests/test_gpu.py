@@ -20,6 +20,7 @@ from data.cub import CUBDataModule
 from lightning_modules.backbones import StableDiffusion
 from lightning_modules.backbones import Engine
 from lightning_modules.stable_keypoints import StableKeypoints
+from tests.conftest import tiny_module
 
 pytestmark = pytest.mark.gpu
 
@@ -38,8 +39,7 @@ def device() -> str:
 
 
 def small_module(model_path, **engine) -> StableKeypoints:
-    return StableKeypoints(StableDiffusion(str(model_path), engine=Engine(**engine)), num_tokens=40, feature_upsample_res=16,
-                           top_k=4, furthest_point_num_samples=8, sigma_px=1.0, num_indices=4, augmentation_iterations=2)
+    return tiny_module(model_path, backbone={"engine": Engine(**engine)}, load=False, num_indices=4, augmentation_iterations=2)
 
 
 class OffDevice(TorchDispatchMode):
@@ -130,16 +130,12 @@ def test_channels_last_unet_gives_the_same_maps(device, tiny_sd_path, images, mo
 
 
 @pytest.mark.parametrize("allow", [True, False])
-def test_tf32_is_allowed_on_cuda_only_when_asked(device, tiny_sd_path, allow):
+def test_tf32_is_allowed_only_when_asked(device, tiny_sd_path, allow):
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=30, top_k=3,
-                                 furthest_point_num_samples=5, allow_tf32=allow).to(device)
-        module.trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False)
-        module.setup("fit")
-        expected = allow and device == "cuda"
-        assert torch.backends.cuda.matmul.allow_tf32 is expected and torch.backends.cudnn.allow_tf32 is expected
+        StableDiffusion(str(tiny_sd_path), engine=Engine(allow_tf32=allow)).load()
+        assert torch.backends.cuda.matmul.allow_tf32 is allow and torch.backends.cudnn.allow_tf32 is allow
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 

@@ -16,7 +16,7 @@ from lightning_modules.keypoints import (
     region_mask,
     to_source_pixels,
 )
-from lightning_modules.stable_keypoints import load_context
+from lightning_modules.detector import load_context
 
 
 def test_rank_keypoint_tokens_counts_selections():

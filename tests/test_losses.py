@@ -19,14 +19,19 @@ def test_localization_loss_by_hand():
     torch.testing.assert_close(localization_loss(maps, sigma_px=1.0), expected)
 
 
-def test_localization_loss_is_zero_on_its_own_target_and_sends_gradient_to_maps_only():
+def test_localization_loss_is_zero_on_its_own_target_and_its_gradient_treats_the_target_as_fixed():
     from lightning_modules.selection import gaussian_maps
 
-    target = gaussian_maps(torch.tensor([[[4, 2], [1, 6]]]), 8, 1.5).requires_grad_()
-    loss = localization_loss(target, sigma_px=1.5)
-    assert loss.item() == 0
-    loss.backward()
-    assert target.grad.abs().sum() == 0
+    peaks = torch.tensor([[[4, 2], [1, 6]]])  # (x, y) of each map's maximum, kept by the noise below
+    target = gaussian_maps(peaks, 8, 1.5)
+    assert localization_loss(target, sigma_px=1.5).item() == 0
+    # Away from the optimum the gradient is exactly that of mean((A - G)^2) with G held fixed: 2 (A - G) / N.
+    noise = 0.05 * torch.rand(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps = (0.7 * target + noise).requires_grad_()
+    localization_loss(maps, sigma_px=1.5).backward()
+    expected = 2 * (maps.detach() - target) / maps.numel()
+    assert expected.abs().sum() > 0.1
+    torch.testing.assert_close(maps.grad, expected, rtol=0, atol=1e-9)
 
 
 def test_equivariance_loss_identity_transform_is_plain_mse():

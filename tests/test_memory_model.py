@@ -24,10 +24,10 @@ def test_maps_weights_and_dtype_terms_are_the_formula():
     # The UNet's weights less those a run's first call frees (everything after the last captured layer).
     backbone = StableDiffusion("random-tiny")
     backbone.attach(tiny_sd_unet(), AutoencoderKL(**TINY_VAE), sd_scheduler())
-    maps = backbone.capture.maps(lambda call: backbone.capture.run(backbone.unet_forward(
-        torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.zeros(40, backbone.context_dim)), call), 16)
-    assert maps.shape == (1, 40, 16, 16) and backbone.capture.released == 312_804  # tail parameters freed
-    unet_params = sum(p.numel() for p in tiny_sd_unet().parameters()) - backbone.capture.released
+    zeros = {"latents": torch.zeros(1, 4, 8, 8)}
+    maps = backbone.attention_maps(zeros, zeros, torch.zeros(40, backbone.context_dim), 16)
+    assert maps.shape == (1, 40, 16, 16) and backbone.applied.released == 312_804  # tail parameters freed
+    unet_params = sum(p.numel() for p in tiny_sd_unet().parameters()) - backbone.applied.released
     vae = AutoencoderKL(**TINY_VAE)
     vae_params = sum(p.numel() for p in [*vae.encoder.parameters(), *vae.quant_conv.parameters()])
     assert result["weights"] == 4 * (unet_params + vae_params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 from collections.abc import Callable
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_sum
 
+from data.human36m import H36M_LEFT_RIGHT_SWAP
 from lightning_modules.metrics import (
-    H36M_LEFT_RIGHT_SWAP,
     InterOcularError,
     NormalizedKeypointError,
     OrientationInvariantError,
@@ -65,12 +66,21 @@ def np_orientation_invariant(e: np.ndarray, g: np.ndarray, vis: np.ndarray) -> f
 
 PerImage = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
+
+def human36m_metric(**kwargs) -> OrientationInvariantError:
+    """The Human3.6M metric with its skeleton's left/right pairs."""
+    return OrientationInvariantError(swap=H36M_LEFT_RIGHT_SWAP, **kwargs)
+
+
+def human36m_error(preds: torch.Tensor, target: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    return orientation_invariant_error(preds, target, visible, swap=H36M_LEFT_RIGHT_SWAP)
+
 # name: (metric factory, functional twin, NumPy per-image reference, number of keypoints)
 PER_IMAGE_METRICS: dict[str, tuple[Callable[[], Metric], Callable, PerImage, int]] = {
     "cub": (NormalizedKeypointError, normalized_keypoint_error, np_normalized, 15),
     "celeba": (InterOcularError, inter_ocular_error, np_inter_ocular, 5),
     "taichi": (SummedKeypointError, summed_keypoint_error, np_summed, 18),
-    "human36m": (OrientationInvariantError, orientation_invariant_error, np_orientation_invariant, 32),
+    "human36m": (human36m_metric, human36m_error, np_orientation_invariant, 32),
     "deepfashion": (PercentageCorrectKeypoints, percentage_correct_keypoints, np_pck, 8),
 }
 PER_IMAGE_METRICS_JOINTS = {make: joints for make, _, _, joints in PER_IMAGE_METRICS.values()}
@@ -193,9 +203,11 @@ def test_inter_ocular_error_uses_the_given_eyes() -> None:
 def test_orientation_invariant_error_forgives_a_left_right_swap() -> None:
     preds, target, _ = random_batches(32, seed=14, sizes=(6,))[0]
     perm = swap_permutation(32, H36M_LEFT_RIGHT_SWAP)
-    torch.testing.assert_close(orientation_invariant_error(target[:, perm], target), torch.zeros(6, dtype=torch.float64))
-    torch.testing.assert_close(orientation_invariant_error(preds[:, perm], target), orientation_invariant_error(preds, target))
-    assert (orientation_invariant_error(preds, target) <= orientation_invariant_error(preds, target, swap=())).all()
+    torch.testing.assert_close(orientation_invariant_error(target[:, perm], target, swap=H36M_LEFT_RIGHT_SWAP), torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(orientation_invariant_error(preds[:, perm], target, swap=H36M_LEFT_RIGHT_SWAP),
+                               orientation_invariant_error(preds, target, swap=H36M_LEFT_RIGHT_SWAP))
+    assert (orientation_invariant_error(preds, target, swap=H36M_LEFT_RIGHT_SWAP)
+            <= orientation_invariant_error(preds, target, swap=())).all()
 
 
 def test_h36m_swap_is_a_permutation_and_an_involution() -> None:

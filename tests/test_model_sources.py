@@ -75,10 +75,10 @@ def test_a_folder_without_a_component_names_it(tiny_sd_path, tmp_path):
 
 
 def test_the_demo_model_is_written_only_at_the_demos_own_folder(tmp_path, monkeypatch, caplog):
-    from data.demo_models import DEMO_MODELS
+    from data.demo_models import DEMO_MODELS, tiny_sd15, tiny_sdxl
 
     monkeypatch.chdir(tmp_path)
-    mistyped = StableDiffusion(".demo/models/sd15-tny", create_tiny_if_missing=True)
+    mistyped = StableDiffusion(".demo/models/sd15-tny", create_if_missing=tiny_sd15)
     with pytest.raises(MissingFileError) as error:
         mistyped.prepare()
     assert "'.demo/models/sd15-tny' does not exist" in str(error.value)
@@ -86,10 +86,10 @@ def test_the_demo_model_is_written_only_at_the_demos_own_folder(tmp_path, monkey
     assert not (tmp_path / ".demo").exists()
     # Another family's demo folder is not this family's: nothing written there either.
     with pytest.raises(MissingFileError):
-        StableDiffusionXL(str(DEMO_MODELS["StableDiffusion"]), create_tiny_if_missing=True).prepare()
+        StableDiffusionXL(str(DEMO_MODELS["StableDiffusion"]), create_if_missing=tiny_sdxl).prepare()
     assert not (tmp_path / ".demo").exists()
 
-    demo = StableDiffusion(str(DEMO_MODELS["StableDiffusion"]), create_tiny_if_missing=True)
+    demo = StableDiffusion(str(DEMO_MODELS["StableDiffusion"]), create_if_missing=tiny_sd15)
     with caplog.at_level(logging.INFO):
         demo.prepare()
     assert "Wrote a tiny random StableDiffusion model to .demo/models/sd15-tiny" in caplog.text
@@ -98,7 +98,7 @@ def test_the_demo_model_is_written_only_at_the_demos_own_folder(tmp_path, monkey
     assert demo.context_dim == 32
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        StableDiffusion(str(DEMO_MODELS["StableDiffusion"]), create_tiny_if_missing=True).prepare()
+        StableDiffusion(str(DEMO_MODELS["StableDiffusion"]), create_if_missing=tiny_sd15).prepare()
     assert "Wrote" not in caplog.text  # an existing folder is used as it is
 
 

@@ -65,7 +65,7 @@ def test_an_images_keypoints_do_not_depend_on_batch_size_position_or_name(module
 
 
 def test_extraction_generators_are_named_by_sample_key_and_iteration(module):
-    generators = module.extraction_generators(torch.tensor([7, 2]))
+    generators = module.draws.extraction(torch.tensor([7, 2]), module.hparams.augmentation_iterations)
     assert len(generators) == 2 * 3
     expected = seeded_generator(module.hparams.noise_seed, Draw.EXTRACTION, 2, 1)
     assert torch.equal(torch.rand(4, generator=generators[4]), torch.rand(4, generator=expected))

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 from lightning_modules.regressor import LinearKeypointRegressor, apply_regressor, fit_regressor
+from tests.conftest import tiny_module
 
 
 def numpy_fit(keypoints: np.ndarray, targets: np.ndarray, visible: np.ndarray | None) -> np.ndarray:
@@ -183,40 +184,46 @@ def test_orientation_invariant_fit_warns_when_it_does_not_settle_and_rejects_a_n
 def test_human36m_datamodule_fits_the_orientation_invariant_regressor_with_sk_pairs() -> None:
     from data.cub import CUBDataModule
     from data.human36m import Human36MDataModule
-    from lightning_modules.metrics import H36M_LEFT_RIGHT_SWAP, swap_permutation
+    from data.human36m import H36M_LEFT_RIGHT_SWAP
+    from lightning_modules.evaluation import regression_protocol
+    from lightning_modules.metrics import swap_permutation
 
     keypoints, targets, weight = synthetic(n=60, k=4, j=32, seed=5)
     perm = swap_permutation(32, H36M_LEFT_RIGHT_SWAP)
     labels = targets.clone()
     labels[:20] = labels[:20][:, perm]  # a third of the people face the other way
     visible = torch.ones(60, 32, dtype=torch.bool)
-    h36m = Human36MDataModule(root="unused").fit_regressor(keypoints, labels, visible)
+    h36m = regression_protocol(Human36MDataModule(root="unused").evaluation())(keypoints, labels, visible)
     torch.testing.assert_close(h36m.weight, weight, rtol=0, atol=1e-9)
     # Every other dataset keeps the plain visible-rows fit, which the swapped labels pull off.
-    plain = CUBDataModule(root="unused").fit_regressor(keypoints, labels, visible)
+    plain = regression_protocol(CUBDataModule(root="unused").evaluation())(keypoints, labels, visible)
     torch.testing.assert_close(plain.weight, fit_regressor(keypoints, labels, visible), rtol=0, atol=0)
     assert (plain.weight - weight).abs().max() > 0.1
 
 
 @pytest.mark.slow
-def test_the_test_stage_fits_the_regressor_the_datamodule_chooses(tiny_sd_path, cub_root, tmp_path) -> None:
+def test_the_test_stage_fits_the_regressor_the_datamodule_names(tiny_sd_path, cub_root, tmp_path, monkeypatch) -> None:
     import lightning as L
 
+    from data.base import Evaluation
     from data.cub import CUBDataModule
-    from lightning_modules.backbones import StableDiffusion
-    from lightning_modules.stable_keypoints import StableKeypoints
-
     calls = []
+    fit = LinearKeypointRegressor.fit_orientation_invariant.__func__
 
-    class Recording(CUBDataModule):
-        def fit_regressor(self, keypoints, targets, visible):
-            calls.append((keypoints.shape, targets.shape, visible.shape))
-            return super().fit_regressor(keypoints, targets, visible)
+    def recording(cls, keypoints, targets, visible=None, *, swap, **kwargs):
+        calls.append((keypoints.shape, targets.shape, visible.shape, swap.tolist()[:9]))
+        return fit(cls, keypoints, targets, visible, swap=swap, **kwargs)
 
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=40, feature_upsample_res=16, top_k=4,
-                             furthest_point_num_samples=8, sigma_px=1.0, num_indices=4, augmentation_iterations=2)
-    data = Recording(str(cub_root), subset="cub_001", image_size=64, batch_size=4, num_workers=0)
+    monkeypatch.setattr(LinearKeypointRegressor, "fit_orientation_invariant", classmethod(recording))
+
+    class Swapping(CUBDataModule):
+        def evaluation(self) -> Evaluation:
+            return Evaluation("normalized_keypoint_error", regressor="orientation_invariant", swap_pairs=((6, 10), (7, 11)))
+
+    module = tiny_module(tiny_sd_path, load=False, num_indices=4, augmentation_iterations=2)
+    data = Swapping(str(cub_root), subset="cub_001", image_size=64, batch_size=4, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     trainer.test(module, datamodule=data)
-    assert calls == [((8, 4, 2), (8, 15, 2), (8, 15))]  # once, on the 8 training images of class 001
+    # Once, on the 8 training images of class 001, with the named pairs as a permutation of the 15 parts.
+    assert calls == [((8, 4, 2), (8, 15, 2), (8, 15), [0, 1, 2, 3, 4, 5, 10, 11, 8])]

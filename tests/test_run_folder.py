@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.progress import StepProgressBar
 from callbacks.wandb_logger import WandbLogger
-from lightning_modules import run_folder
+from lightning_modules.app import run_folder
 from lightning_modules.app.cli import quiet_unactionable_output
 from lightning_modules.app.errors import ConfigError
 from lightning_modules.app.run_folder import RunLayout, code_version, new_run_id, run_of_checkpoint, unused_folder, wandb_id

@@ -8,16 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.backbones import StableDiffusion
 from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, NonFiniteError
+from lightning_modules.detector import export_context
 from lightning_modules.stable_keypoints import StableKeypoints
-
-SMALL = dict(num_tokens=40, feature_upsample_res=16, top_k=4, furthest_point_num_samples=8, sigma_px=1.0)
-
+from tests.conftest import tiny_module
 
 def unloaded(**overrides) -> StableKeypoints:
     """A module on a backbone that is never loaded: settings checks must not need weights."""
-    return StableKeypoints(StableDiffusion("/no/such/model"), **{**SMALL, **overrides})
+    return tiny_module("/no/such/model", load=False, **overrides)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +84,7 @@ def test_a_non_finite_context_is_never_exported_or_checkpointed(tmp_path) -> Non
     context[0, 0] = math.nan
     module.context = nn.Parameter(context)
     with pytest.raises(NonFiniteError, match="Refusing to write the context to .*1 non-finite values"):
-        module.export_embedding(tmp_path / "embedding.safetensors")
+        export_context(module, tmp_path / "embedding.safetensors")
     assert not (tmp_path / "embedding.safetensors").exists()
     with pytest.raises(NonFiniteError, match="Refusing to write a checkpoint"):
         module.on_save_checkpoint({"state_dict": {"context": module.context}})
@@ -101,14 +99,14 @@ def _write_embedding(path, context: torch.Tensor, tokens: list[int]) -> str:
 
 def test_imported_keypoint_tokens_must_index_the_context(tiny_sd_path, tmp_path) -> None:
     path = _write_embedding(tmp_path / "embedding.safetensors", torch.randn(40, 32), [0, 3, 40, 5])
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), **SMALL, pretrained_context=path)
+    module = tiny_module(tiny_sd_path, load=False, pretrained_context=path)
     with pytest.raises(ConfigError, match=r"keypoint tokens \[0, 3, 40, 5\] must lie in \[0, 40\)"):
         module.configure_model()
 
 
 def test_an_imported_context_of_another_token_count_is_refused(tiny_sd_path, tmp_path) -> None:
     path = _write_embedding(tmp_path / "embedding.safetensors", torch.randn(30, 32), [0, 1, 2, 3])
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), **SMALL, pretrained_context=path)
+    module = tiny_module(tiny_sd_path, load=False, pretrained_context=path)
     with pytest.raises(CheckpointMismatchError, match="holds 30 tokens but model.num_tokens=40"):
         module.configure_model()
 

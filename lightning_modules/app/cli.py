@@ -15,11 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.progress import StepProgressBar
-from callbacks.wandb_logger import WandbLogger
-from lightning_modules.app.checkpoints import check_config_fits
-from lightning_modules.app.run_folder import CHECKPOINTS, RunConfigSaver, RunLayout, as_source
-from lightning_modules.stable_keypoints import check_trainer_precision
+from lightning_modules.app.checkpoints import CKPT_KEYWORDS, read_checkpoint, recorded_signature
+from lightning_modules.app.run_folder import CHECKPOINTS, RunConfigSaver, RunFolderLogger, RunLayout, as_source
+from lightning_modules.app.settings import check_trainer_precision
+from lightning_modules.backbones.signature import check_fits
 
 #: How a process hands its planned folders to the processes it launches (Lightning's DDP launcher
 #: starts them before anything is written, so they would plan a run of their own: another timestamp).
@@ -76,13 +75,14 @@ class StableKeypointsCLI(LightningCLI):
     stops with a ``CheckpointMismatchError`` before any weights load.
 
     Adds ``--output_dir`` (this command's folder instead of the planned one), saves each command's
-    config beside its results (``RunConfigSaver``), points the checkpoints and the W&B run at the
-    run's folder, shows training progress in steps (``StepProgressBar``) and ends ``fit`` by
-    printing where everything is.
+    config beside its results (``RunConfigSaver``), points the checkpoints and the loggers that can
+    (``RunFolderLogger``) at the run's folder, shows training progress with ``progress_bar`` (unless
+    the config has a progress bar or turns it off) and ends ``fit`` by printing where everything is.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, progress_bar: type[ProgressBar] | None = None, **kwargs) -> None:
         quiet_unactionable_output()
+        self.progress_bar = progress_bar
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         super().__init__(*args, **kwargs)
 
@@ -113,8 +113,6 @@ class StableKeypointsCLI(LightningCLI):
             return
         config = self.config[self.subcommand]
         check_trainer_precision(config.trainer.precision)  # the value as typed, before Lightning converts it
-        if config.get("ckpt_path"):
-            check_config_fits(config.ckpt_path, config.model)
         path = config.data.init_args.get("path") if config.get("data") else None
         images = Path(path) if path else None
         self.layout = inherited_layout(self.subcommand) or RunLayout.plan(
@@ -135,10 +133,10 @@ class StableKeypointsCLI(LightningCLI):
                                    "command": self.subcommand, "checkpoint": ckpt and as_source(ckpt)}
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = trainer_config.get("callbacks") or []
-        if trainer_config.get("enable_progress_bar", True) is not False and not any(
+        if self.progress_bar is not None and trainer_config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+            kwargs["callbacks"] = [*callbacks, self.progress_bar()]
         trainer = super().instantiate_trainer(default_root_dir=str(layout.output_dir), **kwargs)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
@@ -148,9 +146,16 @@ class StableKeypointsCLI(LightningCLI):
                         "ignore", message=f"Checkpoint directory {re.escape(callback.dirpath)} exists and is not empty"
                     )
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
+            if isinstance(logger, RunFolderLogger):
                 logger.use_run(layout.output_dir, layout.wandb_id, group=layout.run_dir.name)
         return trainer
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Built, nothing loaded or written yet: a checkpoint that cannot serve this model stops here.
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt_path and ckpt_path not in CKPT_KEYWORDS:
+            check_fits(recorded_signature(read_checkpoint(ckpt_path)), self.model.signature(), f"ckpt_path={ckpt_path!r}")
 
     def after_fit(self) -> None:
         trainer, layout = self.trainer, self.layout

@@ -41,7 +41,13 @@ def hub_reachable() -> bool:
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether ``name`` has the form of a hub id (``owner/name``), as opposed to a filesystem path."""
+    """Whether ``name`` has the form of a hub id, ``owner/name`` (as opposed to a filesystem path).
+
+    huggingface_hub's own validation, plus the owner: a bare ``name`` is a legacy form no diffusion
+    model or detector uses, and is far more often a mistyped local file.
+    """
+    if "/" not in name:
+        return False
     try:
         validate_repo_id(name)
     except HFValidationError:

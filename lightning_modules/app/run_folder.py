@@ -32,6 +32,7 @@ import secrets
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
@@ -100,6 +101,14 @@ def free_config_file(folder: Path) -> Path:
 def wandb_id(name: str) -> str:
     """A folder name as a W&B run id (letters, digits, ``-``, ``_``, ``.`` only)."""
     return re.sub(r"[^\w.-]+", "-", name)
+
+
+@runtime_checkable
+class RunFolderLogger(Protocol):
+    """A logger that can be told, before its run starts, to write into the run's folder under its run id
+    (``callbacks.wandb_logger.WandbLogger``; the CLI calls ``use_run`` with the planned layout)."""
+
+    def use_run(self, folder: str | Path, run_id: str, group: str | None = None) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,29 @@ class Draw(IntEnum):
     RANKING = 2  # (noise_seed, RANKING): which training images rank the tokens; then (.., sample_key) their noise
     DATA_ORDER = 3  # (data seed, DATA_ORDER, epoch): the permutation of the training split
     AUGMENTATION = 4  # (data seed, AUGMENTATION, epoch, index): one training sample's crop and mirror
+
+
+class ModelDraws:
+    """The generators of the model's draws, each seeded by ``noise_seed`` and what it is for (``Draw``).
+
+    Args:
+        noise_seed: ``model.noise_seed``.
+        device: where the generators draw (the model's device).
+    """
+
+    def __init__(self, noise_seed: int, device: torch.device | str = "cpu") -> None:
+        self.noise_seed, self.device = noise_seed, device
+
+    def step(self, rank: int, global_step: int, batch_idx: int) -> torch.Generator:
+        """One training step's noise and transforms. Resume-safe: Lightning restores the step and batch index."""
+        return seeded_generator(self.noise_seed, Draw.TRAINING_STEP, rank, global_step, batch_idx, device=self.device)
+
+    def extraction(self, sample_keys, iterations: int) -> list[torch.Generator]:
+        """B x ``iterations`` generators, image-major: augmentation i of the image with key k draws its
+        transform and noise from ``(noise_seed, EXTRACTION, k, i)``, whatever its batch, position or device."""
+        return [seeded_generator(self.noise_seed, Draw.EXTRACTION, int(key), i, device=self.device)
+                for key in sample_keys for i in range(iterations)]
+
+    def ranking(self, sample_keys) -> list[torch.Generator]:
+        """One generator per token-ranking image: its noise, from ``(noise_seed, RANKING, sample_key)``."""
+        return [seeded_generator(self.noise_seed, Draw.RANKING, int(key), device=self.device) for key in sample_keys]

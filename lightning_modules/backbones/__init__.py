@@ -1,7 +1,7 @@
 """Model families: one small file each, all behind ``base.Backbone``."""
 
 from lightning_modules.backbones.base import Backbone
-from lightning_modules.backbones.engine import Engine
+from lightning_modules.engine import Engine
 from lightning_modules.backbones.sd import StableDiffusion
 from lightning_modules.backbones.sdxl import StableDiffusionXL
 from lightning_modules.backbones.zero123plus import Zero123Plus

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from lightning_modules.attention import AttentionCall, AttentionCapture, check_layer_names
-from lightning_modules.backbones.engine import Engine
-from lightning_modules.backbones.frozen import keep_less_for_backward
-from lightning_modules.app.hub import ModelSource
 from lightning_modules.app.errors import ConfigError
+from lightning_modules.app.hub import ModelSource
+from lightning_modules.backbones.signature import ContextSignature
+from lightning_modules.capture import AttentionCall, AttentionCapture, check_layer_names
+from lightning_modules.engine import AppliedEngine, Engine
 
 #: Latents of a batch, by name: ``latents`` (B, 4, h, w) always; a family may add more
 #: (zero123plus' reference mode adds its ``condition`` latents). Noise has the same keys.
@@ -46,11 +47,15 @@ class Backbone(nn.Module):
         num_inference_steps: size of the DDIM timestep grid that ``noise_level`` indexes.
         latent_scaling_factor: the factor VAE latents are multiplied by; ``None`` = the VAE config's
             ``scaling_factor`` (0.13025 for SDXL). StableXLKeypoints used SD's 0.18215 for SDXL.
-        engine: how the UNet runs and the maps are captured (``Engine``: dtype, early stop,
-            checkpointing, ...), the same options for every family.
-        create_tiny_if_missing: demo only: if ``pretrained_model_name_or_path`` is the demo's own
-            folder (``data.demo_models.DEMO_MODELS``) and missing, write a tiny random model there
-            first; any other missing path is an error.
+        replace_output: replace the captured layers' outputs with the bicubically downsampled
+            high-resolution attention, as StableXLKeypoints did (changes the network and the maps of
+            every captured layer after the first; for reproduction only).
+        engine: how the UNet runs and the maps are computed (``Engine``: dtype, early stop,
+            checkpointing, ...), the same options for every family; no option changes a number
+            except ``dtype``.
+        create_if_missing: called with ``pretrained_model_name_or_path`` before loading when that
+            folder does not exist, to write it; the demo names its tiny-model writer here
+            (``data.demo_models.tiny_sd15`` ...). ``None``: a missing folder is an error.
     """
 
     #: Captured layers when ``layers`` is not given.
@@ -66,8 +71,9 @@ class Backbone(nn.Module):
         noise_level: int = -1,
         num_inference_steps: int = 50,
         latent_scaling_factor: float | None = None,
+        replace_output: bool = False,
         engine: Engine = Engine(),
-        create_tiny_if_missing: bool = False,
+        create_if_missing: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
         if latent_scaling_factor is not None and not latent_scaling_factor > 0:
@@ -81,21 +87,20 @@ class Backbone(nn.Module):
         self.noise_level = noise_level
         self.num_inference_steps = num_inference_steps
         self.latent_scaling_factor = latent_scaling_factor
+        self.replace_output = replace_output
         self.engine = engine
         self.dtype = engine.torch_dtype
-        self.create_tiny_if_missing = create_tiny_if_missing
+        self.create_if_missing = create_if_missing
         self.unet: UNet2DConditionModel | None = None
         self.vae: AutoencoderKL | None = None
         self.capture: AttentionCapture | None = None
+        self.applied = AppliedEngine()
 
     # ------------------------------------------------------------------ loading
     def prepare(self) -> None:
-        """Once per machine before ``load`` (rank 0): writes the demo's tiny model if asked to."""
-        if self.create_tiny_if_missing:
-            # The demo's fixtures, imported only when the demo asks for them.
-            from data.demo_models import ensure_demo_model
-
-            ensure_demo_model(type(self).__name__, self.pretrained_model_name_or_path)
+        """Once per machine before ``load`` (rank 0): writes the model folder if it is missing and asked to."""
+        if self.create_if_missing is not None and not Path(self.pretrained_model_name_or_path).exists():
+            self.create_if_missing(self.pretrained_model_name_or_path)
 
     @cached_property
     def source(self) -> ModelSource:
@@ -155,31 +160,9 @@ class Backbone(nn.Module):
         for module in self.frozen_modules():
             module.requires_grad_(False)
             module.eval()
-        engine = self.engine
-        if engine.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
-        if engine.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        if not engine.compile_unet:  # compiled blocks keep what their own partitioner chooses
-            keep_less_for_backward(self.unet)  # the same gradients, bit for bit, from less memory
-        self.capture = AttentionCapture(
-            self.unet,
-            self.layers,
-            stop_early=engine.stop_early,
-            memory_efficient=engine.memory_efficient_maps,
-            replace_output=engine.replace_output,
-            upsample_queries=engine.upsample_queries,
-            # Compiled blocks would see their parameters change shape: keep them whole there.
-            release_unreached=not engine.compile_unet,
-        )
-        if engine.compile_unet:
-            # Blocks, not the whole UNet: the early stop raises out of the forward, which a
-            # whole-model graph would not allow.
-            for block in [*self.unet.down_blocks, *self.unet.up_blocks]:
-                block.compile(dynamic=False)
-            if self.unet.mid_block is not None:
-                self.unet.mid_block.compile(dynamic=False)
+        self.applied = self.engine.apply(self.unet, self.vae)
+        self.capture = AttentionCapture(self.unet, self.layers, stop_early=self.applied.stop_early,
+                                        replace_output=self.replace_output, layer_maps=self.applied.layer_maps)
 
     def _load_extra(self) -> None:
         """Hook for families that need more than UNet + VAE + scheduler."""
@@ -202,6 +185,20 @@ class Backbone(nn.Module):
             raise RuntimeError("The backbone is not loaded yet: call load() first.")
         return int(self.unet.config.cross_attention_dim)
 
+    def signature(self, num_tokens: int | None = None, feature_upsample_res: int | None = None) -> ContextSignature:
+        """What a context trained with this backbone only works with (the width once known: loaded, or a local folder)."""
+        width = self.context_dim if self.is_loaded else self.configured_context_dim()
+        return ContextSignature(type(self).__name__, self.pretrained_model_name_or_path, tuple(self.layers),
+                                feature_upsample_res, num_tokens, width)
+
+    def configured_context_dim(self) -> int | None:
+        """D read from a local folder's ``unet/config.json`` (no weights, no network); None for a hub id or a
+        folder not written yet."""
+        config = Path(self.pretrained_model_name_or_path) / "unet" / "config.json"
+        if not config.is_file():
+            return None
+        return int(self.source.load_config(UNet2DConditionModel, "unet")["cross_attention_dim"])
+
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -222,9 +219,7 @@ class Backbone(nn.Module):
 
     def vae_mean(self, x: Tensor) -> Tensor:
         """x: (B, 3, H, W) in [-1, 1] -> the VAE posterior's mean (B, 4, H/8, W/8), unscaled, in the VAE's dtype."""
-        x = x.to(self.vae.device, self.vae.dtype)
-        if self.engine.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.applied.prepare(x.to(self.vae.device, self.vae.dtype))
         return self.vae.encode(x).latent_dist.mean
 
     def sample_noise(self, latents: Latents, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Latents:
@@ -256,9 +251,7 @@ class Backbone(nn.Module):
     def unet_forward(self, latents: Tensor, noise: Tensor, context: Tensor) -> Callable[[dict], object]:
         """One UNet call on noised ``latents``, as a function of its ``cross_attention_kwargs``."""
         batch = latents.shape[0]
-        noisy = self.add_noise(latents, noise).to(self.dtype)
-        if self.engine.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        noisy = self.applied.prepare(self.add_noise(latents, noise).to(self.dtype))
         hidden = context.to(self.dtype).unsqueeze(0).expand(batch, -1, -1)
         kwargs = self.added_conditions(context, batch, latents.shape[-1] * self.vae_scale_factor)
         return lambda call_kwargs: self.unet(noisy, self.timestep, encoder_hidden_states=hidden, return_dict=False,
@@ -277,4 +270,6 @@ class Backbone(nn.Module):
             context: (T, D) the learned context, shared by every image of the batch.
             resolution: R, the side of the maps (``feature_upsample_res``).
         """
-        return self.capture.maps(self.unet_call(latents, noise, context), resolution)
+        maps = self.capture.maps(self.unet_call(latents, noise, context), resolution)
+        self.applied.after_call()
+        return maps

@@ -11,18 +11,6 @@ SD_UP_LAYERS = tuple(
     for block, index in ((1, 0), (1, 1), (1, 2), (2, 0))
 )
 
-#: The public configs of stable-diffusion-v1-5 (``unet/`` and ``vae/config.json``), reduced to the
-#: keys that differ from diffusers' defaults: what the benchmarks build with random weights.
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-SD_VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=512,
-)
-
 
 class StableDiffusion(Backbone):
     """Stable Diffusion 1.5 / 2.x (``v_prediction`` models work too: the UNet output is discarded).

@@ -13,21 +13,6 @@ from lightning_modules.backbones.base import Backbone
 from lightning_modules.app.errors import ConfigError
 
 SDXL_LAYERS = tuple(f"up_blocks.0.attentions.0.transformer_blocks.{i}.attn2" for i in range(3))
-#: The public config of stable-diffusion-xl-base-1.0 (``unet/config.json``), reduced to the keys that
-#: differ from diffusers' defaults: what the benchmarks build with random weights.
-SDXL_UNET = dict(
-    sample_size=128,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    cross_attention_dim=2048,
-)
 
 
 class StableDiffusionXL(Backbone):

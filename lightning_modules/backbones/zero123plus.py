@@ -28,7 +28,7 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor
 from transformers import CLIPImageProcessorPil
 
-from lightning_modules.attention import AttentionCall
+from lightning_modules.capture import AttentionCall
 from lightning_modules.backbones.base import Backbone, Latents
 from lightning_modules.app.errors import ConfigError
 

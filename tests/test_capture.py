@@ -7,15 +7,17 @@ import torch
 
 from unittest import mock
 
-from lightning_modules.attention import (
+from lightning_modules.capture import (
     AttentionCall,
     AttentionCapture,
     cross_attention_layers,
-    head_mean_attention,
+    head_mean_maps,
     replaced_attention_output,
 )
+from lightning_modules.engine.attention import FastLayerMaps, head_mean_attention
 from lightning_modules.backbones import Engine, StableDiffusion
 from lightning_modules.app.errors import ConfigError, MissingFileError
+from tests.conftest import tiny_module
 
 
 def _maps(module, images, noise_seed=0):
@@ -42,15 +44,11 @@ def test_batch_of_two_equals_two_batches_of_one(tiny_sd_module, images):
 
 
 def test_early_stop_gives_the_same_maps_as_the_full_forward(tiny_sd_module, tiny_sd_path, images):
-    from lightning_modules.stable_keypoints import StableKeypoints
-
-    full_module = StableKeypoints(StableDiffusion(str(tiny_sd_path), engine=Engine(stop_early=False)), num_tokens=40,
-                                  feature_upsample_res=16, top_k=4, furthest_point_num_samples=8, sigma_px=1.0)
-    full_module.configure_model()
+    full_module = tiny_module(tiny_sd_path, backbone={"engine": Engine(stop_early=False)})
     full_module.context.data.copy_(tiny_sd_module.context)
     _, _, early = _maps(tiny_sd_module, images)
     _, _, full = _maps(full_module, images)
-    assert tiny_sd_module.backbone.capture.released > 0 and full_module.backbone.capture.released == 0
+    assert tiny_sd_module.backbone.applied.released > 0 and full_module.backbone.applied.released == 0
     torch.testing.assert_close(early, full)
 
 
@@ -69,11 +67,7 @@ def test_capture_leaves_the_unet_output_unchanged(tiny_sd_path):
 
 
 def test_gradients_reach_the_context_and_nothing_else(tiny_sd_path, images):
-    from lightning_modules.stable_keypoints import StableKeypoints
-
-    module = StableKeypoints(StableDiffusion(str(tiny_sd_path)), num_tokens=30, feature_upsample_res=16, top_k=3,
-                             furthest_point_num_samples=6)
-    module.configure_model()
+    module = tiny_module(tiny_sd_path, num_tokens=30, top_k=3, furthest_point_num_samples=6, sigma_px=2.0)
     theta = module.augmentation.sample(2, torch.Generator().manual_seed(0))
     maps = module.maps_of(torch.cat([images, images]), torch.Generator().manual_seed(0))
     module.losses(maps[:2], maps[2:], theta)["loss"].backward()
@@ -143,7 +137,7 @@ def test_removing_the_capture_restores_the_default_processors(tiny_sd_path):
 
 def test_head_mean_backward_is_exact_when_the_loss_reads_few_tokens(monkeypatch):
     """The sparse path of the backward (the training case), over several row blocks, against autograd."""
-    import lightning_modules.attention as attention
+    import lightning_modules.engine.attention as attention
 
     monkeypatch.setattr(attention, "_BLOCK_BYTES", 2 * 4 * 64 * 8 * 50)  # 50-row blocks: 6 of them
     gen = torch.Generator().manual_seed(1)
@@ -162,13 +156,10 @@ def test_head_mean_backward_is_exact_when_the_loss_reads_few_tokens(monkeypatch)
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tiny_sd_path, images):
-    from lightning_modules.stable_keypoints import StableKeypoints
-
     grads = []
     for checkpointing in (False, True):
-        module = StableKeypoints(StableDiffusion(str(tiny_sd_path), engine=Engine(gradient_checkpointing=checkpointing)),
-                                 num_tokens=30, feature_upsample_res=16, top_k=3, furthest_point_num_samples=6)
-        module.configure_model()
+        module = tiny_module(tiny_sd_path, backbone={"engine": Engine(gradient_checkpointing=checkpointing)}, num_tokens=30,
+                             top_k=3, furthest_point_num_samples=6, sigma_px=2.0)
         theta = module.augmentation.sample(2, torch.Generator().manual_seed(0))
         maps = module.maps_of(torch.cat([images, images]), torch.Generator().manual_seed(0))
         module.losses(maps[:2], maps[2:], theta)["loss"].backward()
@@ -202,12 +193,12 @@ def test_replace_output_changes_the_maps_of_later_layers_only(tiny_sd_path, imag
     for replace in (False, True):
         backbone = StableDiffusion(str(tiny_sd_path), layers=["up_blocks.1.attentions.0.transformer_blocks.0.attn2",
                                                                "up_blocks.1.attentions.1.transformer_blocks.0.attn2"],
-                                   engine=Engine(replace_output=replace))
+                                   replace_output=replace)
         backbone.load()
         latents = backbone.encode(images)
         noise = backbone.sample_noise(latents, torch.Generator().manual_seed(0))
         context = torch.randn(12, 32, generator=torch.Generator().manual_seed(3))
-        first = StableDiffusion(str(tiny_sd_path), layers=backbone.layers[:1], engine=Engine(replace_output=replace))
+        first = StableDiffusion(str(tiny_sd_path), layers=backbone.layers[:1], replace_output=replace)
         first.load()
         maps[replace] = (first.attention_maps(latents, noise, context, 16), backbone.attention_maps(latents, noise, context, 16))
     torch.testing.assert_close(maps[True][0], maps[False][0])  # the first captured layer sees the plain network
@@ -233,7 +224,7 @@ def test_upsampling_queries_equals_upsampling_features(tiny_sd_path, images):
 
 
 def test_bicubic_weights_reproduce_interpolate():
-    from lightning_modules.attention import bicubic_weights
+    from lightning_modules.engine.attention import bicubic_weights
 
     grid = torch.randn(3, 5, 7, 7, dtype=torch.float64)
     w = bicubic_weights(7, 20)
@@ -243,8 +234,8 @@ def test_bicubic_weights_reproduce_interpolate():
 
 
 def test_folded_upsampling_matches_autograd_over_several_blocks(monkeypatch):
-    import lightning_modules.attention as attention
-    from lightning_modules.attention import bicubic_weights
+    import lightning_modules.engine.attention as attention
+    from lightning_modules.engine.attention import bicubic_weights
 
     monkeypatch.setattr(attention, "_BLOCK_BYTES", 2 * 3 * 30 * 8 * 40)  # 40 token rows = 2 image rows
     gen = torch.Generator().manual_seed(2)
@@ -262,3 +253,34 @@ def test_folded_upsampling_matches_autograd_over_several_blocks(monkeypatch):
             results.append((out.detach(), q.grad.clone(), k.grad.clone()))
         for fast, slow in zip(*results):
             torch.testing.assert_close(fast, slow)
+
+
+@pytest.mark.parametrize(("memory_efficient", "upsample_queries"), [(True, True), (True, False), (False, True)])
+def test_the_engines_maps_equal_the_plain_math_with_their_gradients(tiny_sd_path, memory_efficient, upsample_queries):
+    """``engine.attention.FastLayerMaps`` is ``capture.head_mean_maps`` computed faster: same maps, same gradients."""
+    backbone = StableDiffusion(str(tiny_sd_path))
+    backbone.load()
+    attn = backbone.unet.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.attn2")
+    hidden = torch.randn(2, 8 * 8, attn.to_q.in_features, generator=torch.Generator().manual_seed(1))
+    context = torch.randn(2, 30, attn.to_k.in_features, generator=torch.Generator().manual_seed(2))
+    weight = torch.rand(2, 24 * 24, 30, generator=torch.Generator().manual_seed(3)) * (torch.arange(30) % 7 == 0)
+    results = []
+    for layer_maps in (head_mean_maps, FastLayerMaps(memory_efficient, upsample_queries)):
+        h, c = hidden.clone().requires_grad_(), context.clone().requires_grad_()
+        maps = layer_maps(attn, h, c, 24)
+        (maps * weight).sum().backward()
+        results.append((maps.detach(), h.grad, c.grad))
+    (plain, plain_dh, plain_dc), (fast, fast_dh, fast_dc) = results
+    assert plain.shape == (2, 24 * 24, 30)
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast_dh, plain_dh, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(fast_dc, plain_dc, atol=1e-6, rtol=1e-4)
+
+
+def test_without_memory_efficient_maps_or_query_upsampling_the_capture_runs_the_plain_math(tiny_sd_path):
+    backbone = StableDiffusion(str(tiny_sd_path), engine=Engine(memory_efficient_maps=False, upsample_queries=False))
+    backbone.load()
+    assert backbone.capture.layer_maps is head_mean_maps
+    default = StableDiffusion(str(tiny_sd_path))
+    default.load()
+    assert isinstance(default.capture.layer_maps, FastLayerMaps)
