@@ -29,7 +29,7 @@ def test_table_puts_this_project_beside_the_published_number() -> None:
 
 
 def test_every_paper_config_has_a_published_number_and_metric() -> None:
-    assert sorted(PUBLISHED) == sorted(p.stem for p in paper_table.PAPER_CONFIGS.glob("*.yaml"))
+    assert sorted(PUBLISHED) == sorted(p.stem for p in paper_table.PAPER_CONFIGS.glob("*.yaml") if p != paper_table.PAPER_BASE)
     assert {p.metric for p in PUBLISHED.values()} == {
         "normalized_keypoint_error", "inter_ocular_error", "summed_keypoint_error",
         "percentage_correct_keypoints", "orientation_invariant_error",
