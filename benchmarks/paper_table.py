@@ -48,7 +48,7 @@ class Published:
     source: str
 
 
-_SECONDARY = "SPEC 7 (secondary source)"
+_SECONDARY = "secondary source (docs/method.md section 7)"
 _PWC = "paperswithcode (from the paper)"
 PUBLISHED: dict[str, Published] = {
     "cub_aligned": Published("normalized_keypoint_error", 5.06, _SECONDARY),
