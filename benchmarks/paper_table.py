@@ -1,5 +1,6 @@
-"""StableKeypoints' results table, reproduced: fit and test ``conf/paper/<name>.yaml``, then print this
-project's number beside the published one for every chosen dataset.
+"""StableKeypoints' results table, reproduced: fit and test ``conf/paper/base.yaml`` with
+``conf/paper/<name>.yaml``, then print this project's number beside the published one for every
+chosen dataset.
 
     python -m benchmarks.paper_table --configs cub_001 celeba_aligned --output outputs/paper_table
     python -m benchmarks.paper_table --configs cub_all --output outputs/paper_table \\
@@ -33,6 +34,8 @@ from lightning_modules.app import files
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = REPO / "conf" / "paper"
+#: What every paper config shares; given before ``<name>.yaml``, which holds only what differs.
+PAPER_BASE = PAPER_CONFIGS / "base.yaml"
 RESULT_FILE = "result.json"
 FIT_FILE = "fit.json"
 
@@ -46,7 +49,7 @@ class Published:
     source: str
 
 
-_SECONDARY = "SPEC 7 (secondary source)"
+_SECONDARY = "secondary source (docs/method.md section 7)"
 _PWC = "paperswithcode (from the paper)"
 PUBLISHED: dict[str, Published] = {
     "cub_aligned": Published("normalized_keypoint_error", 5.06, _SECONDARY),
@@ -113,7 +116,7 @@ def run_config(name: str, config: Path, output: Path, extra: list[str]) -> Row:
     if result_file.is_file():
         result = json.loads(result_file.read_text())
         return Row(name, result["metric"], result["value"], result["higher_is_better"], "done (earlier run)")
-    common = ["--config", str(config), "--trainer.default_root_dir", str(folder),
+    common = ["--config", str(PAPER_BASE), "--config", str(config), "--trainer.default_root_dir", str(folder),
               "--trainer.logger.init_args.save_dir", str(folder), *extra]
     fit_file = folder / FIT_FILE
     if fit_file.is_file():
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", required=True, help=f"names of conf/paper/*.yaml: {', '.join(PUBLISHED)}")
+    parser.add_argument("--configs", nargs="+", required=True, help=f"conf/paper/<name>.yaml, each on top of base.yaml: {', '.join(PUBLISHED)}")
     parser.add_argument("--output", required=True, type=Path, help="folder of the runs and the table")
     args = parser.parse_args(own)
     unknown = [name for name in args.configs if name not in PUBLISHED]

@@ -1,4 +1,5 @@
-"""conf/paper/*.yaml: StableKeypoints' published settings, each parsed by the real CLI for fit and test."""
+"""conf/paper/: StableKeypoints' published settings (base.yaml + one file per benchmark), each parsed by the
+real CLI for fit and test."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import yaml
 from tests.conftest import REPO
 
 PAPER = REPO / "conf" / "paper"
+BASE = PAPER / "base.yaml"
 
-# name: (DataModule, dataset variant, K, max_steps); the rest is shared (SK main.py's defaults).
+# name: (DataModule, dataset variant, K, max_steps); the rest is shared (SK main.py's defaults, in base.yaml).
 EXPECTED = {
     "cub_aligned": ("data.cub.CUBDataModule", "cub_aligned", 10, 10000),
     "cub_all": ("data.cub.CUBDataModule", "cub_all", 10, 10000),
@@ -25,7 +27,7 @@ EXPECTED = {
 
 
 def test_every_paper_config_is_listed() -> None:
-    assert sorted(p.stem for p in PAPER.glob("*.yaml")) == sorted(EXPECTED)
+    assert sorted(p.stem for p in PAPER.glob("*.yaml") if p != BASE) == sorted(EXPECTED)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -35,7 +37,7 @@ def test_paper_config_parses_for_fit_and_test_with_sk_settings(name: str, capsys
     data_class, variant, top_k, max_steps = EXPECTED[name]
     for subcommand in ("fit", "test"):
         with pytest.raises(SystemExit) as exit_:
-            main([subcommand, "--config", str(PAPER / f"{name}.yaml"), "--print_config"])
+            main([subcommand, "--config", str(BASE), "--config", str(PAPER / f"{name}.yaml"), "--print_config"])
         assert exit_.value.code in (0, None)
         config = yaml.safe_load(capsys.readouterr().out)
         model, data = config["model"], config["data"]
@@ -52,3 +54,12 @@ def test_paper_config_parses_for_fit_and_test_with_sk_settings(name: str, capsys
         assert config["trainer"]["default_root_dir"] == f"outputs/paper/{name}"
     text = (PAPER / f"{name}.yaml").read_text()
     assert "SK main.py" in text and "Published:" in text  # each setting cites its source
+    assert "SK main.py" in BASE.read_text()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_benchmark_file_holds_only_what_differs_from_the_base(name: str) -> None:
+    config = yaml.safe_load((PAPER / f"{name}.yaml").read_text())
+    assert set(config) <= {"trainer", "model", "data"}
+    assert set(config.get("model", {})) <= {"top_k"}
+    assert set(config["trainer"]) <= {"max_steps", "default_root_dir", "logger", "callbacks"}

@@ -19,17 +19,17 @@ def test_table_puts_this_project_beside_the_published_number() -> None:
     assert paper_table.markdown(rows).splitlines() == [
         "| config | metric | this project | published | difference | better | source | status |",
         "|---|---|---|---|---|---|---|---|",
-        "| cub_aligned | normalized_keypoint_error | 6.12 | 5.06 | +1.07 | lower | SPEC 7 (secondary source) | done |",
+        "| cub_aligned | normalized_keypoint_error | 6.12 | 5.06 | +1.07 | lower | secondary source (docs/method.md section 7) | done |",
         "| deepfashion | percentage_correct_keypoints |  | 70.00 |  |  | paperswithcode (from the paper) | fit failed: see x/fit.log |",
     ]
     assert paper_table.csv_text(rows).splitlines()[:2] == [
         "config,metric,this project,published,difference,better,source,status",
-        "cub_aligned,normalized_keypoint_error,6.12,5.06,+1.07,lower,SPEC 7 (secondary source),done",
+        "cub_aligned,normalized_keypoint_error,6.12,5.06,+1.07,lower,secondary source (docs/method.md section 7),done",
     ]
 
 
 def test_every_paper_config_has_a_published_number_and_metric() -> None:
-    assert sorted(PUBLISHED) == sorted(p.stem for p in paper_table.PAPER_CONFIGS.glob("*.yaml"))
+    assert sorted(PUBLISHED) == sorted(p.stem for p in paper_table.PAPER_CONFIGS.glob("*.yaml") if p != paper_table.PAPER_BASE)
     assert {p.metric for p in PUBLISHED.values()} == {
         "normalized_keypoint_error", "inter_ocular_error", "summed_keypoint_error",
         "percentage_correct_keypoints", "orientation_invariant_error",
