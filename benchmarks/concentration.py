@@ -1,4 +1,4 @@
-"""Attention concentration of every model family after a short demo fit (SPEC section 7).
+"""Attention concentration of every model family after a short demo fit (docs/method.md section 7).
 
 Trains the demo settings on tiny random models of SD 1.5, SDXL and zero123plus (weights only,
 reference attention, and the naive Stable123Keypoints variant) and prints the logged

@@ -3,7 +3,7 @@
 Points are given in continuous pixel coordinates (``data/base.py``): pixel i spans [i, i + 1), so
 its centre is at i + 0.5. Keypoint k is drawn in ``PALETTE[k % len(PALETTE)]`` in every image,
 so the same keypoint has the same colour everywhere. Files are always written as PNG
-(``save_png``), never JPEG bytes under a ``.png`` name (SPEC section 9, bug 11).
+(``save_png``), never JPEG bytes under a ``.png`` name (docs/method.md section 9, bug 11).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class AttentionVisualizer(Callback):
     At the start of training it fixes the first ``num_images`` images of
     ``trainer.datamodule.keypoint_index_dataloader()`` (no augmentation) and a noise seed, so the
     pictures of successive steps differ by the learned context alone. During training the global
-    keypoint tokens are not chosen yet (they are ranked after fit, SPEC 5.1), so for each image it
+    keypoint tokens are not chosen yet (they are ranked after fit, docs/method.md section 5.1), so for each image it
     selects tokens as a training step does (``StableKeypoints.select`` with the
     model's ``top_k``, ``furthest_point_num_samples``, ``selection`` and ``sigma_px``), and says so
     on the picture; when the model already has its keypoint tokens (a pretrained context) those are

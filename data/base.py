@@ -95,7 +95,7 @@ class KeypointDataModule(L.LightningDataModule):
     - ``predict``: ``predict_dataloader`` over ``path`` (a folder or one image) when given, else
       over the test split.
     - ``keypoint_index_dataloader``: training images without augmentation (``ranking_dataset``); the
-      global keypoint tokens are ranked on ``num_indices`` of them drawn at random (SPEC 5.1).
+      global keypoint tokens are ranked on ``num_indices`` of them drawn at random (docs/method.md section 5.1).
 
     Args:
         image_size: side S of the square images fed to the model, in pixels.

@@ -30,7 +30,7 @@ def pixels_to_unit(xy_px: np.ndarray, width: int, height: int) -> torch.Tensor:
 
     Annotations give the pixel a point lies on; its centre is at ``+ 0.5`` in the continuous
     coordinates of ``data.base`` (pixel i spans [i, i + 1)). A ground-truth point on pixel i thus
-    maps to the same value as a detector's argmax on that pixel (SPEC section 5.2 uses pixel
+    maps to the same value as a detector's argmax on that pixel (docs/method.md section 5.2 uses pixel
     centres). SK divided by the size without the half pixel: a shift of half a source pixel.
     """
     xy = torch.as_tensor(xy_px, dtype=torch.float32)

@@ -10,7 +10,7 @@ On-disk layout under ``root``:
 
 Differences from SK, on purpose:
 - SK normalized these images twice (``Normalize(0.5, 0.5)`` here, then ``2x - 1`` before the VAE:
-  input in [-3, 1], SPEC section 9.3). Images here are in [0, 1] like every dataset.
+  input in [-3, 1], docs/method.md section 9.3). Images here are in [0, 1] like every dataset.
 - SK rolled the keypoints to (y, x), the (row, column) order of its argmax detector; they stay
   (x, y) here.
 - SK had no visibility: every keypoint was scored. Keypoints with a coordinate <= 0 (how such

@@ -52,7 +52,7 @@ H36M_SOURCE = (
 #: hip, knee, ankle, foot, toes = 1-5 <-> left 6-10; left shoulder, elbow, wrist, hand, small
 #: finger, centre finger, thumb = 17-23 <-> right 25-31. Joints 0 and 11 (hip), 12-15 (spine, neck,
 #: head) lie on the midline, and 16 and 24 are duplicates of a midline joint in the 32-joint
-#: release (SK leaves them unswapped too). SK lists (21, 28) where (21, 29) is meant (SPEC
+#: release (SK leaves them unswapped too). SK lists (21, 28) where (21, 29) is meant (docs/method.md
 #: section 9, bug 9): with joint 28 paired twice, SK's "swap" copies joint 28 into both 20 and 21,
 #: drops joint 20 and never moves 29. Here it is (21, 29), the two small fingers, so the swap is a
 #: permutation; ``lightning_modules.metrics.swap_permutation`` rejects a list that names a joint twice.

@@ -34,7 +34,7 @@ from lightning_modules.app.errors import ConfigError
 
 @dataclass
 class AffineAugmentation:
-    """Ranges of the random affine transform (SPEC section 4).
+    """Ranges of the random affine transform (docs/method.md section 4).
 
     Args:
         degrees: rotation drawn from U(-degrees, degrees).

@@ -1,4 +1,4 @@
-"""How concentrated attention maps are: makes "the maps do not localize" a number (SPEC section 7)."""
+"""How concentrated attention maps are: makes "the maps do not localize" a number (docs/method.md section 7)."""
 
 from __future__ import annotations
 

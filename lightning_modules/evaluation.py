@@ -1,4 +1,4 @@
-"""The test stage (SPEC section 7) in one place: collect, fit, score, write; every image counted once.
+"""The test stage (docs/method.md section 7) in one place: collect, fit, score, write; every image counted once.
 
 A DataModule names its evaluation (``data.base.Evaluation``: the metric, its arguments, the regression
 protocol); ``RegressorEvaluation.of`` builds it. ``test`` runs two loaders: the regression split (0),
@@ -145,7 +145,7 @@ class RegressorEvaluation:
         split.update(index, keypoints, targets, visible)
 
     def fit(self) -> LinearKeypointRegressor:
-        """Fits the regressor on every rank's regression rows (SPEC section 7)."""
+        """Fits the regressor on every rank's regression rows (docs/method.md section 7)."""
         if not len(self.regression) and not torch.distributed.is_initialized():
             raise RuntimeError("The regression split produced no keypoints: the regressor cannot be fitted.")
         rows = self.regression.compute()

@@ -1,4 +1,4 @@
-"""From a trained context to keypoints (SPEC section 5): the global token set, then per-image points."""
+"""From a trained context to keypoints (docs/method.md section 5): the global token set, then per-image points."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The two training losses of SPEC section 4, on the selected tokens' maps."""
+"""The two training losses of docs/method.md section 4, on the selected tokens' maps."""
 
 from __future__ import annotations
 

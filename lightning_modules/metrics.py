@@ -1,4 +1,4 @@
-"""The benchmark metrics of SPEC section 7, as torchmetrics ``Metric``s with functional twins.
+"""The benchmark metrics of docs/method.md section 7, as torchmetrics ``Metric``s with functional twins.
 
 Every metric takes ``update(preds, target, visible)``: preds and target (B, J, 2) in the project's
 point convention ((x, y) normalized to [0, 1], ``data/base.py``), visible (B, J) bool or None (all

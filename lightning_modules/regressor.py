@@ -1,4 +1,4 @@
-"""The linear regressor of SPEC section 7: discovered keypoints -> ground-truth keypoints.
+"""The linear regressor of docs/method.md section 7: discovered keypoints -> ground-truth keypoints.
 
 Points follow the project convention (``data/base.py``): (x, y) normalized to [0, 1]. Both sides
 are flattened to ``[x1, y1, x2, y2, ...]`` and centred by subtracting 0.5, and the map has no

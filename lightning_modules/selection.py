@@ -26,7 +26,7 @@ def gaussian_maps(pixels: Tensor, size: int, sigma_px: float) -> Tensor:
     """pixels: (..., 2) integer (x, y) pixel indices on a size x size grid -> (..., size, size) Gaussians, peak 1.
 
     Each Gaussian is centred on its pixel's centre (continuous coordinate index + 0.5) and is
-    exp(-d^2 / (2 sigma^2)), not normalized: the localization target of SPEC section 4. kornia's
+    exp(-d^2 / (2 sigma^2)), not normalized: the localization target of docs/method.md section 4. kornia's
     ``render_gaussian2d`` draws it as a PDF (sum 1 over the grid); centred on a pixel, the PDF's
     maximum is its value at the centre, so dividing by it gives the peak-1 Gaussian (to float32
     rounding, 1e-7).

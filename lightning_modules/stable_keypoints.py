@@ -263,7 +263,7 @@ class StableKeypoints(L.LightningModule):
     # ------------------------------------------------------------------ keypoints
     @torch.no_grad()
     def choose_keypoint_tokens(self) -> Tensor:
-        """Ranks tokens over ``num_indices`` random training images (SPEC 5.1) -> ``keypoint_tokens`` (K,).
+        """Ranks tokens over ``num_indices`` random training images (docs/method.md section 5.1) -> ``keypoint_tokens`` (K,).
 
         The images are ``keypoint_index_dataloader(num_indices, noise_seed)``'s seeded draw, each
         with noise from ``(noise_seed, RANKING, sample_key)``. Global rank 0 ranks and broadcasts
@@ -294,7 +294,7 @@ class StableKeypoints(L.LightningModule):
 
     @torch.no_grad()
     def keypoints(self, images: Tensor, sample_keys: Tensor | list[int], regions: Tensor | None = None) -> Tensor:
-        """images: (B, 3, S, S) in [0, 1], their ``sample_key``s (B,) -> (B, K, 2) normalized (x, y) keypoints (SPEC 5.2).
+        """images: (B, 3, S, S) in [0, 1], their ``sample_key``s (B,) -> (B, K, 2) normalized (x, y) keypoints (docs/method.md section 5.2).
 
         ``regions`` (B, 4) normalized (x0, y0, x1, y1): search each image's keypoints there only.
         """

@@ -1,4 +1,4 @@
-"""SPEC 5 and 7 as a protocol: per-image draws, the token-ranking images, every test image counted once."""
+"""docs/method.md section 5 and 7 as a protocol: per-image draws, the token-ranking images, every test image counted once."""
 
 from __future__ import annotations
 

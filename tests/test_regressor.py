@@ -12,7 +12,7 @@ from tests.conftest import tiny_module
 
 
 def numpy_fit(keypoints: np.ndarray, targets: np.ndarray, visible: np.ndarray | None) -> np.ndarray:
-    """The SPEC section 7 recipe, one ground-truth keypoint at a time."""
+    """The docs/method.md section 7 recipe, one ground-truth keypoint at a time."""
     n = keypoints.shape[0]
     x = keypoints.reshape(n, -1).astype(np.float64) - 0.5
     y = targets.reshape(n, -1).astype(np.float64) - 0.5

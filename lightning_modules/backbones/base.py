@@ -43,7 +43,7 @@ class Backbone(nn.Module):
         layers: full names of the captured cross-attention layers; ``None`` = the family default.
             Checked against the UNet's config before any weight loads.
         noise_level: index into the scheduler's ``num_inference_steps`` timestep grid; -1 is the
-            least noisy step (SPEC section 2).
+            least noisy step (docs/method.md section 2).
         num_inference_steps: size of the DDIM timestep grid that ``noise_level`` indexes.
         latent_scaling_factor: the factor VAE latents are multiplied by; ``None`` = the VAE config's
             ``scaling_factor`` (0.13025 for SDXL). StableXLKeypoints used SD's 0.18215 for SDXL.
@@ -143,7 +143,7 @@ class Backbone(nn.Module):
         """Freezes the given components and installs the attention capture.
 
         ``load`` calls it; benchmarks call it directly with randomly initialized real-size models.
-        ``scheduler``'s config gives the noise schedule, run as a 50-step DDIM grid (SPEC section 2).
+        ``scheduler``'s config gives the noise schedule, run as a 50-step DDIM grid (docs/method.md section 2).
         """
         self.unet = unet if unet.dtype == self.dtype else unet.to(self.dtype)
         self.vae = vae if vae.dtype == self.vae_dtype else vae.to(self.vae_dtype)

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x / 2.x: the family of StableKeypoints (SPEC section 6.1)."""
+"""Stable Diffusion 1.x / 2.x: the family of StableKeypoints (docs/method.md section 6.1)."""
 
 from __future__ import annotations
 

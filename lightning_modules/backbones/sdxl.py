@@ -1,4 +1,4 @@
-"""Stable Diffusion XL: the family of StableXLKeypoints (SPEC sections 2 and 6.2)."""
+"""Stable Diffusion XL: the family of StableXLKeypoints (docs/method.md sections 2 and 6.2)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""zero123plus-v1.2: the family of Stable123Keypoints (SPEC section 6.3).
+"""zero123plus-v1.2: the family of Stable123Keypoints (docs/method.md section 6.3).
 
 An SD 2-style UNet (1024-wide context, v-prediction) fine-tuned to generate views of an object
 from a condition image. Its official pipeline is hub remote code that wraps the UNet for
 "reference-only" attention; this module never runs it. It loads the UNet, VAE and scheduler as
 plain diffusers components and offers two modes:
 
-- ``weights_only``: the UNet alone, exactly as SD 1.5 is used (SPEC section 2).
+- ``weights_only``: the UNet alone, exactly as SD 1.5 is used (docs/method.md section 2).
 - ``reference_attention``: a reimplementation of the reference-only conditioning. A write pass runs
   the UNet on the noised condition latent and stores what enters each self-attention (``attn1``);
   the read pass (the captured one) lets each self-attention attend over its own tokens plus the
