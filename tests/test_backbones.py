@@ -158,8 +158,9 @@ def test_the_condition_image_is_prepared_by_the_folders_feature_extractor_vae(ti
     torch.testing.assert_close(latents["condition"], backbone.vae.encode(pixels).latent_dist.mean)
 
 
-def test_the_condition_image_is_resized_bicubically_and_centre_cropped(tiny_zero123plus_path):
-    """Against PIL directly: a 48 x 64 image -> 320 x 426 (bicubic) -> centre crop 320 -> (x - 0.5) / 0.5."""
+def test_the_condition_image_is_resized_bilinearly_and_centre_cropped(tiny_zero123plus_path):
+    """Against PIL directly, with v1.2's processor: a 48 x 64 image -> 512 x 682 (bilinear) -> centre crop 512
+    -> (x - 0.5) / 0.8."""
     import numpy as np
     from PIL import Image
 
@@ -167,9 +168,9 @@ def test_the_condition_image_is_resized_bicubically_and_centre_cropped(tiny_zero
     backbone.load()
     image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     u8 = (image[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    resized = np.asarray(Image.fromarray(u8).resize((426, 320), Image.BICUBIC), dtype=np.float32) / 255
-    left = (426 - 320) // 2
-    expected = torch.from_numpy((resized[:, left : left + 320] - 0.5) / 0.5).permute(2, 0, 1)
+    resized = np.asarray(Image.fromarray(u8).resize((682, 512), Image.BILINEAR), dtype=np.float32) / 255
+    left = (682 - 512) // 2
+    expected = torch.from_numpy((resized[:, left : left + 512] - 0.5) / 0.8).permute(2, 0, 1)
     torch.testing.assert_close(backbone.condition_pixels(image)[0], expected, atol=1e-5, rtol=0)
 
 
@@ -181,7 +182,7 @@ def test_reference_attention_reads_the_condition_and_only_the_read_pass_is_captu
     reference.load()
     latents = reference.encode(images)
     assert set(latents) == {"latents", "condition"}
-    assert latents["condition"].shape[-1] == 320 // 8  # the tiny folder's processor crops 320 px
+    assert latents["condition"].shape[-1] == 512 // 8  # the tiny folder's processor crops 512 px, as v1.2's
     noise = reference.sample_noise(latents, torch.Generator().manual_seed(0))
 
     recorded, visits, modes = [], [], []
