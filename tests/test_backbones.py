@@ -153,9 +153,11 @@ def test_the_condition_image_is_prepared_by_the_folders_feature_extractor_vae(ti
     torch.testing.assert_close(pixels[0, :, 0, 0], torch.tensor([1.0, 0.8, 0.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(pixels, torch.tensor([1.0, 0.8, 0.0]).view(1, 3, 1, 1).expand(1, 3, 96, 96), atol=1e-5, rtol=0)
     latents = backbone.encode(flat)
-    assert latents["condition"].shape == (1, 4, 12, 12)
+    assert latents["condition_mean"].shape == (1, 4, 12, 12)
     # Encoded as the pipeline does: the processor's pixel values straight into the VAE, no scaling factor.
-    torch.testing.assert_close(latents["condition"], backbone.vae.encode(pixels).latent_dist.mean)
+    posterior = backbone.vae.encode(pixels).latent_dist
+    torch.testing.assert_close(latents["condition_mean"], posterior.mean)
+    torch.testing.assert_close(latents["condition_std"], posterior.std)
 
 
 def test_the_condition_image_is_resized_bilinearly_and_centre_cropped(tiny_zero123plus_path):
@@ -181,8 +183,8 @@ def test_reference_attention_reads_the_condition_and_only_the_read_pass_is_captu
     reference = Zero123Plus(str(tiny_zero123plus_path), mode="reference_attention")
     reference.load()
     latents = reference.encode(images)
-    assert set(latents) == {"latents", "condition"}
-    assert latents["condition"].shape[-1] == 512 // 8  # the tiny folder's processor crops 512 px, as v1.2's
+    assert set(latents) == {"latents", "condition_mean", "condition_std"}
+    assert latents["condition_mean"].shape[-1] == 512 // 8  # the tiny folder's processor crops 512 px, as v1.2's
     noise = reference.sample_noise(latents, torch.Generator().manual_seed(0))
 
     recorded, visits, modes = [], [], []
@@ -219,7 +221,7 @@ def test_reference_attention_reads_the_condition_and_only_the_read_pass_is_captu
     # Nothing is left over between calls: the same inputs give the same maps again ...
     torch.testing.assert_close(reference.attention_maps(latents, noise, context, 16), with_reference)
     # ... and the condition latents alone change them.
-    other = {**latents, "condition": latents["condition"].flip(-1)}
+    other = {**latents, "condition_mean": latents["condition_mean"].flip(-1)}
     assert (reference.attention_maps(other, noise, context, 16) - with_reference).abs().max() > 1e-4
 
 
@@ -251,6 +253,7 @@ FAMILIES = {
     "sdxl": (StableDiffusionXL, {}, 32),
     "zero123plus": (Zero123Plus, {}, 48),
     "zero123plus_reference": (Zero123Plus, {"mode": "reference_attention"}, 48),
+    "zero123plus_ramp": (Zero123Plus, {"mode": "reference_attention", "image_embedding": "ramp"}, 48),
 }
 
 

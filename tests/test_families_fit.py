@@ -32,6 +32,7 @@ def small_zero123plus_path(tiny_zero123plus_path, tmp_path_factory) -> Path:
         ("sdxl", {}),
         ("sdxl", {"pooled_embedding": "prompt", "engine": Engine(replace_output=True)}),
         ("zero123plus", {"mode": "reference_attention", "engine": Engine(gradient_checkpointing=True)}),
+        ("zero123plus", {"mode": "reference_attention", "condition_latent": "mean", "image_embedding": "ramp"}),
         ("zero123plus", {"naive": True}),
     ],
 )
