@@ -8,13 +8,23 @@ path that does not exist.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from data.demo import DEMO_DIR, is_demo_path
 from lightning_modules.app import files
@@ -119,17 +129,31 @@ def write_tiny_sdxl(folder: str | Path, seed: int = 0) -> None:
 
 
 def condition_image_processor(**overrides) -> CLIPImageProcessorPil:
-    """A ``feature_extractor_vae`` in the format zero123plus-v1.2 ships: a CLIPImageProcessor that resizes
-    the shortest edge to 320 (bicubic), centre-crops 320 x 320, rescales by 1/255 and normalizes with
-    mean = std = 0.5, i.e. to [-1, 1]."""
-    options = dict(size={"shortest_edge": 320}, crop_size={"height": 320, "width": 320}, resample=3,
-                   image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    """zero123plus-v1.2's ``feature_extractor_vae``, as its folder ships it: a CLIPImageProcessor that resizes
+    the shortest edge to 512 (bilinear), centre-crops 512 x 512, rescales by 1/255 and normalizes with
+    mean 0.5, std 0.8."""
+    options = dict(size={"shortest_edge": 512}, crop_size={"height": 512, "width": 512}, resample=2,
+                   image_mean=0.5, image_std=0.8)
     return CLIPImageProcessorPil(**{**options, **overrides})
+
+
+def clip_image_processor() -> CLIPImageProcessorPil:
+    """zero123plus-v1.2's ``feature_extractor_clip``: CLIP's 224 px bicubic resize and centre crop, mean and std."""
+    return CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
+                                 image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+
+
+def tiny_ramping_coefficients(seed: int = 0) -> list[float]:
+    """The tiny model's 77 ``ramping_coefficients``: made-up numbers in [0, 0.5), seeded (v1.2's are
+    learned: 0.003 at the first position, 0.1 to 0.5 after it)."""
+    return (torch.rand(77, generator=torch.Generator().manual_seed(seed)) * 0.5).tolist()
 
 
 def write_tiny_zero123plus(folder: str | Path, seed: int = 0) -> None:
     """zero123plus-shaped: an SD 2-style UNet (linear projections, context 48), the VAE, a v-prediction
-    EulerAncestral scheduler and the ``feature_extractor_vae`` condition-image processor."""
+    EulerAncestral scheduler, the condition-image processors ``feature_extractor_vae`` and
+    ``feature_extractor_clip`` as v1.2 ships them, a CLIP ``vision_encoder`` with 48-wide image embeddings,
+    and a ``model_index.json`` holding the pipeline's 77 ``ramping_coefficients``."""
     folder = Path(folder)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -137,11 +161,30 @@ def write_tiny_zero123plus(folder: str | Path, seed: int = 0) -> None:
             folder / "unet"
         )
         AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
-    EulerAncestralDiscreteScheduler(
+        # Drawn after the UNet and VAE, whose weights therefore do not depend on it.
+        CLIPVisionModelWithProjection(
+            CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                             image_size=224, patch_size=32, projection_dim=48)
+        ).save_pretrained(folder / "vision_encoder")
+    scheduler = EulerAncestralDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="linear", prediction_type="v_prediction",
         timestep_spacing="linspace", steps_offset=1,
-    ).save_pretrained(folder / "scheduler")
+    )
+    scheduler.save_pretrained(folder / "scheduler")
     condition_image_processor().save_pretrained(folder / "feature_extractor_vae")
+    clip_image_processor().save_pretrained(folder / "feature_extractor_clip")
+    # What the pipeline registers in its config (the real file also names its text encoder and tokenizer).
+    index = {
+        "_class_name": "Zero123PlusPipeline",
+        "feature_extractor_clip": ["transformers", "CLIPImageProcessor"],
+        "feature_extractor_vae": ["transformers", "CLIPImageProcessor"],
+        "ramping_coefficients": tiny_ramping_coefficients(seed),
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "vision_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 #: Writer of each family's tiny model, by the family's class name.

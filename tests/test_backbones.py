@@ -153,13 +153,16 @@ def test_the_condition_image_is_prepared_by_the_folders_feature_extractor_vae(ti
     torch.testing.assert_close(pixels[0, :, 0, 0], torch.tensor([1.0, 0.8, 0.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(pixels, torch.tensor([1.0, 0.8, 0.0]).view(1, 3, 1, 1).expand(1, 3, 96, 96), atol=1e-5, rtol=0)
     latents = backbone.encode(flat)
-    assert latents["condition"].shape == (1, 4, 12, 12)
+    assert latents["condition_mean"].shape == (1, 4, 12, 12)
     # Encoded as the pipeline does: the processor's pixel values straight into the VAE, no scaling factor.
-    torch.testing.assert_close(latents["condition"], backbone.vae.encode(pixels).latent_dist.mean)
+    posterior = backbone.vae.encode(pixels).latent_dist
+    torch.testing.assert_close(latents["condition_mean"], posterior.mean)
+    torch.testing.assert_close(latents["condition_std"], posterior.std)
 
 
-def test_the_condition_image_is_resized_bicubically_and_centre_cropped(tiny_zero123plus_path):
-    """Against PIL directly: a 48 x 64 image -> 320 x 426 (bicubic) -> centre crop 320 -> (x - 0.5) / 0.5."""
+def test_the_condition_image_is_resized_bilinearly_and_centre_cropped(tiny_zero123plus_path):
+    """Against PIL directly, with v1.2's processor: a 48 x 64 image -> 512 x 682 (bilinear) -> centre crop 512
+    -> (x - 0.5) / 0.8."""
     import numpy as np
     from PIL import Image
 
@@ -167,9 +170,9 @@ def test_the_condition_image_is_resized_bicubically_and_centre_cropped(tiny_zero
     backbone.load()
     image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     u8 = (image[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    resized = np.asarray(Image.fromarray(u8).resize((426, 320), Image.BICUBIC), dtype=np.float32) / 255
-    left = (426 - 320) // 2
-    expected = torch.from_numpy((resized[:, left : left + 320] - 0.5) / 0.5).permute(2, 0, 1)
+    resized = np.asarray(Image.fromarray(u8).resize((682, 512), Image.BILINEAR), dtype=np.float32) / 255
+    left = (682 - 512) // 2
+    expected = torch.from_numpy((resized[:, left : left + 512] - 0.5) / 0.8).permute(2, 0, 1)
     torch.testing.assert_close(backbone.condition_pixels(image)[0], expected, atol=1e-5, rtol=0)
 
 
@@ -180,8 +183,8 @@ def test_reference_attention_reads_the_condition_and_only_the_read_pass_is_captu
     reference = Zero123Plus(str(tiny_zero123plus_path), mode="reference_attention")
     reference.load()
     latents = reference.encode(images)
-    assert set(latents) == {"latents", "condition"}
-    assert latents["condition"].shape[-1] == 320 // 8  # the tiny folder's processor crops 320 px
+    assert set(latents) == {"latents", "condition_mean", "condition_std"}
+    assert latents["condition_mean"].shape[-1] == 512 // 8  # the tiny folder's processor crops 512 px, as v1.2's
     noise = reference.sample_noise(latents, torch.Generator().manual_seed(0))
 
     recorded, visits, modes = [], [], []
@@ -218,7 +221,7 @@ def test_reference_attention_reads_the_condition_and_only_the_read_pass_is_captu
     # Nothing is left over between calls: the same inputs give the same maps again ...
     torch.testing.assert_close(reference.attention_maps(latents, noise, context, 16), with_reference)
     # ... and the condition latents alone change them.
-    other = {**latents, "condition": latents["condition"].flip(-1)}
+    other = {**latents, "condition_mean": latents["condition_mean"].flip(-1)}
     assert (reference.attention_maps(other, noise, context, 16) - with_reference).abs().max() > 1e-4
 
 
@@ -259,6 +262,7 @@ FAMILIES = {
     "sdxl": (StableDiffusionXL, {}, 32),
     "zero123plus": (Zero123Plus, {}, 48),
     "zero123plus_reference": (Zero123Plus, {"mode": "reference_attention"}, 48),
+    "zero123plus_ramp": (Zero123Plus, {"mode": "reference_attention", "image_embedding": "ramp"}, 48),
 }
 
 

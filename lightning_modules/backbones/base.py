@@ -23,8 +23,9 @@ from lightning_modules.backbones.signature import ContextSignature
 from lightning_modules.capture import AttentionCall, AttentionCapture, check_layer_names
 from lightning_modules.engine import AppliedEngine, Engine
 
-#: Latents of a batch, by name: ``latents`` (B, 4, h, w) always; a family may add more
-#: (zero123plus' reference mode adds its ``condition`` latents). Noise has the same keys.
+#: What ``encode`` makes of a batch, by name: ``latents`` (B, 4, h, w) always; a family may add more
+#: (zero123plus' reference mode: its condition's posterior and image embedding). ``sample_noise`` draws
+#: the noise of ``latents`` (and the family's own draws, under their own keys).
 Latents = dict[str, Tensor]
 
 
@@ -248,11 +249,16 @@ class Backbone(nn.Module):
         """Keyword arguments the UNet needs beside the context (SDXL: ``added_cond_kwargs``)."""
         return {}
 
-    def unet_forward(self, latents: Tensor, noise: Tensor, context: Tensor) -> Callable[[dict], object]:
-        """One UNet call on noised ``latents``, as a function of its ``cross_attention_kwargs``."""
+    def unet_forward(self, latents: Tensor, noise: Tensor, context: Tensor,
+                     hidden: Tensor | None = None) -> Callable[[dict], object]:
+        """One UNet call on noised ``latents``, as a function of its ``cross_attention_kwargs``.
+
+        ``hidden``: the UNet's ``encoder_hidden_states`` (B, T, D) when a family makes them per image
+        (zero123plus' ramped image embedding); default the context, the same for every image.
+        """
         batch = latents.shape[0]
         noisy = self.applied.prepare(self.add_noise(latents, noise).to(self.dtype))
-        hidden = context.to(self.dtype).unsqueeze(0).expand(batch, -1, -1)
+        hidden = context.to(self.dtype).unsqueeze(0).expand(batch, -1, -1) if hidden is None else hidden.to(self.dtype)
         kwargs = self.added_conditions(context, batch, latents.shape[-1] * self.vae_scale_factor)
         return lambda call_kwargs: self.unet(noisy, self.timestep, encoder_hidden_states=hidden, return_dict=False,
                                              cross_attention_kwargs=call_kwargs, **kwargs)
