@@ -63,8 +63,9 @@ def test_lean_modules_give_the_same_gradients_bit_for_bit_and_keep_less(memory_f
 def test_geglu_keeps_only_its_projection_and_matches_autograd():
     torch.manual_seed(0)
     plain = GEGLU(6, 5).requires_grad_(False)
-    lean = copy.deepcopy(plain)
-    keep_less_for_backward(lean)
+    holder = nn.Sequential(copy.deepcopy(plain))  # the modules of a model are replaced, not the model itself
+    assert keep_less_for_backward(holder) == 1
+    lean = holder[0]
     assert type(lean) is FrozenGEGLU
     x = torch.randn(3, 4, 6, requires_grad=True)
     grads, kept = [], []
@@ -92,8 +93,10 @@ def test_geglu_keeps_only_its_projection_and_matches_autograd():
 def test_a_convolution_whose_weight_trains_keeps_the_plain_backward():
     torch.manual_seed(0)
     plain = nn.Conv2d(3, 4, 3, padding=1)
-    lean = copy.deepcopy(plain)
-    keep_less_for_backward(lean)
+    holder = nn.Sequential(copy.deepcopy(plain))
+    assert keep_less_for_backward(holder) == 1
+    lean = holder[0]
+    assert type(lean) is FrozenConv2d
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     for module in (plain, lean):
         module(x).sum().backward()
@@ -113,3 +116,12 @@ def test_the_backbone_uses_them_unless_the_unet_is_compiled(tiny_sd_path, compil
     assert (FrozenConv2d in kinds) is not compile_unet
     assert (nn.Conv2d in kinds) is compile_unet
     assert all(type(m) is nn.Conv2d for m in backbone.vae.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_the_replacements_hold_the_same_parameter_objects_under_the_same_names():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(GEGLU(4, 2)))
+    before = dict(model.named_parameters())
+    assert keep_less_for_backward(model) == 2
+    assert (type(model[0]), type(model[1][0])) == (FrozenConv2d, FrozenGEGLU)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[name] is before[name] for name in before)

@@ -9,7 +9,7 @@ backward, and for two common modules it keeps more than that gradient reads:
 - diffusers' ``GEGLU`` keeps ``gelu(gate)`` beside the projection it was computed from, one gelu
   away (0.17 GiB).
 
-``keep_less_for_backward`` turns a frozen model's ``nn.Conv2d`` and ``GEGLU`` modules into
+``keep_less_for_backward`` replaces a frozen model's ``nn.Conv2d`` and ``GEGLU`` modules by
 subclasses that keep only the weight, resp. the projection. Their gradients are computed by the
 same kernels in the same order as autograd's, so they are equal bit for bit (tested). Selective
 activation checkpointing (``torch.utils.checkpoint``) could drop the second but keeps the block's
@@ -43,6 +43,15 @@ class _InputGradConv2d(torch.autograd.Function):
 class FrozenConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` with frozen weights that keeps no activation for backward."""
 
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> FrozenConv2d:
+        """The same convolution (the same parameter objects, no copy) as a ``FrozenConv2d``."""
+        with torch.device("meta"):
+            lean = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                       conv.groups, conv.bias is not None, conv.padding_mode)
+        lean.weight, lean.bias = conv.weight, conv.bias
+        return lean.train(conv.training)
+
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
         needs_input_grad = input.requires_grad and torch.is_grad_enabled()
@@ -71,6 +80,15 @@ class _GatedGelu(torch.autograd.Function):
 class FrozenGEGLU(GEGLU):
     """diffusers' ``GEGLU`` that keeps only its projection for backward, not ``gelu(gate)`` too."""
 
+    @classmethod
+    def of(cls, geglu: GEGLU) -> FrozenGEGLU:
+        """The same GEGLU (the same projection module, no copy) as a ``FrozenGEGLU``."""
+        proj = geglu.proj
+        with torch.device("meta"):
+            lean = cls(proj.in_features, proj.out_features // 2, proj.bias is not None)
+        lean.proj = proj
+        return lean.train(geglu.training)
+
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         projected = self.proj(hidden_states)
         if torch.is_grad_enabled() and projected.requires_grad:
@@ -79,20 +97,18 @@ class FrozenGEGLU(GEGLU):
         return a * self.gelu(gate)
 
 
-#: The exact classes swapped (subclasses of them are someone else's modules, left alone).
+#: The exact classes replaced (subclasses of them are someone else's modules, left alone).
 _LEAN = {nn.Conv2d: FrozenConv2d, GEGLU: FrozenGEGLU}
 
 
 def keep_less_for_backward(model: nn.Module) -> int:
-    """Turns ``model``'s ``nn.Conv2d`` and ``GEGLU`` modules into ``FrozenConv2d`` / ``FrozenGEGLU``.
+    """Replaces ``model``'s ``nn.Conv2d`` and ``GEGLU`` modules by ``FrozenConv2d`` / ``FrozenGEGLU``.
 
-    The modules keep their parameters, names and hooks (only their class changes); a convolution
-    falls back to its plain forward when its own weight requires grad. Returns how many changed.
+    The new modules hold the same parameter objects under the same names; a convolution falls back
+    to its plain forward when its own weight requires grad. Returns how many were replaced. Call it
+    before anything registers hooks on the modules (``Engine.apply`` does, before the capture).
     """
-    changed = 0
-    for module in model.modules():
-        lean = _LEAN.get(type(module))
-        if lean is not None:
-            module.__class__ = lean
-            changed += 1
-    return changed
+    lean = [(name, _LEAN[type(module)]) for name, module in model.named_modules() if type(module) in _LEAN]
+    for name, cls in lean:
+        model.set_submodule(name, cls.of(model.get_submodule(name)))
+    return len(lean)
