@@ -81,6 +81,20 @@ def tiny_zero123plus_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_zero123plus_64_path(tiny_zero123plus_path, tmp_path_factory) -> Path:
+    """The tiny zero123plus with a 64 px condition image instead of v1.2's 512: the same code path, a fraction of the work."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("z123") / "zero123plus-tiny-64"
+    shutil.copytree(tiny_zero123plus_path, folder)
+    config = folder / "feature_extractor_vae" / "preprocessor_config.json"
+    small = {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}
+    config.write_text(json.dumps({**json.loads(config.read_text()), **small}))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def cub_root(tmp_path_factory) -> Path:
     from data.demo import write_synthetic_cub
 

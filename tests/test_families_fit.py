@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,17 +10,6 @@ import torch
 from data.cub import CUBDataModule
 from lightning_modules.backbones import Engine, StableDiffusionXL, Zero123Plus
 from tests.conftest import tiny_module
-
-
-@pytest.fixture(scope="module")
-def small_zero123plus_path(tiny_zero123plus_path, tmp_path_factory) -> Path:
-    """The tiny zero123plus with a 64 px condition image instead of v1.2's 512: the same code path, a fraction of the work."""
-    folder = tmp_path_factory.mktemp("z123") / "zero123plus-tiny-64"
-    shutil.copytree(tiny_zero123plus_path, folder)
-    config = folder / "feature_extractor_vae" / "preprocessor_config.json"
-    small = {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}
-    config.write_text(json.dumps({**json.loads(config.read_text()), **small}))
-    return folder
 
 
 @pytest.mark.parametrize(
@@ -36,8 +22,8 @@ def small_zero123plus_path(tiny_zero123plus_path, tmp_path_factory) -> Path:
         ("zero123plus", {"naive": True}),
     ],
 )
-def test_fit_on_demo_data(family, options, tiny_sdxl_path, small_zero123plus_path, cub_root, tmp_path):
-    cls, path = {"sdxl": (StableDiffusionXL, tiny_sdxl_path), "zero123plus": (Zero123Plus, small_zero123plus_path)}[family]
+def test_fit_on_demo_data(family, options, tiny_sdxl_path, tiny_zero123plus_64_path, cub_root, tmp_path):
+    cls, path = {"sdxl": (StableDiffusionXL, tiny_sdxl_path), "zero123plus": (Zero123Plus, tiny_zero123plus_64_path)}[family]
     module = tiny_module(path, family=cls, backbone=options, load=False, num_tokens=30, top_k=3, furthest_point_num_samples=6,
                          sigma_px=2.0, num_indices=4, augmentation_iterations=2)
     datamodule = CUBDataModule(str(cub_root), image_size=64, batch_size=2, num_workers=0)

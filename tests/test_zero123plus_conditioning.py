@@ -34,17 +34,6 @@ CONDITION_SAMPLE = [-1.000648021697998, -0.9822231531143188, -0.2731022238731384
 CONDITION_MEAN = [0.04335334897041321, 0.11263588070869446, -0.049337804317474365, 0.10197629034519196]
 
 
-@pytest.fixture(scope="module")
-def small_path(tiny_zero123plus_path, tmp_path_factory) -> Path:
-    """The tiny model with a 64 px condition image instead of v1.2's 512: the same code, an eighth of the work."""
-    folder = tmp_path_factory.mktemp("z123") / "zero123plus-tiny-64"
-    shutil.copytree(tiny_zero123plus_path, folder)
-    config = folder / "feature_extractor_vae" / "preprocessor_config.json"
-    small = {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}
-    config.write_text(json.dumps({**json.loads(config.read_text()), **small}))
-    return folder
-
-
 def _images(count: int = 3) -> torch.Tensor:
     return torch.rand(count, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -96,11 +85,11 @@ def test_the_condition_latent_is_a_posterior_sample_from_the_images_generator(ti
     torch.testing.assert_close(mean_mode.condition_latents(mean_latents, mean_noise), latents["condition_mean"])
 
 
-def test_the_draws_come_in_the_pipelines_order_and_leave_the_targets_noise_of_the_other_modes(small_path):
+def test_the_draws_come_in_the_pipelines_order_and_leave_the_targets_noise_of_the_other_modes(tiny_zero123plus_64_path):
     """Per image: the posterior's eps, the target's noise, the write pass's noise. Without the posterior
     draw (condition_latent: mean, weights_only) the target's noise is the generator's first draw, as for SD."""
     images = _images(2)
-    backbone = _backbone(small_path)
+    backbone = _backbone(tiny_zero123plus_64_path)
     latents = backbone.encode(images)
     noise = backbone.sample_noise(latents, _generators(3, 4))
     assert list(noise) == ["condition_posterior", "latents", "condition"]
@@ -114,19 +103,19 @@ def test_the_draws_come_in_the_pipelines_order_and_leave_the_targets_noise_of_th
     for name in batch_noise:
         assert torch.equal(batch_noise[name], torch.randn(batch_noise[name].shape, generator=generator)), name
 
-    weights_only = Zero123Plus(str(small_path))
+    weights_only = Zero123Plus(str(tiny_zero123plus_64_path))
     weights_only.load()
     plain = weights_only.sample_noise(weights_only.encode(images), _generators(3, 4))
     assert list(plain) == ["latents"]
-    mean_mode = _backbone(small_path, condition_latent="mean")
+    mean_mode = _backbone(tiny_zero123plus_64_path, condition_latent="mean")
     mean_noise = mean_mode.sample_noise(mean_mode.encode(images), _generators(3, 4))
     assert list(mean_noise) == ["latents", "condition"]
     assert torch.equal(mean_noise["latents"], plain["latents"])
     assert torch.equal(plain["latents"][0], torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3)))
 
 
-def test_an_image_gets_the_same_draw_and_maps_in_a_batch_of_1_and_of_3(small_path):
-    backbone = _backbone(small_path)
+def test_an_image_gets_the_same_draw_and_maps_in_a_batch_of_1_and_of_3(tiny_zero123plus_64_path):
+    backbone = _backbone(tiny_zero123plus_64_path)
     images = _images(3)
     context = torch.randn(20, 48, generator=torch.Generator().manual_seed(0))
     alone = backbone.encode(images[1:2])
@@ -141,30 +130,30 @@ def test_an_image_gets_the_same_draw_and_maps_in_a_batch_of_1_and_of_3(small_pat
                                backbone.attention_maps(alone, alone_noise, context, 16)[0], atol=1e-6, rtol=1e-5)
 
 
-def test_sampling_the_condition_changes_the_maps(small_path):
+def test_sampling_the_condition_changes_the_maps(tiny_zero123plus_64_path):
     images = _images(2)
     context = torch.randn(20, 48, generator=torch.Generator().manual_seed(0))
     maps = {}
     for option in ("sample", "mean"):
-        backbone = _backbone(small_path, condition_latent=option)
+        backbone = _backbone(tiny_zero123plus_64_path, condition_latent=option)
         latents = backbone.encode(images)
         maps[option] = backbone.attention_maps(latents, backbone.sample_noise(latents, _generators(0, 1)), context, 16)
     assert (maps["sample"] - maps["mean"]).abs().max() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- the image embedding
-def test_the_ramped_image_embedding_is_added_to_the_first_77_tokens(small_path):
-    backbone = _backbone(small_path, image_embedding="ramp")
-    ramp = torch.tensor(json.loads((small_path / "model_index.json").read_text())["ramping_coefficients"])
+def test_the_ramped_image_embedding_is_added_to_the_first_77_tokens(tiny_zero123plus_64_path):
+    backbone = _backbone(tiny_zero123plus_64_path, image_embedding="ramp")
+    ramp = torch.tensor(json.loads((tiny_zero123plus_64_path / "model_index.json").read_text())["ramping_coefficients"])
     assert ramp.shape == (77,)
     torch.testing.assert_close(backbone.ramp, ramp, atol=0, rtol=0)
     images = _images(2)
     latents = backbone.encode(images)
     # The vision encoder on what feature_extractor_clip makes of the 8-bit image, as the pipeline feeds it.
-    processor = CLIPImageProcessorPil.from_pretrained(small_path, subfolder="feature_extractor_clip")
+    processor = CLIPImageProcessorPil.from_pretrained(tiny_zero123plus_64_path, subfolder="feature_extractor_clip")
     pixels = processor(images=_pil(images), return_tensors="pt").pixel_values
     assert pixels.shape == (2, 3, 224, 224)
-    encoder = CLIPVisionModelWithProjection.from_pretrained(small_path, subfolder="vision_encoder")
+    encoder = CLIPVisionModelWithProjection.from_pretrained(tiny_zero123plus_64_path, subfolder="vision_encoder")
     with torch.no_grad():
         embeds = encoder(pixels).image_embeds
     torch.testing.assert_close(latents["image_embeds"], embeds, atol=1e-6, rtol=1e-5)
@@ -181,7 +170,7 @@ def test_the_ramped_image_embedding_is_added_to_the_first_77_tokens(small_path):
     context = torch.randn(30, 48, generator=torch.Generator().manual_seed(0), requires_grad=True)
     noise = backbone.sample_noise(latents, _generators(0, 1))
     with_ramp = backbone.attention_maps(latents, noise, context, 16)
-    without = _backbone(small_path).attention_maps(
+    without = _backbone(tiny_zero123plus_64_path).attention_maps(
         {name: latents[name] for name in ("latents", "condition_mean", "condition_std")}, noise, context, 16)
     assert (with_ramp - without).abs().max() > 1e-4
     with_ramp[:, :3].sum().backward()
