@@ -2,8 +2,16 @@
 
 Builds a model with random weights from a config (no download): ``tiny`` (the test model),
 ``small`` (SD 1.5 block layout, 8.4 M parameters, 768-wide context), ``sd15`` and ``sdxl`` (the
-real architectures). Every mode runs in its own subprocess, so each peak-memory figure is its own,
-and prints one table row; the parent prints the table and the ratios against ``optimized``.
+real architectures). The weights are written once to a diffusers folder
+(``~/.cache/stable_keypoints/bench/<model>``) and loaded from it as a run loads a model, so that the
+memory is what a user's process holds (``from_pretrained`` memory-maps the weight files). Every mode
+runs in its own subprocess, so each peak-memory figure is its own, and prints one table row; the
+parent prints the table and the ratios against ``optimized``.
+
+Memory columns: ``process_peak_gib`` is the peak resident memory of the mode's whole process, load
+included, as ``/usr/bin/time -v`` reports it (on a GPU: ``cuda_allocated_gib`` and
+``cuda_reserved_gib``, PyTorch's peak allocated and reserved GPU memory); ``train_peak_gib`` is the
+same peak taken after the training steps, before extraction.
 
 Modes:
 - ``optimized``: the defaults: one VAE and one UNet call for an image and its augmented copy,
@@ -60,7 +68,8 @@ from data.demo_models import TINY_VAE, sd_scheduler, tiny_sd_unet  # noqa: E402
 from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusionXL  # noqa: E402
 from benchmarks.real_models import SD15_UNET, SD_VAE  # noqa: E402
 from benchmarks.real_models import SDXL_UNET  # noqa: E402
-from lightning_modules.engine import release_freed_host_memory
+from lightning_modules.app import files  # noqa: E402
+from lightning_modules.engine import release_freed_host_memory  # noqa: E402
 from lightning_modules.stable_keypoints import StableKeypoints  # noqa: E402
 
 MODES = ("optimized", "naive", "bf16", "checkpointing", "compile")
@@ -84,6 +93,18 @@ def build_components(model: str, device: torch.device):
     raise ValueError(f"--model {model!r}: use tiny, small, sd15 or sdxl.")
 
 
+def model_folder(model: str) -> Path:
+    """A diffusers folder with ``model``'s random weights (seed 0), written once and then reused."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stable_keypoints" / "bench" / model
+    if not folder.exists():
+        _, unet, vae, scheduler = build_components(model, torch.device("cpu"))
+        with files.atomic_folder(folder) as tmp:
+            unet.save_pretrained(tmp / "unet")
+            vae.save_pretrained(tmp / "vae")
+            scheduler.save_pretrained(tmp / "scheduler")
+    return folder
+
+
 def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
     engine = Engine(
         dtype="bfloat16" if mode == "bf16" else "float32",
@@ -94,14 +115,10 @@ def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
         compile_unet=mode == "compile",
         channels_last=mode != "naive",  # the reference ran NCHW
     )
-    if args.model_dir:  # the weights of a diffusers folder, loaded as a run loads them
-        cls = StableDiffusionXL if args.model == "sdxl" else StableDiffusion
-        backbone = cls(args.model_dir, local_files_only=True, engine=engine)
-        backbone.load()
-    else:
-        cls, unet, vae, scheduler = build_components(args.model, device)
-        backbone = cls(f"random-{args.model}", engine=engine)
-        backbone.attach(unet, vae, scheduler)
+    # The weights of a diffusers folder (--model-dir, or the model's random weights), loaded as a run loads them.
+    cls = StableDiffusionXL if args.model == "sdxl" else StableDiffusion
+    backbone = cls(str(args.model_dir or model_folder(args.model)), local_files_only=True, engine=engine)
+    backbone.load()
     module = StableKeypoints(backbone, num_tokens=args.tokens, feature_upsample_res=args.res,
                              augmentation_iterations=args.iterations)
     module.context = torch.nn.Parameter(torch.randn(args.tokens, backbone.context_dim, generator=torch.Generator().manual_seed(0)))
@@ -158,16 +175,18 @@ PHASES = ("vae", "unet", "maps", "select+loss", "backward", "extraction")
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
+    return process_peak_gib()
+
+
+def process_peak_gib() -> float:
+    """The peak resident memory of this process since it started (load included), as /usr/bin/time -v reports it."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def run_mode(args) -> dict:
     device = torch.device(args.device)
     mode = args.mode
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    module = build_module(args, mode, device)
+    module = build_module(args, mode, device)  # the engine allows TF32 on CUDA (Engine.allow_tf32)
     gen = torch.Generator().manual_seed(1)
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device)
     theta = module.augmentation.sample(args.batch_size, gen).to(device)
@@ -221,6 +240,9 @@ def run_mode(args) -> dict:
         "extract_img_per_s": batched,
         "extract_1_per_call_img_per_s": one_per_call,
         "peak_gib": peak_memory_gib(device),
+        "process_peak_gib": process_peak_gib(),
+        **({"cuda_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "cuda_reserved_gib": torch.cuda.max_memory_reserved() / 2**30} if device.type == "cuda" else {}),
         # extraction: the timed runs' seconds for that many images
         "phase_s": {**phase_totals, "extraction": len(extract_images) / batched},
         "phase_flops": counted.flops,
@@ -272,8 +294,8 @@ def main() -> None:
     parser.add_argument("--extract-batch", type=int, default=2, help="images per extraction call")
     parser.add_argument("--extract-reps", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["optimized", "naive"], choices=MODES)
-    parser.add_argument("--model-dir", help="a diffusers folder (unet/, vae/, scheduler/) instead of random weights; "
-                        "--model then names its family (sd15 or sdxl)")
+    parser.add_argument("--model-dir", help="a diffusers folder (unet/, vae/, scheduler/) instead of the model's random "
+                        "weights; --model then names its family (sd15 or sdxl)")
     parser.add_argument("--no-probe", dest="probe", action="store_false",
                         help="skip the attainable-throughput probe (and the %% of attainable column)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -300,6 +322,7 @@ def main() -> None:
     header = f"model={args.model} device={args.device} image={args.image_size}px batch={args.batch_size} tokens={args.tokens} R={args.res}"
     print(header)
     columns = ["mode", "step_s", "vae_s", "unet_s", "maps_s", "select+loss_s", "backward_s", "train_peak_gib",
+               "process_peak_gib", *(["cuda_allocated_gib", "cuda_reserved_gib"] if args.device.startswith("cuda") else []),
                "extract_img_per_s", "extract_1_per_call_img_per_s"]
     print("| " + " | ".join(columns) + " | max |maps diff| | max |loss diff| |")
     print("|" + "---|" * (len(columns) + 2))

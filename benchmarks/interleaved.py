@@ -1,7 +1,8 @@
 """The same benchmark on two checkouts, run alternately, so that drift hits both alike.
 
 This machine's speed drifts by +-25 % within minutes: a ratio means something only between runs
-interleaved in one session. Runs ``benchmarks.bench`` in ``--baseline`` (e.g. a git worktree of
+interleaved in one session. Each run benchmarks ``--mode`` only; its process peak (``process_peak_gib``,
+load included) is measured from outside, the same way for both checkouts. Runs ``benchmarks.bench`` in ``--baseline`` (e.g. a git worktree of
 the previous main) and ``--candidate`` (this checkout) in the order A B B A A B ..., each in its
 own process, and prints every run, the medians and the candidate / baseline ratios.
 
@@ -23,19 +24,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 #: What is compared, and whether lower is better.
-METRICS = {"step_s": True, "train_peak_gib": True, "extract_img_per_s": False, "extract_1_per_call_img_per_s": False}
+METRICS = {"step_s": True, "process_peak_gib": True, "train_peak_gib": True, "extract_img_per_s": False,
+           "extract_1_per_call_img_per_s": False}
+
+#: Runs a command and writes the peak resident memory of its largest process (the whole process tree's
+#: largest member, load included: what /usr/bin/time -v reports) to argv[1]. Measured from outside, so
+#: any checkout's benchmark gets the same measure, whatever its own columns.
+_PEAK_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[2:]).returncode\n"
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "sys.exit(code)\n"
+)
 
 
 def run_bench(tree: Path, bench_args: list[str], mode: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
+        out, peak = Path(tmp) / "bench.json", Path(tmp) / "peak_kib"
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONWARNINGS": "ignore"}
-        done = subprocess.run([sys.executable, "-m", "benchmarks.bench", *bench_args, "--json", str(out)], cwd=tree,
-                              env=env, capture_output=True, text=True)
+        command = [sys.executable, "-m", "benchmarks.bench", *bench_args, "--modes", mode, "--json", str(out)]
+        done = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, str(peak), *command], cwd=tree, env=env,
+                              capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"benchmarks.bench failed in {tree}:\n{done.stderr[-3000:]}")
         rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
-    return rows[mode]
+        row = rows[mode]
+        row["process_peak_gib"] = int(peak.read_text()) / 2**20  # KiB on Linux
+    return row
 
 
 def main() -> None:

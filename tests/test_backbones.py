@@ -254,6 +254,7 @@ def test_engine_options_reach_the_capture_and_the_unet(tiny_sd_path):
     assert (default.capture.stop_early, maps.memory_efficient, maps.upsample_queries, default.capture.replace_output,
             default.unet.is_gradient_checkpointing) == (True, True, True, False, False)
     assert default.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert default.applied.prepare(torch.zeros(1, 4, 8, 8)).is_contiguous(memory_format=torch.channels_last)
     assert default.applied.unreached is not None  # released after the first call
 
 
@@ -314,6 +315,25 @@ def test_channels_last_gives_the_same_maps_and_gradients(family, family_paths):
     nchw_maps, nchw_grad = _maps_and_gradient(family, path, stop_early=True, checkpointing=False, channels_last=False)
     torch.testing.assert_close(nchw_maps, maps, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(nchw_grad, grad, atol=1e-6, rtol=1e-5)
+
+
+def test_channels_last_holds_each_weight_once(tiny_sd_path):
+    """The loaded weights are memory-mapped from the model's files: each converted weight's original pages are
+    dropped as its channels-last copy is made, and the values are those of the file."""
+    from diffusers import UNet2DConditionModel
+
+    from lightning_modules.engine.host_memory import to_channels_last
+
+    mapped = UNet2DConditionModel.from_pretrained(str(tiny_sd_path), subfolder="unet")
+    plain = {name: tensor.clone() for name, tensor in mapped.state_dict().items()}
+    conv_bytes = sum(m.weight.numel() * 4 for m in mapped.modules() if isinstance(m, torch.nn.Conv2d))
+    dropped = to_channels_last(mapped)
+    assert 0.8 * conv_bytes < dropped <= conv_bytes  # whole pages inside each weight (the tiny weights are a few pages)
+    assert all(torch.equal(mapped.state_dict()[name], tensor) for name, tensor in plain.items())
+    assert mapped.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    in_memory = UNet2DConditionModel(**UNet2DConditionModel.load_config(str(tiny_sd_path), subfolder="unet"))
+    assert to_channels_last(in_memory) == 0  # heap memory is freed with its tensor, never dropped by hand
+    assert in_memory.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_the_first_call_frees_exactly_the_modules_after_the_last_captured_layer(tiny_sd_path, images):

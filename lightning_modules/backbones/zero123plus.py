@@ -232,10 +232,7 @@ class Zero123Plus(Backbone):
 
     def vae_posterior(self, x: Tensor) -> DiagonalGaussianDistribution:
         """x: (B, 3, H, W) in the VAE's input range -> its posterior: ``mean``, ``std`` (B, 4, H/8, W/8)."""
-        x = x.to(self.vae.device, self.vae.dtype)
-        if self.engine.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.vae.encode(x).latent_dist
+        return self.vae.encode(self.applied.prepare(x.to(self.vae.device, self.vae.dtype))).latent_dist
 
     def condition_pixels(self, images: Tensor) -> Tensor:
         """images (B, 3, S, S) in [0, 1] -> (B, 3, H, W): the condition image as zero123plus' pipeline feeds its VAE.

@@ -13,7 +13,9 @@ What each option does, and where:
 - ``memory_efficient_maps`` / ``upsample_queries``: the head-mean maps blocked and recomputed in
   backward, queries upsampled after the projection (``attention.py``).
 - frozen modules keep less for backward (``frozen.py``; always on, bit-equal, except under compile).
-- ``channels_last``: UNet and VAE weights and inputs in channels-last memory format.
+- ``channels_last``: UNet and VAE weights and inputs in channels-last memory format, converted weight
+  by weight with the memory-mapped original's pages dropped at once (``host_memory.to_channels_last``):
+  one copy of every weight, not two.
 - ``gradient_checkpointing``: diffusers' block checkpointing (compute for memory).
 - ``compile_unet``: ``torch.compile`` of the UNet's blocks.
 - ``allow_tf32``: on CUDA, fp32 matrix products and convolutions on TF32 tensor cores.
@@ -33,7 +35,7 @@ from lightning_modules.app.errors import ConfigError
 from lightning_modules.capture import LayerMaps
 from lightning_modules.engine.attention import FastLayerMaps
 from lightning_modules.engine.frozen import keep_less_for_backward
-from lightning_modules.engine.host_memory import release_freed_host_memory
+from lightning_modules.engine.host_memory import release_freed_host_memory, to_channels_last
 from lightning_modules.engine.unreached import UnreachedWeights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -55,7 +57,8 @@ class Engine:
             (equal numbers, up to float rounding; far fewer FLOPs). ``False`` is StableKeypoints' order.
         gradient_checkpointing: trade compute for memory in the UNet's backward pass (same numbers).
         channels_last: run the UNet and the VAE in channels-last memory format: faster convolutions
-            (oneDNN on CPU, cuDNN on GPU), equal numbers up to float rounding.
+            (oneDNN on CPU, cuDNN on GPU), equal numbers up to float rounding; each weight is held
+            once (the loaded original's pages are dropped as its copy is made).
         compile_unet: ``torch.compile`` the UNet's blocks.
         allow_tf32: on CUDA, let fp32 matrix products and convolutions use TF32 tensor cores (about
             1e-3 relative error per product, far below the method's noise); no effect on the CPU.
@@ -93,8 +96,8 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.channels_last:
-            unet.to(memory_format=torch.channels_last)
-            vae.to(memory_format=torch.channels_last)
+            to_channels_last(unet)
+            to_channels_last(vae)
         if self.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if self.compile_unet:
