@@ -15,7 +15,7 @@ What each option does, and where:
 - frozen modules keep less for backward (``frozen.py``; always on, bit-equal, except under compile).
 - ``channels_last``: UNet and VAE weights and inputs in channels-last memory format.
 - ``gradient_checkpointing``: diffusers' block checkpointing (compute for memory).
-- ``compile_unet``: ``torch.compile`` of the UNet's blocks.
+- ``compile_unet``: ``torch.compile`` of the denoiser's blocks (a UNet's or SD 3's transformer blocks).
 - ``allow_tf32``: on CUDA, fp32 matrix products and convolutions on TF32 tensor cores.
 - host memory is handed back to the OS after each CPU step (``host_memory.py``), and DDP leaves the
   frozen tensors alone (``frozen_tensor_names``).
@@ -102,7 +102,7 @@ class Engine:
             # whole-model graph would not allow. Compiled blocks keep what their own partitioner
             # chooses for backward, and would see freed parameters change shape: neither
             # frozen.py's modules nor the release of unreached weights apply.
-            for block in [*unet.down_blocks, *unet.up_blocks, *([unet.mid_block] if unet.mid_block is not None else [])]:
+            for block in compiled_blocks(unet):
                 block.compile(dynamic=False)
         else:
             keep_less_for_backward(unet)  # the same gradients, bit for bit, from less memory
@@ -113,6 +113,15 @@ class Engine:
             layer_maps=None if plain else FastLayerMaps(self.memory_efficient_maps, self.upsample_queries),
             unreached=UnreachedWeights(unet) if self.stop_early and not self.compile_unet else None,
         )
+
+
+def compiled_blocks(denoiser: nn.Module) -> list[nn.Module]:
+    """The blocks ``compile_unet`` compiles one by one: a UNet's down, mid and up blocks; a transformer's
+    ``transformer_blocks`` (SD 3)."""
+    if hasattr(denoiser, "transformer_blocks"):
+        return list(denoiser.transformer_blocks)
+    mid = [denoiser.mid_block] if denoiser.mid_block is not None else []
+    return [*denoiser.down_blocks, *denoiser.up_blocks, *mid]
 
 
 @dataclass
