@@ -1,9 +1,9 @@
 """Training-step and keypoint-extraction benchmark through the project's own code path.
 
 Builds a model with random weights from a config (no download): ``tiny`` (the test model),
-``small`` (SD 1.5 block layout, 8.4 M parameters, 768-wide context), ``sd15`` and ``sdxl`` (the
-real architectures). Every mode runs in its own subprocess, so each peak-memory figure is its own,
-and prints one table row; the parent prints the table and the ratios against ``optimized``.
+``small`` (SD 1.5 block layout, 8.4 M parameters, 768-wide context), ``sd15``, ``sdxl``, ``sd35m``
+and ``sd35l`` (the real architectures; SD 3.5 medium and large). Every mode runs in its own
+subprocess, so each peak-memory figure is its own, and prints one table row; the parent prints the table and the ratios against ``optimized``.
 
 Modes:
 - ``optimized``: the defaults: one VAE and one UNet call for an image and its augmented copy,
@@ -23,8 +23,8 @@ attainable conv and matmul throughput in the same process (``benchmarks/limits.p
 table gives each phase's FLOPs, achieved FLOP/s and % of attainable (VAE, UNet forward, maps,
 selection and losses, backward, extraction).
 
-``--model-dir`` runs on any diffusers folder (``unet/``, ``vae/``, ``scheduler/``) instead of
-random weights, so other implementations can be timed on identical weights.
+``--model-dir`` runs on any diffusers folder (``unet/`` or ``transformer/``, ``vae/``, ``scheduler/``)
+instead of random weights, so other implementations can be timed on identical weights.
 
     python -m benchmarks.bench --model small --image-size 512 --steps 5
     python -m benchmarks.bench --model sd15 --image-size 512 --steps 2 --modes optimized naive
@@ -50,20 +50,30 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 
 from benchmarks import limits  # noqa: E402
 from benchmarks.limits import Phases, sync  # noqa: E402
 from lightning_modules.capture import CaptureProcessor  # noqa: E402
 from lightning_modules.augmentation import warp  # noqa: E402
 from data.demo_models import TINY_VAE, sd_scheduler, tiny_sd_unet  # noqa: E402
-from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusionXL  # noqa: E402
+from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusion3, StableDiffusionXL  # noqa: E402
 from benchmarks.real_models import SD15_UNET, SD_VAE  # noqa: E402
-from benchmarks.real_models import SDXL_UNET  # noqa: E402
+from benchmarks.real_models import SD3_SCHEDULER, SD3_VAE, SD35L_TRANSFORMER, SD35M_TRANSFORMER, SDXL_UNET  # noqa: E402
 from lightning_modules.engine import release_freed_host_memory
 from lightning_modules.stable_keypoints import StableKeypoints  # noqa: E402
 
 MODES = ("optimized", "naive", "bf16", "checkpointing", "compile")
+#: The family of each --model (of --model-dir's folder too).
+FAMILIES = {"tiny": StableDiffusion, "small": StableDiffusion, "sd15": StableDiffusion, "sdxl": StableDiffusionXL,
+            "sd35m": StableDiffusion3, "sd35l": StableDiffusion3}
+SD35_TRANSFORMERS = {"sd35m": SD35M_TRANSFORMER, "sd35l": SD35L_TRANSFORMER}
 
 
 def build_components(model: str, device: torch.device):
@@ -81,7 +91,10 @@ def build_components(model: str, device: torch.device):
             vae = AutoencoderKL(**SD_VAE, scaling_factor=0.13025, force_upcast=True)
             scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
             return StableDiffusionXL, UNet2DConditionModel(**SDXL_UNET), vae, scheduler
-    raise ValueError(f"--model {model!r}: use tiny, small, sd15 or sdxl.")
+        if model in SD35_TRANSFORMERS:
+            return (StableDiffusion3, SD3Transformer2DModel(**SD35_TRANSFORMERS[model]), AutoencoderKL(**SD3_VAE),
+                    FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER))
+    raise ValueError(f"--model {model!r}: use one of {sorted(FAMILIES)}.")
 
 
 def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
@@ -95,8 +108,7 @@ def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
         channels_last=mode != "naive",  # the reference ran NCHW
     )
     if args.model_dir:  # the weights of a diffusers folder, loaded as a run loads them
-        cls = StableDiffusionXL if args.model == "sdxl" else StableDiffusion
-        backbone = cls(args.model_dir, local_files_only=True, engine=engine)
+        backbone = FAMILIES[args.model](args.model_dir, local_files_only=True, engine=engine)
         backbone.load()
     else:
         cls, unet, vae, scheduler = build_components(args.model, device)
@@ -260,7 +272,7 @@ def print_limits(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", choices=["tiny", "small", "sd15", "sdxl"])
+    parser.add_argument("--model", default="small", choices=list(FAMILIES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -272,8 +284,8 @@ def main() -> None:
     parser.add_argument("--extract-batch", type=int, default=2, help="images per extraction call")
     parser.add_argument("--extract-reps", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["optimized", "naive"], choices=MODES)
-    parser.add_argument("--model-dir", help="a diffusers folder (unet/, vae/, scheduler/) instead of random weights; "
-                        "--model then names its family (sd15 or sdxl)")
+    parser.add_argument("--model-dir", help="a diffusers folder (unet/ or transformer/, vae/, scheduler/) instead of "
+                        "random weights; --model then names its family (sd15, sdxl, sd35m or sd35l)")
     parser.add_argument("--no-probe", dest="probe", action="store_false",
                         help="skip the attainable-throughput probe (and the %% of attainable column)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
