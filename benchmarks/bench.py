@@ -1,12 +1,12 @@
 """Training-step and keypoint-extraction benchmark through the project's own code path.
 
 Builds a model with random weights from a config (no download): ``tiny`` (the test model),
-``small`` (SD 1.5 block layout, 8.4 M parameters, 768-wide context), ``sd15`` and ``sdxl`` (the
-real architectures). The weights are written once to a diffusers folder
-(``~/.cache/stable_keypoints/bench/<model>``) and loaded from it as a run loads a model, so that the
-memory is what a user's process holds (``from_pretrained`` memory-maps the weight files). Every mode
-runs in its own subprocess, so each peak-memory figure is its own, and prints one table row; the
-parent prints the table and the ratios against ``optimized``.
+``small`` (SD 1.5 block layout, 8.4 M parameters, 768-wide context), ``sd15``, ``sdxl``, ``sd35m``
+and ``sd35l`` (the real architectures; SD 3.5 medium and large). The weights are written once to a
+diffusers folder (``~/.cache/stable_keypoints/bench/<model>``) and loaded from it as a run loads a
+model, so that the memory is what a user's process holds (``from_pretrained`` memory-maps the weight
+files). Every mode runs in its own subprocess, so each peak-memory figure is its own, and prints one
+table row; the parent prints the table and the ratios against ``optimized``.
 
 Memory columns: ``process_peak_gib`` is the peak resident memory of the mode's whole process, load
 included, as ``/usr/bin/time -v`` reports it (on a GPU: ``cuda_allocated_gib`` and
@@ -31,8 +31,8 @@ attainable conv and matmul throughput in the same process (``benchmarks/limits.p
 table gives each phase's FLOPs, achieved FLOP/s and % of attainable (VAE, UNet forward, maps,
 selection and losses, backward, extraction).
 
-``--model-dir`` runs on any diffusers folder (``unet/``, ``vae/``, ``scheduler/``) instead of
-random weights, so other implementations can be timed on identical weights.
+``--model-dir`` runs on any diffusers folder (``unet/`` or ``transformer/``, ``vae/``, ``scheduler/``)
+instead of random weights, so other implementations can be timed on identical weights.
 
     python -m benchmarks.bench --model small --image-size 512 --steps 5
     python -m benchmarks.bench --model sd15 --image-size 512 --steps 2 --modes optimized naive
@@ -58,21 +58,31 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 
 from benchmarks import limits  # noqa: E402
 from benchmarks.limits import Phases, sync  # noqa: E402
 from lightning_modules.capture import CaptureProcessor  # noqa: E402
 from lightning_modules.augmentation import warp  # noqa: E402
 from data.demo_models import TINY_VAE, sd_scheduler, tiny_sd_unet  # noqa: E402
-from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusionXL  # noqa: E402
+from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusion3, StableDiffusionXL  # noqa: E402
 from benchmarks.real_models import SD15_UNET, SD_VAE  # noqa: E402
-from benchmarks.real_models import SDXL_UNET  # noqa: E402
+from benchmarks.real_models import SD3_SCHEDULER, SD3_VAE, SD35L_TRANSFORMER, SD35M_TRANSFORMER, SDXL_UNET  # noqa: E402
 from lightning_modules.app import files  # noqa: E402
 from lightning_modules.engine import release_freed_host_memory  # noqa: E402
 from lightning_modules.stable_keypoints import StableKeypoints  # noqa: E402
 
 MODES = ("optimized", "naive", "bf16", "checkpointing", "compile")
+#: The family of each --model (of --model-dir's folder too).
+FAMILIES = {"tiny": StableDiffusion, "small": StableDiffusion, "sd15": StableDiffusion, "sdxl": StableDiffusionXL,
+            "sd35m": StableDiffusion3, "sd35l": StableDiffusion3}
+SD35_TRANSFORMERS = {"sd35m": SD35M_TRANSFORMER, "sd35l": SD35L_TRANSFORMER}
 
 
 def build_components(model: str, device: torch.device):
@@ -90,16 +100,19 @@ def build_components(model: str, device: torch.device):
             vae = AutoencoderKL(**SD_VAE, scaling_factor=0.13025, force_upcast=True)
             scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
             return StableDiffusionXL, UNet2DConditionModel(**SDXL_UNET), vae, scheduler
-    raise ValueError(f"--model {model!r}: use tiny, small, sd15 or sdxl.")
+        if model in SD35_TRANSFORMERS:
+            return (StableDiffusion3, SD3Transformer2DModel(**SD35_TRANSFORMERS[model]), AutoencoderKL(**SD3_VAE),
+                    FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER))
+    raise ValueError(f"--model {model!r}: use one of {sorted(FAMILIES)}.")
 
 
 def model_folder(model: str) -> Path:
     """A diffusers folder with ``model``'s random weights (seed 0), written once and then reused."""
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stable_keypoints" / "bench" / model
     if not folder.exists():
-        _, unet, vae, scheduler = build_components(model, torch.device("cpu"))
+        cls, denoiser, vae, scheduler = build_components(model, torch.device("cpu"))
         with files.atomic_folder(folder) as tmp:
-            unet.save_pretrained(tmp / "unet")
+            denoiser.save_pretrained(tmp / cls.denoiser_subfolder)
             vae.save_pretrained(tmp / "vae")
             scheduler.save_pretrained(tmp / "scheduler")
     return folder
@@ -116,7 +129,7 @@ def build_module(args, mode: str, device: torch.device) -> StableKeypoints:
         channels_last=mode != "naive",  # the reference ran NCHW
     )
     # The weights of a diffusers folder (--model-dir, or the model's random weights), loaded as a run loads them.
-    cls = StableDiffusionXL if args.model == "sdxl" else StableDiffusion
+    cls = FAMILIES[args.model]
     backbone = cls(str(args.model_dir or model_folder(args.model)), local_files_only=True, engine=engine)
     backbone.load()
     module = StableKeypoints(backbone, num_tokens=args.tokens, feature_upsample_res=args.res,
@@ -282,7 +295,7 @@ def print_limits(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", choices=["tiny", "small", "sd15", "sdxl"])
+    parser.add_argument("--model", default="small", choices=list(FAMILIES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -294,8 +307,8 @@ def main() -> None:
     parser.add_argument("--extract-batch", type=int, default=2, help="images per extraction call")
     parser.add_argument("--extract-reps", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["optimized", "naive"], choices=MODES)
-    parser.add_argument("--model-dir", help="a diffusers folder (unet/, vae/, scheduler/) instead of the model's random "
-                        "weights; --model then names its family (sd15 or sdxl)")
+    parser.add_argument("--model-dir", help="a diffusers folder (unet/ or transformer/, vae/, scheduler/) instead of "
+                        "the model's random weights; --model then names its family (sd15, sdxl, sd35m or sd35l)")
     parser.add_argument("--no-probe", dest="probe", action="store_false",
                         help="skip the attainable-throughput probe (and the %% of attainable column)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)

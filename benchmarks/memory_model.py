@@ -1,6 +1,7 @@
 """Estimated peak GPU memory of a training step and of keypoint extraction: a formula, not a measurement.
 
-    python -m benchmarks.memory_model                 # the README table (SD 1.5 and SDXL, 512/1024 px, batch 1/4)
+    python -m benchmarks.memory_model                 # the README table (SD 1.5, SDXL, SD 3.5 medium and large,
+                                                      # 512/1024 px, batch 1/4)
     python -m benchmarks.memory_model --budgets       # the knobs that bring SDXL at 1024 px under 24, 40, 80 GB
     python -m benchmarks.memory_model --model small --image-size 512 --batch-size 1 --device cpu
                                                       # one row, to compare with benchmarks/bench.py's measurement
@@ -8,15 +9,16 @@
 Training peak = weights + saved activations + maps + backward transient (+ the CUDA context, about 0.5 GB,
 which PyTorch's allocator does not count):
 
-- weights: the UNet's parameters in ``dtype`` that the early stop keeps (those up to the last captured
-  layer; the rest are freed after the first call) and the VAE encoder's (fp32 for SDXL, whose VAE always is);
-  the decoder and the text encoders are never kept.
-- saved activations: the bytes autograd keeps for backward in the UNet forward of 2B images (each image
-  and its augmented copy) up to the last captured layer. Only what depends on the context is kept
-  (from the first cross-attention on), and attention keeps what flash / memory-efficient attention
-  keeps (q, k, v, output and the log-sum-exp; never the N x N probabilities). Counted exactly by
-  running the real architecture on the meta device (no memory, no arithmetic) under saved-tensor
-  hooks, with the UNet frozen and its modules as ``Backbone.attach`` leaves them
+- weights: the denoiser's (UNet's, or SD 3's transformer's) parameters in ``dtype`` that the early stop
+  keeps (those up to the last captured layer; the rest are freed after the first call) and the VAE
+  encoder's (fp32 for SDXL, whose VAE always is); the decoder and the text encoders are never kept.
+- saved activations: the bytes autograd keeps for backward in the denoiser forward of 2B images (each
+  image and its augmented copy) up to the last captured layer. Only what depends on the context is kept
+  (from the first cross- or joint attention on; in SD 3 the context stream itself from the first
+  block), and attention keeps what flash / memory-efficient attention keeps (q, k, v, output and the
+  log-sum-exp; never the N x N probabilities). Counted exactly by running the real architecture on
+  the meta device (no memory, no arithmetic) under saved-tensor hooks, with the denoiser frozen and
+  its modules as ``Backbone.attach`` leaves them
   (``backbones/frozen.py``: convolutions keep no input, GEGLU only its projection). With gradient
   checkpointing: the inputs of every checkpointed block plus the largest block's own activations
   (recomputed one block at a time).
@@ -45,11 +47,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench import build_components  # noqa: E402
+from lightning_modules.capture import key_heads, query_heads  # noqa: E402
 from lightning_modules.engine.unreached import UnreachedWeights  # noqa: E402
 from lightning_modules.engine.frozen import keep_less_for_backward  # noqa: E402
 
@@ -62,12 +66,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 class Setting:
     """One configuration; the defaults are the project's (``conf/sd15.yaml``, ``conf/sdxl.yaml``)."""
 
-    model: str = "sd15"  # sd15, sdxl, small or tiny (benchmarks/bench.py's architectures)
+    model: str = "sd15"  # sd15, sdxl, sd35m, sd35l, small or tiny (benchmarks/bench.py's architectures)
     image_size: int = 512
     batch_size: int = 4
     num_tokens: int = 500
     feature_upsample_res: int = 128
-    dtype: str = "float32"  # of the frozen UNet (and of the VAE except SDXL's)
+    dtype: str = "float32"  # of the frozen denoiser (and of the VAE except SDXL's)
     gradient_checkpointing: bool = False
     augmentation_iterations: int = 10
     extraction_chunk_size: int | None = None
@@ -98,9 +102,9 @@ class _Stop(Exception):
 
 @dataclass
 class UNetCount:
-    """Bytes of one UNet forward of ``images`` images, as counted on the meta device."""
+    """Bytes of one denoiser forward of ``images`` images, as counted on the meta device."""
 
-    weights: int  # the UNet's parameters
+    weights: int  # the denoiser's parameters
     vae_weights: int  # the VAE encoder's parameters (fp32 count; scaled by the VAE dtype later)
     saved: int  # kept for backward (no checkpointing)
     saved_checkpointed: int  # kept for backward with gradient checkpointing
@@ -111,19 +115,51 @@ class UNetCount:
 
 @functools.cache
 def _meta_components(model: str, dtype: str):
-    """(backbone class, UNet in ``dtype``, VAE) of ``model`` on the meta device: shapes, no memory."""
+    """(backbone class, denoiser in ``dtype``, VAE) of ``model`` on the meta device: shapes, no memory."""
     cls, unet, vae, _ = build_components(model, torch.device("meta"))
     unet = unet.to(getattr(torch, dtype)).requires_grad_(False)  # frozen, as Backbone.attach leaves it
     keep_less_for_backward(unet)  # and keeping what Backbone.attach's modules keep
     return cls, unet, vae
 
 
+def _blocks(denoiser) -> dict:
+    """The blocks gradient checkpointing checkpoints, by name: a UNet's down, mid and up blocks; a transformer's blocks."""
+    if hasattr(denoiser, "transformer_blocks"):
+        return {f"transformer_blocks.{i}": b for i, b in enumerate(denoiser.transformer_blocks)}
+    blocks = {f"down_blocks.{i}": b for i, b in enumerate(denoiser.down_blocks)}
+    blocks.update({f"up_blocks.{i}": b for i, b in enumerate(denoiser.up_blocks)})
+    if denoiser.mid_block is not None:
+        blocks["mid_block"] = denoiser.mid_block
+    return blocks
+
+
+def _call(denoiser, images: int, side: int, num_tokens: int, context_dim: int, torch_dtype: torch.dtype):
+    """A meta-device call of the denoiser on ``images`` latents of ``side`` x ``side`` and a context that trains."""
+    config = denoiser.config
+    with torch.device("meta"):
+        latents = torch.empty(images, config.in_channels, side, side, dtype=torch_dtype)
+        context = torch.empty(images, num_tokens, context_dim, dtype=torch_dtype, requires_grad=True)
+        if hasattr(denoiser, "transformer_blocks"):  # SD 3: pooled projections of zeros (the family's default)
+            pooled = torch.empty(images, config.pooled_projection_dim, dtype=torch_dtype)
+            timestep = torch.empty(images)
+            return lambda: denoiser(latents, encoder_hidden_states=context, pooled_projections=pooled, timestep=timestep,
+                                    return_dict=False)
+        kwargs = {}
+        if config.addition_embed_type == "text_time":
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(images, pooled, dtype=torch_dtype),
+                                           "time_ids": torch.empty(images, 6, dtype=torch_dtype)}
+        timestep = torch.empty((), dtype=torch.long)
+    return lambda: denoiser(latents, timestep, encoder_hidden_states=context, return_dict=False, **kwargs)
+
+
 def count_unet(model: str, image_size: int, images: int, num_tokens: int, dtype: str) -> UNetCount:
-    """Runs the UNet of ``model`` on the meta device up to its last default captured layer, counting bytes."""
+    """Runs the denoiser of ``model`` on the meta device up to its last default captured layer, counting bytes."""
     cls, unet, vae = _meta_components(model, dtype)
     unet = copy.deepcopy(unet)  # the early stop's release below frees weights of this copy only
     unreached = UnreachedWeights(unet)
-    layers = list(cls.default_layers)
+    layers = list(cls(f"random-{model}").default_layers_of(unet.config))
+    context_dim = int(unet.config[cls.context_width_key])
     modules = dict(unet.named_modules())
     parameter_storages = {p.untyped_storage()._cdata for p in unet.parameters()}
     saved: dict[int, int] = {}
@@ -139,10 +175,7 @@ def count_unet(model: str, image_size: int, images: int, num_tokens: int, dtype:
             per_block[current[0]] = per_block.get(current[0], 0) + saved[key]
         return tensor
 
-    blocks = {f"down_blocks.{i}": b for i, b in enumerate(unet.down_blocks)}
-    blocks.update({f"up_blocks.{i}": b for i, b in enumerate(unet.up_blocks)})
-    if unet.mid_block is not None:
-        blocks["mid_block"] = unet.mid_block
+    blocks = _blocks(unet)
     handles = []
     for name, block in blocks.items():
         def enter(module, args, kwargs, name=name):
@@ -157,32 +190,24 @@ def count_unet(model: str, image_size: int, images: int, num_tokens: int, dtype:
         handles.append(module.register_forward_hook(track))
     remaining = set(layers)
 
-    def captured(module, args, output, name=None):
+    def captured(module, args, kwargs, name=None):
         remaining.discard(name)
         if not remaining:
+            # The last captured layer runs only what its maps need, its queries and the context's keys
+            # (capture.py); the rest of it never runs, and the release frees it too.
+            query_heads(module, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+            key_heads(module, kwargs["encoder_hidden_states"])
             raise _Stop
 
     for name in layers:
-        # The capture's last use of a layer is its to_k (the keys of the maps): the last layer's to_v
-        # and to_out never run, and the release frees them too.
-        handles.append(modules[f"{name}.to_k"].register_forward_hook(lambda m, a, o, name=name: captured(m, a, o, name)))
+        handles.append(modules[name].register_forward_pre_hook(functools.partial(captured, name=name), with_kwargs=True))
 
-    side = image_size // 8
-    torch_dtype = getattr(torch, dtype)
-    with torch.device("meta"):
-        latents = torch.empty(images, unet.config.in_channels, side, side, dtype=torch_dtype)
-        context = torch.empty(images, num_tokens, unet.config.cross_attention_dim, dtype=torch_dtype, requires_grad=True)
-        kwargs = {}
-        if unet.config.addition_embed_type == "text_time":
-            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(images, pooled, dtype=torch_dtype),
-                                           "time_ids": torch.empty(images, 6, dtype=torch_dtype)}
-        timestep = torch.empty((), dtype=torch.long)
+    call = _call(unet, images, image_size // 8, num_tokens, context_dim, getattr(torch, dtype))
     sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _sdpa
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), contextlib.suppress(_Stop):
-            unet(latents, timestep, encoder_hidden_states=context, return_dict=False, **kwargs)
+            call()
     finally:
         F.scaled_dot_product_attention = sdpa
         for handle in handles:
@@ -194,12 +219,12 @@ def count_unet(model: str, image_size: int, images: int, num_tokens: int, dtype:
     checkpointed = per_block.get("(stem)", 0) + sum(block_inputs[n] for n in blocked) + max(blocked.values(), default=0)
     return UNetCount(
         weights=sum(p.numel() * p.element_size() for p in unet.parameters()),
-        vae_weights=sum(p.numel() * 4 for p in [*vae.encoder.parameters(), *vae.quant_conv.parameters()]),
+        vae_weights=sum(p.numel() * 4 for p in [*vae.encoder.parameters(), *(vae.quant_conv or nn.Identity()).parameters()]),
         saved=sum(saved.values()),
         saved_checkpointed=checkpointed,
         largest_saved=max(saved.values(), default=0),
         largest_activation=largest_activation[0],
-        context_dim=unet.config.cross_attention_dim,
+        context_dim=context_dim,
     )
 
 
@@ -269,7 +294,7 @@ def budgets(limits_gb=(24, 40, 80)) -> list[tuple[int, dict[str, tuple[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["sd15", "sdxl", "small", "tiny"])
+    parser.add_argument("--model", choices=["sd15", "sdxl", "sd35m", "sd35l", "small", "tiny"])
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=500)
@@ -303,7 +328,7 @@ def main() -> None:
     print("R = 128, 10 augmentations per extracted image in one UNet call")
     print("| family | image | batch | weights | saved activations | maps | training peak | extraction peak |")
     print("|---|---|---|---|---|---|---|---|")
-    for model, name in (("sd15", "SD 1.5"), ("sdxl", "SDXL")):
+    for model, name in (("sd15", "SD 1.5"), ("sdxl", "SDXL"), ("sd35m", "SD 3.5 medium"), ("sd35l", "SD 3.5 large")):
         for size in (512, 1024):
             for batch in (1, 4):
                 r = estimate(Setting(model=model, image_size=size, batch_size=batch))

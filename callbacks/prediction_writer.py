@@ -290,6 +290,7 @@ class KeypointWriter(BasePredictionWriter):
             "convention": CONVENTION,
             "keypoint_tokens": pl_module.keypoint_tokens.tolist(),
             "model": pl_module.backbone.pretrained_model_name_or_path,
+            "family": pl_module.backbone.family,
             **provenance(trainer, pl_module),
             "skipped": skipped_files(trainer),
         }
@@ -325,7 +326,7 @@ class KeypointWriter(BasePredictionWriter):
     def _write_csv(self, header: dict, rows: list[dict]) -> Path:
         text = io.StringIO(newline="")
         text.write(f"# {header['convention']}\n")
-        text.write(f"# keypoint_tokens: {header['keypoint_tokens']}; model: {header['model']}; "
+        text.write(f"# keypoint_tokens: {header['keypoint_tokens']}; model: {header['model']} ({header['family']}); "
                    f"checkpoint: {header['checkpoint']}; config: {header['config']}; "
                    f"code_version: {header['code_version']}\n")
         for skipped in header["skipped"]:

@@ -13,7 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import (
     CLIPImageProcessorPil,
@@ -35,6 +43,7 @@ DEMO_MODELS = {
     "StableDiffusion": DEMO_DIR / "models" / "sd15-tiny",
     "StableDiffusionXL": DEMO_DIR / "models" / "sdxl-tiny",
     "Zero123Plus": DEMO_DIR / "models" / "zero123plus-tiny",
+    "StableDiffusion3": DEMO_DIR / "models" / "sd35-tiny",
 }
 
 #: The SD VAE shape (x8 downsampling, 4 latent channels) with few channels.
@@ -187,11 +196,38 @@ def write_tiny_zero123plus(folder: str | Path, seed: int = 0) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def tiny_sd3_transformer(**overrides) -> SD3Transformer2DModel:
+    """An SD 3.5 medium-shaped transformer (MMDiT-X: dual attention in the first blocks, per-head RMSNorm on
+    queries and keys, patch size 2, 16 latent channels) with 6 blocks of width 32 and a 48-wide context."""
+    config = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=6, attention_head_dim=8,
+                  num_attention_heads=4, joint_attention_dim=48, caption_projection_dim=32, pooled_projection_dim=32,
+                  pos_embed_max_size=32, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+    return SD3Transformer2DModel(**{**config, **overrides})
+
+
+#: SD 3's VAE shape (x8 downsampling, 16 latent channels, no quant convolutions, its latent shift and
+#: scale) with few channels.
+TINY_SD3_VAE = {**TINY_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+                "shift_factor": 0.0609, "scaling_factor": 1.5305}
+
+
+def write_tiny_sd35(folder: str | Path, seed: int = 0) -> None:
+    """SD 3.5-shaped: ``transformer/`` (``tiny_sd3_transformer``), the 16-channel ``vae/`` and SD 3.5's
+    flow-matching ``scheduler/`` (shift 3); no text encoder, tokenizer or ``model_index.json``."""
+    folder = Path(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tiny_sd3_transformer().save_pretrained(folder / "transformer")
+        AutoencoderKL(**TINY_SD3_VAE).save_pretrained(folder / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+
+
 #: Writer of each family's tiny model, by the family's class name.
 TINY_WRITERS: dict[str, Callable[[Path], None]] = {
     "StableDiffusion": write_tiny_sd,
     "StableDiffusionXL": write_tiny_sdxl,
     "Zero123Plus": write_tiny_zero123plus,
+    "StableDiffusion3": write_tiny_sd35,
 }
 
 
@@ -240,3 +276,8 @@ def tiny_sdxl(path: str) -> None:
 def tiny_zero123plus(path: str) -> None:
     """The demo's tiny zero123plus-shaped model at ``path`` (only at ``.demo/models/zero123plus-tiny``)."""
     ensure_demo_model("Zero123Plus", path)
+
+
+def tiny_sd35(path: str) -> None:
+    """The demo's tiny SD 3.5-shaped model at ``path`` (only at ``.demo/models/sd35-tiny``)."""
+    ensure_demo_model("StableDiffusion3", path)

@@ -1,23 +1,27 @@
-"""Capture of cross-attention maps at chosen UNet layers, recomputed at a higher resolution.
+"""Capture of cross-attention maps at chosen denoiser layers, recomputed at a higher resolution.
 
-At each captured ``attn2`` layer the hidden states that enter the layer (what its ``to_q`` sees)
-are bicubically upsampled to R x R, projected by the layer's own ``to_q``, and attended against
-the layer's own ``to_k`` of the context: ``softmax(q k^T * scale)`` over the tokens, averaged over
-heads (``head_mean_maps``: the method, in plain torch). The engine may supply a faster function
-with the same numbers (``lightning_modules.engine.attention``: blocked, recomputed in backward,
-queries upsampled after the projection); the capture calls whichever it is given. The layer's
-output is left exactly as the unmodified UNet computes it (StableKeypoints' behaviour), unless
-``replace_output`` reproduces StableXLKeypoints. Nothing after the last captured layer can change
-the maps, so the forward pass may stop there (``stop_early``).
+At each captured layer the hidden states that enter the layer (what its ``to_q`` sees) are
+bicubically upsampled to R x R, projected by the layer's own ``to_q``, and attended against the
+layer's own keys of the context tokens: ``softmax(q k^T * scale)`` over the tokens, averaged over
+heads (``head_mean_maps``: the method, in plain torch). A UNet's captured layers are its
+cross-attention layers (``attn2``, keys ``to_k`` of the context); a multimodal diffusion
+transformer's (SD 3's MMDiT) are its joint-attention layers, whose context tokens have their own
+projections (keys ``add_k_proj`` of the context stream; ``query_heads`` and ``key_heads``). The
+engine may supply a faster function with the same numbers (``lightning_modules.engine.attention``:
+blocked, recomputed in backward, queries upsampled after the projection); the capture calls
+whichever it is given. The layer's output is left exactly as the unmodified denoiser computes it
+(StableKeypoints' behaviour), unless ``replace_output`` reproduces StableXLKeypoints. Nothing after
+the last captured layer can change the maps, so the forward pass may stop there (``stop_early``).
 
 Uses diffusers' attention-processor API: each captured ``Attention`` module gets a
 ``CaptureProcessor`` wrapping its original processor; every other layer keeps its fused default
-(wrapped so that it accepts the per-call argument). The state of one UNet call (resolution, the
-maps recorded so far, which layers ran) is an ``AttentionCall`` passed with the call as
-``cross_attention_kwargs={"call": ...}``, the way zero123plus' own reference UNet passes its mode
-and stored states, so a gradient-checkpointing recompute is pure. The early stop raises out of the
-last captured layer; under checkpointing, torch's recompute ends once the last saved tensor is
-rebuilt (its default early stop), which is before that raise.
+(wrapped so that it accepts the per-call argument). The state of one denoiser call (resolution,
+the maps recorded so far, which layers ran) is an ``AttentionCall`` passed with the call as
+``cross_attention_kwargs={"call": ...}`` (a transformer's ``joint_attention_kwargs``), the way
+zero123plus' own reference UNet passes its mode and stored states, so a gradient-checkpointing
+recompute is pure. The early stop raises out of the last captured layer; under checkpointing,
+torch's recompute ends once the last saved tensor is rebuilt (its default early stop), which is
+before that raise.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ from lightning_modules.app.errors import ConfigError
 
 
 class _StopForward(Exception):
-    """Raised by the last captured layer to end the UNet forward early."""
+    """Raised by the last captured layer to end the denoiser's forward early."""
 
 
 @dataclass(eq=False)
 class AttentionCall:
-    """The state of one UNet call, passed to every processor as ``cross_attention_kwargs={"call": ...}``.
+    """The state of one denoiser call, passed to every processor as ``cross_attention_kwargs={"call": ...}``
+    (a transformer's ``joint_attention_kwargs``).
 
     Nothing about a call lives in a processor or in the capture: a recompute of part of the call
     (gradient checkpointing replays blocks in backward) sees exactly what the first forward saw and
@@ -94,7 +99,7 @@ class CaptureProcessor:
 
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, call: AttentionCall | None = None) -> Tensor:
-        if call is None:  # a plain UNet call, outside AttentionCapture.maps
+        if call is None:  # a plain denoiser call, outside AttentionCapture.maps
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         capture = self.capture
         # Which layer completes the set is decided once, by the first forward: a recompute, which
@@ -156,15 +161,42 @@ def upsample_tokens(tokens: Tensor, resolution: int) -> Tensor:
     return upsampled.flatten(2).transpose(1, 2)
 
 
-def head_probabilities(attn: Attention, hidden_states: Tensor, context: Tensor, resolution: int) -> Tensor:
-    """(B, H, R*R, T): softmax(q k^T * scale) over the tokens, per head, at R x R.
+def query_heads(attn: Attention, features: Tensor) -> Tensor:
+    """features (B, N, C) -> queries (B, H, N, d): the layer's ``to_q``, split into heads, then its
+    per-head query norm where it has one (SD 3.5's RMSNorm; the UNets have none), as its processor does."""
+    q = split_heads(attn.to_q(features), attn.heads)
+    return q if attn.norm_q is None else attn.norm_q(q)
 
-    The layer's features (B, side*side, C) are bicubically upsampled to R x R, then projected by the
-    layer's own ``to_q``; the keys are its ``to_k`` of the (normed) context (B, T, D). fp32 whatever
-    dtype the frozen UNet runs in: maps, targets and losses stay fp32.
+
+def key_heads(attn: Attention, context: Tensor) -> Tensor:
+    """context (B, T, D) as the layer receives it -> the context tokens' keys (B, H, T, d).
+
+    A cross-attention layer (UNet ``attn2``) projects the context with ``to_k``. A joint-attention
+    layer (SD 3's MMDiT: one attention over the image tokens and the context tokens together, each
+    stream with its own projections) projects the context stream with ``add_k_proj`` and normalizes
+    it with ``norm_added_k``; its ``to_k`` is the image stream's.
     """
-    q = split_heads(attn.to_q(upsample_tokens(hidden_states, resolution)), attn.heads).float()
-    k = split_heads(attn.to_k(context), attn.heads).float()
+    if attn.added_kv_proj_dim is not None:
+        k = split_heads(attn.add_k_proj(context), attn.heads)
+        return k if attn.norm_added_k is None else attn.norm_added_k(k)
+    k = split_heads(attn.to_k(context), attn.heads)
+    return k if attn.norm_k is None else attn.norm_k(k)
+
+
+def head_probabilities(attn: Attention, hidden_states: Tensor, context: Tensor, resolution: int) -> Tensor:
+    """(B, H, R*R, T): softmax(q k^T * scale) over the context tokens, per head, at R x R.
+
+    The layer's features (B, side*side, C) are bicubically upsampled to R x R, then projected to
+    queries (``query_heads``); the keys are the (normed) context's (B, T, D) (``key_heads``). fp32
+    whatever dtype the frozen denoiser runs in: maps, targets and losses stay fp32.
+
+    For a joint-attention layer the softmax runs over the context tokens alone, not over the image
+    and context tokens the layer attends to together. That is the joint attention's context slice,
+    renormalized: with scores s over image keys I and context keys C, exp(s_t) / sum_C exp(s) =
+    [exp(s_t) / sum_{I+C} exp(s)] / [sum_C exp(s) / sum_{I+C} exp(s)], the joint denominator cancels.
+    """
+    q = query_heads(attn, upsample_tokens(hidden_states, resolution)).float()
+    k = key_heads(attn, context).float()
     return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
 
 
@@ -190,42 +222,55 @@ def replaced_attention_output(attn: Attention, out: Tensor, side: int, resolutio
     return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
-def cross_attention_layers(unet: nn.Module) -> list[str]:
-    """Names of every cross-attention (``attn2``) layer of a UNet, in module order."""
-    return [name for name, module in unet.named_modules() if isinstance(module, Attention) and name.endswith("attn2")]
+def cross_attention_layers(model: nn.Module) -> list[str]:
+    """Names of every layer that attends to context tokens, in module order: a UNet's cross-attention
+    layers (``attn2``) and a multimodal transformer's joint-attention layers (those with projections of
+    their own for the context stream, ``add_k_proj``; SD 3's ``transformer_blocks.<i>.attn``).
+
+    SD 3.5 medium's first blocks also hold an ``attn2``: MMDiT-X's second, image-only self-attention
+    (no context projection), which is not among them.
+    """
+    return [name for name, module in model.named_modules() if isinstance(module, Attention) and (
+        (name.endswith("attn2") and module.is_cross_attention) or module.added_kv_proj_dim is not None)]
 
 
-def check_layer_names(unet: nn.Module, layers: Sequence[str]) -> None:
-    """Raises ConfigError unless ``layers`` are distinct cross-attention layers of ``unet``.
+def check_layer_names(model: nn.Module, layers: Sequence[str]) -> None:
+    """Raises ConfigError unless ``layers`` are distinct cross- or joint-attention layers of ``model``.
 
-    Works on a UNet built on the meta device (no weights), so that a wrong name is reported
+    Works on a model built on the meta device (no weights), so that a wrong name is reported
     before any weight loads.
     """
-    valid = cross_attention_layers(unet)
+    valid = cross_attention_layers(model)
     if not layers:
-        raise ConfigError(f"No captured layers given. Valid cross-attention layers of this UNet: {valid}")
+        raise ConfigError(f"No captured layers given. The cross- or joint-attention layers of this model: {valid}")
     unknown = [name for name in layers if name not in valid]
     if unknown:
+        modules = dict(model.named_modules())
         self_attention = [name for name in unknown if name.endswith("attn1")]
+        image_only = [name for name in unknown if name.endswith("attn2") and isinstance(modules.get(name), Attention)]
         hint = ""
         if self_attention:
-            hint = (f" {self_attention} are self-attention layers (attn1): their maps are over pixels, not "
-                    "context tokens; capture the attn2 of the same block instead.")
-        raise ConfigError(f"Unknown cross-attention layer names {unknown}.{hint} Valid names for this UNet: {valid}")
+            hint += (f" {self_attention} are self-attention layers (attn1): their maps are over pixels, not "
+                     "context tokens; capture the attn2 of the same block instead.")
+        if image_only:
+            hint += (f" {image_only} are image-only self-attention layers (attn2 of MMDiT-X's dual attention, in SD 3.5 "
+                     "medium's first blocks): their keys are image tokens, not context tokens; capture "
+                     f"{[name[:-1] for name in image_only]} (the same blocks' joint attention) instead.")
+        raise ConfigError(f"{unknown} are not cross- or joint-attention layers of this model.{hint} Valid names: {valid}")
     if len(set(layers)) != len(layers):
         raise ConfigError(f"Captured layers must be distinct, got {list(layers)}.")
 
 
 class AttentionCapture:
-    """Installs capture processors on named ``attn2`` layers of a UNet and returns their maps.
+    """Installs capture processors on named cross- or joint-attention layers of a denoiser and returns their maps.
 
-    Holds only configuration; the state of a UNet call travels with the call (``AttentionCall``).
+    Holds only configuration; the state of a denoiser call travels with the call (``AttentionCall``).
 
     Args:
-        unet: the (frozen) UNet2DConditionModel.
-        layers: full module names of the captured cross-attention layers,
-            e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn2``.
-        stop_early: end the UNet forward once every captured layer ran (same maps, less work).
+        unet: the (frozen) denoiser: a UNet2DConditionModel, or SD 3's SD3Transformer2DModel.
+        layers: full module names of the captured layers (``cross_attention_layers``),
+            e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn2`` or ``transformer_blocks.12.attn``.
+        stop_early: end the denoiser's forward once every captured layer ran (same maps, less work).
         replace_output: replace the captured layers' outputs as StableXLKeypoints did (changes
             the network; off by default).
         layer_maps: computes one layer's maps; default ``head_mean_maps`` (the plain math). The
@@ -266,19 +311,20 @@ class AttentionCapture:
             module.set_processor(self._originals[name])
 
     def run(self, forward: Callable[[dict], object], call: AttentionCall) -> None:
-        """Calls ``forward(cross_attention_kwargs)`` (one UNet call) for ``call``, stopping after the last captured layer."""
+        """Calls ``forward(call_kwargs)`` (one denoiser call, which hands ``call_kwargs`` to every processor) for
+        ``call``, stopping after the last captured layer."""
         try:
             forward({"call": call})
         except _StopForward:
             pass
         missing = [name for name in self.layers if name not in call.visited]
         if missing:
-            raise RuntimeError(f"The UNet call never reached captured layers {missing}.")
+            raise RuntimeError(f"The denoiser call never reached captured layers {missing}.")
 
     def maps(self, forward: Callable[[AttentionCall], object], resolution: int) -> Tensor:
         """Runs ``forward(call)`` and returns maps (B, T, R, R): probabilities over tokens, layer-averaged.
 
-        ``forward`` makes the UNet call(s) for ``call``, passing it on with ``run``.
+        ``forward`` makes the denoiser call(s) for ``call``, passing it on with ``run``.
         """
         call = AttentionCall(resolution)
         forward(call)

@@ -95,6 +95,11 @@ def tiny_zero123plus_64_path(tiny_zero123plus_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd35_path(tmp_path_factory) -> Path:
+    return _tiny_model(tmp_path_factory, "StableDiffusion3", "sd35-tiny")
+
+
+@pytest.fixture(scope="session")
 def cub_root(tmp_path_factory) -> Path:
     from data.demo import write_synthetic_cub
 

@@ -15,7 +15,7 @@ import torch
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from lightning_modules.capture import CaptureProcessor
-from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusionXL, Zero123Plus
+from lightning_modules.backbones import Engine, StableDiffusion, StableDiffusion3, StableDiffusionXL, Zero123Plus
 from lightning_modules.backbones.zero123plus import ReferenceAttentionProcessor
 from lightning_modules.app.errors import ConfigError
 
@@ -264,15 +264,18 @@ FAMILIES = {
     "zero123plus": (Zero123Plus, {}, 48),
     "zero123plus_reference": (Zero123Plus, {"mode": "reference_attention"}, 48),
     "zero123plus_ramp": (Zero123Plus, {"mode": "reference_attention", "image_embedding": "ramp"}, 48),
+    "sd3": (StableDiffusion3, {}, 48),
+    "sd3_context_mean": (StableDiffusion3, {"pooled_embedding": "context_mean"}, 48),
 }
 
 
 @pytest.fixture(scope="module")
-def family_paths(tiny_sd_path, tiny_sdxl_path, tiny_zero123plus_path, tmp_path_factory):
+def family_paths(tiny_sd_path, tiny_sdxl_path, tiny_zero123plus_path, tiny_sd35_path, tmp_path_factory):
     # zero123plus with a 64 px condition image: the same code path, a fifth of the VAE work.
     small = _copy_with(tiny_zero123plus_path, tmp_path_factory.mktemp("z123") / "z123", "feature_extractor_vae",
                        "preprocessor_config.json", size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    return {StableDiffusion: tiny_sd_path, StableDiffusionXL: tiny_sdxl_path, Zero123Plus: small}
+    return {StableDiffusion: tiny_sd_path, StableDiffusionXL: tiny_sdxl_path, Zero123Plus: small,
+            StableDiffusion3: tiny_sd35_path}
 
 
 @functools.cache

@@ -61,6 +61,7 @@ class StubKeypointModel(L.LightningModule):
         self.register_buffer("keypoint_tokens", torch.tensor(TOKENS))
         self.backbone = nn.Module()
         self.backbone.pretrained_model_name_or_path = "stub/model"
+        self.backbone.family = "StubFamily"
         self._run_dir = Path(run_dir)
         self.evaluation = None
         self.points = POINTS  # what predict_step finds in every image
@@ -271,7 +272,7 @@ def test_keypoint_writer_json_overlays_and_heatmaps(tmp_path, image_folder):
     out = tmp_path / "run"  # the default: the module's run_dir()
     index = json.loads((out / "keypoints.json").read_text())
     assert index["convention"] == CONVENTION
-    assert index["keypoint_tokens"] == TOKENS and index["model"] == "stub/model"
+    assert index["keypoint_tokens"] == TOKENS and (index["model"], index["family"]) == ("stub/model", "StubFamily")
     assert [Path(s["path"]).name for s in index["skipped"]] == ["broken.jpg"]
     found = {Path(e["path"]).relative_to(image_folder).as_posix(): e["keypoints"] for e in index["images"]}
     assert found == EXPECTED_PX
@@ -296,6 +297,7 @@ def test_keypoint_writer_csv(tmp_path, image_folder):
     predict(tmp_path, image_folder, KeypointWriter(output_dir=str(tmp_path / "out"), format="csv", overlays=False))
     lines = (tmp_path / "out" / "keypoints.csv").read_text().splitlines()
     assert lines[0] == f"# {CONVENTION}"
+    assert "; model: stub/model (StubFamily);" in lines[1]
     assert any(line.startswith("# skipped:") and "broken.jpg" in line for line in lines)
     rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
     assert len(rows) == 2 * len(POINTS)

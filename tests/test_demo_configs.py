@@ -25,7 +25,8 @@ def resolved(capsys: pytest.CaptureFixture, *configs: str) -> dict:
 @pytest.mark.parametrize(
     "overlay, family, folder, writer",
     [("sdxl.yaml", "StableDiffusionXL", "sdxl-tiny", "tiny_sdxl"),
-     ("zero123plus.yaml", "Zero123Plus", "zero123plus-tiny", "tiny_zero123plus")],
+     ("zero123plus.yaml", "Zero123Plus", "zero123plus-tiny", "tiny_zero123plus"),
+     ("sd35.yaml", "StableDiffusion3", "sd35-tiny", "tiny_sd35")],
 )
 def test_a_family_overlay_switches_the_demo_to_that_family_tiny_model(overlay, family, folder, writer, capsys) -> None:
     backbone = resolved(capsys, "demo.yaml", f"demo/{overlay}")["model"]["backbone"]

@@ -62,3 +62,27 @@ def test_the_count_stops_at_the_last_captured_layer_and_allocates_nothing(monkey
 
 def test_a_budget_counts_the_cuda_context_and_slack():
     assert fits(21e9, 24) and not fits(21.5e9, 24)  # 21 x 1.1 + 0.5 = 23.6; 21.5 x 1.1 + 0.5 = 24.15
+
+
+def test_sd35_medium_is_the_real_architecture_and_its_weights_are_what_the_backbone_keeps():
+    """``--model sd35m`` on the meta device (no memory): the published config's blocks, widths and dual attention,
+    the real capture path's shapes, and the formula's weights term equal to what a run keeps after its first call."""
+    from benchmarks.bench import build_components
+    from lightning_modules.backbones import StableDiffusion3
+
+    cls, transformer, vae, scheduler = build_components("sd35m", torch.device("meta"))
+    assert cls is StableDiffusion3 and len(transformer.transformer_blocks) == 24
+    assert [i for i, block in enumerate(transformer.transformer_blocks) if block.attn2 is not None] == list(range(13))
+    assert (transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim, transformer.inner_dim) == (
+        4096, 2048, 24 * 64)
+    total = sum(p.numel() for p in transformer.parameters())
+    backbone = cls("random-sd35m")
+    backbone.attach(transformer, vae, scheduler)
+    assert backbone.layers == [f"transformer_blocks.{i}.attn" for i in (10, 11, 12, 13)]
+    with torch.device("meta"):
+        latents = backbone.encode(torch.empty(2, 3, 512, 512))
+        maps = backbone.attention_maps(latents, {"latents": torch.empty(2, 16, 64, 64)}, torch.empty(500, 4096), 128)
+    assert latents["latents"].shape == (2, 16, 64, 64) and maps.shape == (2, 500, 128, 128)
+    kept = total - backbone.applied.released
+    vae_params = sum(p.numel() for p in vae.encoder.parameters())  # SD 3's VAE has no quant_conv
+    assert estimate(Setting(model="sd35m", image_size=512, batch_size=1))["weights"] == 4 * (kept + vae_params)

@@ -2,9 +2,9 @@
 
 diffusers' own message for a hub id with no network comes after about 25 s of retries and names a
 file ("does not appear to have a file named scheduler_config.json"). Here the first contact is one
-small file (``unet/config.json``) located with huggingface_hub, so that "offline", "no network" and
-"no such repository / revision / file" are told apart, named with what the user typed, before any
-weight loads.
+small file (the denoiser's ``unet/config.json``, or SD 3's ``transformer/config.json``) located with
+huggingface_hub, so that "offline", "no network" and "no such repository / revision / file" are told
+apart, named with what the user typed, before any weight loads.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from huggingface_hub.utils import validate_repo_id
 
 from lightning_modules.app.errors import HubError, MissingFileError
 
-#: The file every diffusers model folder of this project has: the first one looked up on the hub.
-PROBE_FILE = "unet/config.json"
 #: Seconds one reachability request may take (huggingface_hub retries a failed request for ~25 s).
 PROBE_TIMEOUT_S = 5.0
 
@@ -61,10 +59,15 @@ class ModelSource:
     Args:
         name: what the user typed: a local diffusers folder or a hub id.
         revision: hub revision; local_files_only: never touch the network.
+        denoiser: the subfolder of the family's denoiser (``unet``, or ``transformer`` for SD 3), whose
+            ``config.json`` is the first file looked up on the hub.
     """
 
-    def __init__(self, name: str, revision: str | None = None, local_files_only: bool = False) -> None:
+    def __init__(self, name: str, revision: str | None = None, local_files_only: bool = False,
+                 denoiser: str = "unet") -> None:
         self.name, self.revision, self.local_files_only = name, revision, local_files_only
+        self.denoiser = denoiser
+        self.probe_file = f"{denoiser}/config.json"  # the file every model folder of the family has
         self._checked = False
 
     @property
@@ -100,7 +103,7 @@ class ModelSource:
         offline = self._offline_reason()
         if offline is not None:
             try:
-                hf_hub_download(self.name, PROBE_FILE, revision=self.revision, local_files_only=True)
+                hf_hub_download(self.name, self.probe_file, revision=self.revision, local_files_only=True)
             except LocalEntryNotFoundError as error:
                 raise HubError(
                     f"{self.where} is not in the local hub cache and the hub is off ({offline}): run once with a "
@@ -108,13 +111,13 @@ class ModelSource:
                 ) from error
             return
         if not hub_reachable():
-            cached = isinstance(try_to_load_from_cache(self.name, PROBE_FILE, revision=self.revision), str)
+            cached = isinstance(try_to_load_from_cache(self.name, self.probe_file, revision=self.revision), str)
             fix = ("It is in your local hub cache: set HF_HUB_OFFLINE=1 to use the cached copy." if cached else
                    "It is not cached: connect, or download it where there is a network and point "
                    "pretrained_model_name_or_path to that local folder.")
             raise HubError(f"{self.where}: cannot reach {constants.ENDPOINT} (no network, or a proxy problem). {fix} {no_folder}")
         try:
-            hf_hub_download(self.name, PROBE_FILE, revision=self.revision)
+            hf_hub_download(self.name, self.probe_file, revision=self.revision)
         except GatedRepoError as error:
             raise HubError(f"{self.where} is gated: accept its license at {constants.ENDPOINT}/{self.name} and log in "
                            "with `hf auth login`.") from error
@@ -124,16 +127,16 @@ class ModelSource:
         except RevisionNotFoundError as error:
             raise HubError(f"{self.where}: revision={self.revision!r} does not exist in that repository.") from error
         except LocalEntryNotFoundError as error:
-            raise HubError(f"{self.where}: the connection to {constants.ENDPOINT} failed while reading {PROBE_FILE}; "
+            raise HubError(f"{self.where}: the connection to {constants.ENDPOINT} failed while reading {self.probe_file}; "
                            "retry, or set HF_HUB_OFFLINE=1 to use a cached copy.") from error
         except EntryNotFoundError as error:
-            raise HubError(f"{self.where} has no {PROBE_FILE}: it is not a model in diffusers layout "
-                           "(unet/, vae/, scheduler/ subfolders).") from error
+            raise HubError(f"{self.where} has no {self.probe_file}: it is not a model in diffusers layout "
+                           f"({self.denoiser}/, vae/, scheduler/ subfolders).") from error
 
     def _check_subfolder(self, subfolder: str) -> None:
         if self.is_local and not (Path(self.name).expanduser() / subfolder).is_dir():
             raise MissingFileError(f"{self.where} has no {subfolder}/ folder: a model folder in diffusers layout "
-                                   f"has unet/, vae/ and scheduler/ (and what its family adds, here {subfolder}/).")
+                                   f"has {self.denoiser}/, vae/ and scheduler/ (and what its family adds, here {subfolder}/).")
 
     def from_pretrained(self, cls: type, subfolder: str, **kwargs):
         """``cls.from_pretrained`` of one component (``subfolder``), with this source's revision and errors."""

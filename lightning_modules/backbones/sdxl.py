@@ -58,7 +58,7 @@ class StableDiffusionXL(Backbone):
         config = self.unet.config
         return int(config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim)
 
-    def check_unet_config(self, config: dict) -> None:
+    def check_denoiser_config(self, config: dict) -> None:
         if config.get("addition_embed_type") != "text_time":
             raise ConfigError(
                 f"{self.pretrained_model_name_or_path} is not an SDXL UNet (addition_embed_type="

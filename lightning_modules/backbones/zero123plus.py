@@ -273,18 +273,18 @@ class Zero123Plus(Backbone):
         ramped = context[:n] + image_embeds[:, None, :] * self.ramp[:n, None]
         return torch.cat([ramped, context[n:].expand(len(image_embeds), -1, -1)], dim=1)
 
-    def unet_forward(self, latents: Tensor, noise: Tensor, context: Tensor,
-                     image_embeds: Tensor | None = None) -> Callable[[dict], object]:
-        """``Backbone.unet_forward``, with the ramped image embedding in the context when ``image_embeds`` is given."""
+    def denoiser_forward(self, latents: Tensor, noise: Tensor, context: Tensor,
+                         image_embeds: Tensor | None = None) -> Callable[[dict], object]:
+        """``Backbone.denoiser_forward``, with the ramped image embedding in the context when ``image_embeds`` is given."""
         hidden = None if image_embeds is None else self.ramped_context(context, image_embeds)
-        return super().unet_forward(latents, noise, context, hidden)
+        return super().denoiser_forward(latents, noise, context, hidden)
 
-    def unet_call(self, latents: Latents, noise: Latents, context: Tensor):
+    def denoiser_call(self, latents: Latents, noise: Latents, context: Tensor):
         embeds = latents.get("image_embeds")
-        read = self.unet_forward(latents["latents"], noise["latents"], context, embeds)
+        read = self.denoiser_forward(latents["latents"], noise["latents"], context, embeds)
         if self.mode != "reference_attention":
             return lambda call: self.capture.run(read, call)
-        write = self.unet_forward(self.condition_latents(latents, noise), noise["condition"], context, embeds)
+        write = self.denoiser_forward(self.condition_latents(latents, noise), noise["condition"], context, embeds)
 
         def forward(call: AttentionCall) -> None:
             store: dict[str, Tensor] = {}

@@ -17,7 +17,7 @@ What each option does, and where:
   by weight with the memory-mapped original's pages dropped at once (``host_memory.to_channels_last``):
   one copy of every weight, not two.
 - ``gradient_checkpointing``: diffusers' block checkpointing (compute for memory).
-- ``compile_unet``: ``torch.compile`` of the UNet's blocks.
+- ``compile_unet``: ``torch.compile`` of the denoiser's blocks (a UNet's or SD 3's transformer blocks).
 - ``allow_tf32``: on CUDA, fp32 matrix products and convolutions on TF32 tensor cores.
 - host memory is handed back to the OS after each CPU step (``host_memory.py``), and DDP leaves the
   frozen tensors alone (``frozen_tensor_names``).
@@ -87,8 +87,8 @@ class Engine:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def apply(self, unet: nn.Module, vae: nn.Module) -> AppliedEngine:
-        """Applies the options to the frozen ``unet`` and ``vae`` (in place) -> what the capture and calls need.
+    def apply(self, denoiser: nn.Module, vae: nn.Module) -> AppliedEngine:
+        """Applies the options to the frozen ``denoiser`` (a UNet or a transformer) and ``vae`` (in place) -> what the capture and calls need.
 
         Call it before the capture is installed and before the first call.
         """
@@ -96,26 +96,35 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.channels_last:
-            to_channels_last(unet)
+            to_channels_last(denoiser)
             to_channels_last(vae)
         if self.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
         if self.compile_unet:
-            # Blocks, not the whole UNet: the early stop raises out of the forward, which a
+            # Blocks, not the whole denoiser: the early stop raises out of the forward, which a
             # whole-model graph would not allow. Compiled blocks keep what their own partitioner
             # chooses for backward, and would see freed parameters change shape: neither
             # frozen.py's modules nor the release of unreached weights apply.
-            for block in [*unet.down_blocks, *unet.up_blocks, *([unet.mid_block] if unet.mid_block is not None else [])]:
+            for block in compiled_blocks(denoiser):
                 block.compile(dynamic=False)
         else:
-            keep_less_for_backward(unet)  # the same gradients, bit for bit, from less memory
+            keep_less_for_backward(denoiser)  # the same gradients, bit for bit, from less memory
         plain = not (self.memory_efficient_maps or self.upsample_queries)
         return AppliedEngine(
             channels_last=self.channels_last,
             stop_early=self.stop_early,
             layer_maps=None if plain else FastLayerMaps(self.memory_efficient_maps, self.upsample_queries),
-            unreached=UnreachedWeights(unet) if self.stop_early and not self.compile_unet else None,
+            unreached=UnreachedWeights(denoiser) if self.stop_early and not self.compile_unet else None,
         )
+
+
+def compiled_blocks(denoiser: nn.Module) -> list[nn.Module]:
+    """The blocks ``compile_unet`` compiles one by one: a UNet's down, mid and up blocks; a transformer's
+    ``transformer_blocks`` (SD 3)."""
+    if hasattr(denoiser, "transformer_blocks"):
+        return list(denoiser.transformer_blocks)
+    mid = [denoiser.mid_block] if denoiser.mid_block is not None else []
+    return [*denoiser.down_blocks, *denoiser.up_blocks, *mid]
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import Tensor
 
-from lightning_modules.capture import split_heads, square_side, upsample_tokens
+from lightning_modules.capture import key_heads, query_heads, split_heads, square_side, upsample_tokens
 
 
 #: Bytes of one block of per-head scores in ``HeadMeanAttention``. Large enough that the
@@ -209,7 +209,8 @@ class FastLayerMaps:
         upsample_queries: project the layer's features to queries, then upsample the queries:
             ``to_q`` is affine per pixel and bicubic weights sum to 1, so this equals projecting the
             upsampled features (StableKeypoints' order) at (R / side)^2 fewer FLOPs; the upsampling
-            itself happens inside the attention blocks.
+            itself happens inside the attention blocks (for a layer with a query norm, before the norm,
+            at full resolution).
     """
 
     def __init__(self, memory_efficient: bool = True, upsample_queries: bool = True) -> None:
@@ -226,11 +227,14 @@ class FastLayerMaps:
 
     def __call__(self, attn: Attention, hidden_states: Tensor, context: Tensor, resolution: int) -> Tensor:
         weights = None
-        if self.upsample_queries:
-            q = attn.to_q(hidden_states)
+        if not self.upsample_queries:
+            q = query_heads(attn, upsample_tokens(hidden_states, resolution))
+        elif attn.norm_q is None:
+            q = split_heads(attn.to_q(hidden_states), attn.heads)
             weights = self.bicubic_weights(square_side(hidden_states), resolution, q.device)
         else:
-            q = attn.to_q(upsample_tokens(hidden_states, resolution))
-        # Maps, targets and losses stay fp32 whatever dtype the frozen UNet runs in.
-        q, k = split_heads(q, attn.heads).float(), split_heads(attn.to_k(context), attn.heads).float()
-        return head_mean_attention(q, k, attn.scale, self.memory_efficient, weights)
+            # A query norm (SD 3.5's per-head RMSNorm) is not affine: the projection is upsampled, then normed,
+            # which equals norming the projection of the upsampled features.
+            q = attn.norm_q(split_heads(upsample_tokens(attn.to_q(hidden_states), resolution), attn.heads))
+        # Maps, targets and losses stay fp32 whatever dtype the frozen denoiser runs in.
+        return head_mean_attention(q.float(), key_heads(attn, context).float(), attn.scale, self.memory_efficient, weights)
