@@ -27,7 +27,7 @@ from lightning_modules import metrics
 from lightning_modules.app import files
 from lightning_modules.app.errors import ConfigError
 from lightning_modules.app.run_folder import METRICS_FILE, REGRESSOR_FILE
-from lightning_modules.metrics import swap_permutation
+from lightning_modules.metrics import swap_index
 from lightning_modules.regressor import LinearKeypointRegressor
 
 REGRESSION_LOADER, TEST_LOADER = 0, 1
@@ -40,6 +40,16 @@ METRICS: dict[str, type[Metric]] = {
     "percentage_correct_keypoints": metrics.PercentageCorrectKeypoints,
     "orientation_invariant_error": metrics.OrientationInvariantError,
 }
+#: The metrics whose StableKeypoints evaluation method reads the ground truth's visibility (``visible``,
+#: ``mean_average_error``); SK's ``inter_eye_distance``, ``pck`` and ``orientation_invariant`` fit on
+#: every row and score every keypoint.
+SK_VISIBILITY_METRICS = frozenset({"normalized_keypoint_error", "summed_keypoint_error"})
+
+
+def reads_visibility(evaluation: Any) -> bool:
+    """Whether the fit and the metric use the ground truth's visibility: always under ``default``; under
+    ``stablekeypoints`` where SK's evaluation method does (``SK_VISIBILITY_METRICS``)."""
+    return getattr(evaluation, "protocol", "default") != "stablekeypoints" or evaluation.metric in SK_VISIBILITY_METRICS
 
 
 def build_metric(evaluation: Any) -> Metric:
@@ -49,6 +59,7 @@ def build_metric(evaluation: Any) -> Metric:
     kwargs = dict(evaluation.metric_args)
     if evaluation.metric == "orientation_invariant_error":
         kwargs["swap"] = evaluation.swap_pairs
+        kwargs["protocol"] = getattr(evaluation, "protocol", "default")
     return METRICS[evaluation.metric](**kwargs)
 
 
@@ -57,9 +68,12 @@ def regression_protocol(evaluation: Any) -> Callable[[Tensor, Tensor, Tensor], L
     if evaluation.regressor == "linear":
         return LinearKeypointRegressor.fit
     if evaluation.regressor == "orientation_invariant":
+        protocol = getattr(evaluation, "protocol", "default")
+
         def fit(keypoints: Tensor, targets: Tensor, visible: Tensor) -> LinearKeypointRegressor:
-            swap = swap_permutation(targets.shape[1], evaluation.swap_pairs)
-            return LinearKeypointRegressor.fit_orientation_invariant(keypoints, targets, visible, swap=swap)
+            swap = swap_index(targets.shape[1], evaluation.swap_pairs, protocol)
+            return LinearKeypointRegressor.fit_orientation_invariant(keypoints, targets, visible, swap=swap,
+                                                                     require_involution=protocol != "stablekeypoints")
 
         return fit
     raise ConfigError(f"The DataModule names the regressor {evaluation.regressor!r}: use 'linear' or 'orientation_invariant'.")
@@ -96,6 +110,13 @@ class KeypointSet(Metric):
         out["visible"] = out["visible"].bool()
         return out
 
+    def rows(self) -> dict[str, Tensor]:
+        """``compute`` with its shapes kept: torchmetrics squeezes a one-element result to 0-d (a split of one image)."""
+        rows = self.compute()
+        rows["index"] = rows["index"].reshape(-1)
+        rows["visible"] = rows["visible"].reshape(rows["targets"].shape[:-1])
+        return rows
+
     def __len__(self) -> int:
         return sum(len(part) for part in self.index)
 
@@ -116,6 +137,10 @@ class RegressorEvaluation:
             visible (N, J) -> regressor (``regression_protocol``).
         device: where the rows are kept and gathered (the LightningModule's device).
         name: the metric's name, logged as ``test/<name>``.
+        use_visibility: fit on each keypoint's visible rows and score visible keypoints only; ``False``
+            fits on every row and scores every keypoint (StableKeypoints' ``inter_eye_distance``, ``pck``
+            and ``orientation_invariant``: ``reads_visibility``).
+        protocol: ``default`` or ``stablekeypoints``, recorded in ``metrics.json``.
     """
 
     def __init__(
@@ -124,8 +149,12 @@ class RegressorEvaluation:
         fit_regressor: Callable[[Tensor, Tensor, Tensor], LinearKeypointRegressor] = LinearKeypointRegressor.fit,
         device: torch.device | str = "cpu",
         name: str = "metric",
+        use_visibility: bool = True,
+        protocol: str = "default",
     ) -> None:
         self.name = name
+        self.use_visibility = use_visibility
+        self.protocol = protocol
         self.fit_regressor = fit_regressor
         self.regression = KeypointSet().to(device)
         self.test = KeypointSet().to(device)
@@ -138,7 +167,8 @@ class RegressorEvaluation:
     @classmethod
     def of(cls, evaluation: Any, device: torch.device | str = "cpu") -> RegressorEvaluation:
         """The evaluation a DataModule names (``data.base.Evaluation``)."""
-        return cls(build_metric(evaluation), regression_protocol(evaluation), device, name=evaluation.metric)
+        return cls(build_metric(evaluation), regression_protocol(evaluation), device, name=evaluation.metric,
+                   use_visibility=reads_visibility(evaluation), protocol=getattr(evaluation, "protocol", "default"))
 
     def update(self, dataloader_idx: int, index: Tensor, keypoints: Tensor, targets: Tensor, visible: Tensor) -> None:
         split = self.regression if dataloader_idx == REGRESSION_LOADER else self.test
@@ -148,8 +178,8 @@ class RegressorEvaluation:
         """Fits the regressor on every rank's regression rows (docs/method.md section 7)."""
         if not len(self.regression) and not torch.distributed.is_initialized():
             raise RuntimeError("The regression split produced no keypoints: the regressor cannot be fitted.")
-        rows = self.regression.compute()
-        self.regressor = self.fit_regressor(rows["keypoints"], rows["targets"], rows["visible"])
+        rows = self.regression.rows()
+        self.regressor = self.fit_regressor(rows["keypoints"], rows["targets"], rows["visible"] if self.use_visibility else None)
         self.regressor.to(rows["keypoints"].device)
         self.num_regression_images = len(rows["index"])
         return self.regressor
@@ -158,13 +188,13 @@ class RegressorEvaluation:
         """The metric over every test image once."""
         if self.regressor is None:
             raise RuntimeError("The test split was empty: nothing was scored.")
-        rows = self.test.compute()
+        rows = self.test.rows()
         self.num_test_images = len(rows["index"])
         # Every rank holds the whole split now, and the metric sums its states over ranks when it
         # computes: each rank adds its own residue class of images, so each image counts once.
         mine = rows["index"] % world_size == rank
         predictions = self.regressor(rows["keypoints"][mine])
-        self.metric.update(predictions, rows["targets"][mine], rows["visible"][mine])
+        self.metric.update(predictions, rows["targets"][mine], rows["visible"][mine] if self.use_visibility else None)
         self.value = float(self.metric.compute())
         return self.value
 
@@ -174,6 +204,7 @@ class RegressorEvaluation:
         result = {
             "metric": self.name,
             "value": self.value,
+            "protocol": self.protocol,
             "higher_is_better": bool(self.metric.higher_is_better),
             "dataset": dataset,
             "keypoint_tokens": keypoint_tokens,
