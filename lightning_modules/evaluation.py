@@ -215,6 +215,19 @@ class RegressorEvaluation:
         }
         return files.write_text(folder / METRICS_FILE, json.dumps(result, indent=2) + "\n")
 
+    def summary(self, written: Path) -> str:
+        """What ``test`` prints at its end: the test split's metric by its logged name, how many images
+        fitted the regressor and how many were scored, the protocol and where the results are."""
+        better = "higher" if self.metric.higher_is_better else "lower"
+        name = f"test/{self.name}"
+        return "\n".join([
+            f"Test results (protocol: {self.protocol})",
+            f"  {'regression split':<{len(name)}}  {self.num_regression_images} images fitted the regressor",
+            f"  {'test split':<{len(name)}}  {self.num_test_images} images scored",
+            f"  {name}  {self.value:.4f}  ({better} is better)",
+            f"Written to {written}",
+        ])
+
     # ------------------------------------------------------------------ the test stage's hooks
     def step(self, dataloader_idx: int, batch: dict, keypoints: Tensor) -> dict[str, Tensor]:
         """Collects a batch's keypoints (B, K, 2) -> ``keypoints`` and, on the test split, the regressor's
@@ -237,5 +250,5 @@ class RegressorEvaluation:
         if trainer.is_global_zero:
             written = self.save(module.run_dir(), type(trainer.datamodule).__name__, module.keypoint_tokens.tolist(),
                                 module.backbone.pretrained_model_name_or_path, module.provenance())
-            rank_zero_info(f"\n{'metric':<32} value\n{self.name:<32} {value:.4f}\nwritten to {written}")
+            rank_zero_info(self.summary(written))
         return value
