@@ -49,31 +49,35 @@ SK_VISIBILITY_METRICS = frozenset({"normalized_keypoint_error", "summed_keypoint
 def reads_visibility(evaluation: Any) -> bool:
     """Whether the fit and the metric use the ground truth's visibility: always under ``default``; under
     ``stablekeypoints`` where SK's evaluation method does (``SK_VISIBILITY_METRICS``)."""
-    return getattr(evaluation, "protocol", "default") != "stablekeypoints" or evaluation.metric in SK_VISIBILITY_METRICS
+    return evaluation.protocol != "stablekeypoints" or evaluation.metric in SK_VISIBILITY_METRICS
 
 
 def build_metric(evaluation: Any) -> Metric:
     """The metric a ``data.base.Evaluation`` names, with its arguments (and its swap pairs, where it takes them)."""
     if evaluation.metric not in METRICS:
         raise ConfigError(f"The DataModule names the metric {evaluation.metric!r}; known: {sorted(METRICS)}.")
-    kwargs = dict(evaluation.metric_args)
+    kwargs = dict(evaluation.metric_args, reads_visibility=reads_visibility(evaluation))
     if evaluation.metric == "orientation_invariant_error":
         kwargs["swap"] = evaluation.swap_pairs
-        kwargs["protocol"] = getattr(evaluation, "protocol", "default")
+        kwargs["protocol"] = evaluation.protocol
     return METRICS[evaluation.metric](**kwargs)
 
 
 def regression_protocol(evaluation: Any) -> Callable[[Tensor, Tensor, Tensor], LinearKeypointRegressor]:
-    """keypoints (N, K, 2), targets (N, J, 2), visible (N, J) -> the regressor, as ``evaluation.regressor`` says."""
+    """keypoints (N, K, 2), targets (N, J, 2), visible (N, J) -> the regressor, as ``evaluation.regressor`` says
+    (``visible`` is ignored where ``reads_visibility`` says the protocol fits on every row)."""
     if evaluation.regressor == "linear":
-        return LinearKeypointRegressor.fit
+        if reads_visibility(evaluation):
+            return LinearKeypointRegressor.fit
+        return lambda keypoints, targets, visible: LinearKeypointRegressor.fit(keypoints, targets, None)
     if evaluation.regressor == "orientation_invariant":
-        protocol = getattr(evaluation, "protocol", "default")
+        protocol = evaluation.protocol
+        use_visible = reads_visibility(evaluation)
 
         def fit(keypoints: Tensor, targets: Tensor, visible: Tensor) -> LinearKeypointRegressor:
             swap = swap_index(targets.shape[1], evaluation.swap_pairs, protocol)
-            return LinearKeypointRegressor.fit_orientation_invariant(keypoints, targets, visible, swap=swap,
-                                                                     require_involution=protocol != "stablekeypoints")
+            return LinearKeypointRegressor.fit_orientation_invariant(
+                keypoints, targets, visible if use_visible else None, swap=swap, require_involution=protocol != "stablekeypoints")
 
         return fit
     raise ConfigError(f"The DataModule names the regressor {evaluation.regressor!r}: use 'linear' or 'orientation_invariant'.")
@@ -137,9 +141,6 @@ class RegressorEvaluation:
             visible (N, J) -> regressor (``regression_protocol``).
         device: where the rows are kept and gathered (the LightningModule's device).
         name: the metric's name, logged as ``test/<name>``.
-        use_visibility: fit on each keypoint's visible rows and score visible keypoints only; ``False``
-            fits on every row and scores every keypoint (StableKeypoints' ``inter_eye_distance``, ``pck``
-            and ``orientation_invariant``: ``reads_visibility``).
         protocol: ``default`` or ``stablekeypoints``, recorded in ``metrics.json``.
     """
 
@@ -149,11 +150,9 @@ class RegressorEvaluation:
         fit_regressor: Callable[[Tensor, Tensor, Tensor], LinearKeypointRegressor] = LinearKeypointRegressor.fit,
         device: torch.device | str = "cpu",
         name: str = "metric",
-        use_visibility: bool = True,
         protocol: str = "default",
     ) -> None:
         self.name = name
-        self.use_visibility = use_visibility
         self.protocol = protocol
         self.fit_regressor = fit_regressor
         self.regression = KeypointSet().to(device)
@@ -168,7 +167,7 @@ class RegressorEvaluation:
     def of(cls, evaluation: Any, device: torch.device | str = "cpu") -> RegressorEvaluation:
         """The evaluation a DataModule names (``data.base.Evaluation``)."""
         return cls(build_metric(evaluation), regression_protocol(evaluation), device, name=evaluation.metric,
-                   use_visibility=reads_visibility(evaluation), protocol=getattr(evaluation, "protocol", "default"))
+                   protocol=evaluation.protocol)
 
     def update(self, dataloader_idx: int, index: Tensor, keypoints: Tensor, targets: Tensor, visible: Tensor) -> None:
         split = self.regression if dataloader_idx == REGRESSION_LOADER else self.test
@@ -179,7 +178,7 @@ class RegressorEvaluation:
         if not len(self.regression) and not torch.distributed.is_initialized():
             raise RuntimeError("The regression split produced no keypoints: the regressor cannot be fitted.")
         rows = self.regression.rows()
-        self.regressor = self.fit_regressor(rows["keypoints"], rows["targets"], rows["visible"] if self.use_visibility else None)
+        self.regressor = self.fit_regressor(rows["keypoints"], rows["targets"], rows["visible"])
         self.regressor.to(rows["keypoints"].device)
         self.num_regression_images = len(rows["index"])
         return self.regressor
@@ -194,7 +193,7 @@ class RegressorEvaluation:
         # computes: each rank adds its own residue class of images, so each image counts once.
         mine = rows["index"] % world_size == rank
         predictions = self.regressor(rows["keypoints"][mine])
-        self.metric.update(predictions, rows["targets"][mine], rows["visible"][mine] if self.use_visibility else None)
+        self.metric.update(predictions, rows["targets"][mine], rows["visible"][mine])
         self.value = float(self.metric.compute())
         return self.value
 

@@ -203,14 +203,20 @@ def orientation_invariant_error(
 
 
 class _PerImageMean(Metric):
-    """Mean over images of a per-image value; images the value skips do not count."""
+    """Mean over images of a per-image value; images the value skips do not count.
+
+    Args:
+        reads_visibility: ``False`` scores every keypoint whatever ``visible`` says (StableKeypoints'
+            ``inter_eye_distance``, ``pck`` and ``orientation_invariant``, ``data.protocol``).
+    """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, reads_visibility: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.reads_visibility = reads_visibility
         self.add_state("value_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -220,11 +226,11 @@ class _PerImageMean(Metric):
 
     def per_image(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> Tensor:
         """preds, target: (B, J, 2) normalized (x, y) -> (B,) this metric per image (NaN: skipped)."""
-        return _skipped_as_nan(*self._per_image(preds, target, visible))
+        return _skipped_as_nan(*self._per_image(preds, target, visible if self.reads_visibility else None))
 
     def update(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> None:
         """preds, target: (B, J, 2) normalized (x, y); visible: (B, J) bool or None."""
-        values, counted = self._per_image(preds, target, visible)
+        values, counted = self._per_image(preds, target, visible if self.reads_visibility else None)
         # Selecting the counted images (not nansum) lets a NaN prediction show up in the result;
         # where() rather than boolean indexing avoids a host sync per batch on GPU.
         self.value_sum += torch.where(counted, values, torch.zeros_like(values)).sum()

@@ -107,6 +107,27 @@ def test_deepfashion_pck_scores_every_keypoint_under_stablekeypoints(protocol: s
     assert value == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.parametrize(("protocol", "pck", "weight"), [
+    ("default", 200 / 3, [[1.0, 0.0], [0.0, 1.0]]),
+    ("stablekeypoints", 75.0, [[5 / 9, -4 / 9], [-4 / 9, 5 / 9]]),
+])
+def test_built_metric_and_fit_read_visibility_only_where_sk_does(protocol: str, pck: float, weight: list) -> None:
+    from lightning_modules.evaluation import build_metric, regression_protocol
+
+    evaluation = DeepFashionDataModule(root="unused", protocol=protocol).evaluation()
+    metric = build_metric(evaluation)
+    keypoints, targets, visible = offsets_case([[3 / 256, 0], [5 / 256, 0], [7 / 256, 0], [2 / 256, 0]], [True, True, True, False])
+    metric.update(keypoints, targets, visible)
+    assert float(metric.compute()) == pytest.approx(pck, abs=1e-5)
+    # One keypoint, three rows; centred keypoints (0.1, 0), (0, 0.1), (0.2, 0.2), targets equal to
+    # them except the third, (0, 0) and invisible. default fits rows 1-2: W = I. SK fits all three:
+    # W = (X^T X)^-1 X^T Y = [[0.05, 0.04], [0.04, 0.05]]^-1 x 0.01 = [[5, -4], [-4, 5]] / 9.
+    keypoints = torch.tensor([[[0.6, 0.5]], [[0.5, 0.6]], [[0.7, 0.7]]])
+    targets = torch.tensor([[[0.6, 0.5]], [[0.5, 0.6]], [[0.5, 0.5]]])
+    regressor = regression_protocol(evaluation)(keypoints, targets, torch.tensor([[True], [True], [False]]))
+    torch.testing.assert_close(regressor.weight, torch.tensor(weight, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
 def test_sk_swap_index_is_sks_assignment_not_a_permutation() -> None:
     index = sk_swap_index(32, SK_LEFT_RIGHT_SWAP).tolist()
     # (20, 28) then (21, 28): 20 and 21 both read 28, 28 reads 21, 29 stays, 20 is read by none.
