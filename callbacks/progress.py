@@ -23,7 +23,7 @@ class StepProgressBar(TQDMProgressBar):
       train/loss=...]``, from the restored step on a resume) instead of "Epoch 0/-2" bars that restart at
       every pass over the data; without it (an epoch budget) Lightning's bar, unchanged.
     - ``test``: one bar per loader, named by what it does (``TEST_LOADER_NAMES``) instead of one
-      "Testing DataLoader i" bar reused for both.
+      "Testing DataLoader i" bar reused for both; ``predict``: one "Predicting" bar, made with its total.
     - A bar closes as soon as its last step or batch is done, not at the end of the stage: what
       callbacks and Lightning print at the end (``Trainer.fit stopped``, the written files, the
       test results) comes after its final line instead of glued to it.
@@ -103,6 +103,24 @@ class StepProgressBar(TQDMProgressBar):
         self.reset_dataloader_idx_tracker()
 
     # ------------------------------------------------------------------ predict
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._predict_progress_bar = None  # made when the first batch starts, with its total
+
+    def on_predict_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        if self._predict_progress_bar is not None:
+            self._predict_progress_bar.close()
+        name = "Predicting" if len(trainer.num_predict_batches) == 1 else f"Predicting loader {dataloader_idx}"
+        self._predict_progress_bar = self._bar(name, convert_inf(self.total_predict_batches_current_dataloader), "batch")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._predict_progress_bar is not None:
+            self._predict_progress_bar.close()
+        self.reset_dataloader_idx_tracker()
+
     def on_predict_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,

@@ -94,6 +94,7 @@ def test_predict_bar_ends_its_line_at_the_last_batch(tmp_path: Path, capsys) -> 
     out = capsys.readouterr().out
     assert "\nKeypoints of 3 images written\n" in out.replace("\r", "\n")
     assert re.search(r"3/3[^\n\r]*\n", out) and sum("3/3" in line for line in _lines(out)) == 1
+    assert all(line.startswith(("Predicting: ", "Keypoints of")) for line in _lines(out))  # no "0/?", no "DataLoader 0"
 
 
 def test_image_check_bar_reaches_its_total(tmp_path: Path, capsys) -> None:
