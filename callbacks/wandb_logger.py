@@ -1,15 +1,21 @@
-"""Weights & Biases logging that never prompts or hangs: offline when there is no login or network."""
+"""Weights & Biases logging that never prompts or hangs (offline when there is no login or network), whose
+runs can be told apart: each run's config is the whole resolved configuration of its command."""
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from lightning_modules.app import files
 
 
 def _wandb_host() -> tuple[str, int]:
@@ -37,7 +43,14 @@ def wandb_can_go_online(timeout_s: float = 3.0) -> tuple[bool, str]:
 
 
 class WandbLogger(_WandbLogger):
-    """Lightning's WandbLogger, offline by itself when W&B cannot be reached.
+    """Lightning's WandbLogger, offline by itself when W&B cannot be reached, that shows the whole run.
+
+    The run's config holds the command's resolved configuration (``add_run_config``: the CLI gives it
+    every setting, the backbone's family, model id and captured layers, the seed and the code version),
+    beside the LightningModule's hyperparameters that Lightning logs; ``finalize`` finishes the W&B run,
+    so that its service shuts down cleanly. An offline run also gets the files an online run has in its
+    ``files/`` folder, ``config.yaml`` and ``wandb-summary.json`` (wandb 0.31 keeps them only in its
+    ``.wandb`` log until ``wandb sync``), so that the run folder alone tells what ran and what it scored.
 
     Args:
         save_dir: folder of the W&B files; ``None`` (default) = the run's folder (``use_run``).
@@ -74,6 +87,17 @@ class WandbLogger(_WandbLogger):
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
         self._offline_reason = reason
+        self._run_config: dict[str, Any] = {}
+
+    def add_run_config(self, config: dict[str, Any]) -> None:
+        """Adds ``config`` (nested, JSON-like) to the run's config; it is sent with the hyperparameters
+        Lightning logs when the command starts, so a command that fails before leaves no W&B run."""
+        self._run_config.update(config)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        params = params if isinstance(params, dict) else vars(params)
+        super().log_hyperparams({**self._run_config, **params})
 
     def use_run(self, folder: str | Path, run_id: str, group: str | None = None) -> None:
         """Logs into ``folder`` as W&B run ``run_id`` (before the run starts; the CLI calls it with the
@@ -103,7 +127,24 @@ class WandbLogger(_WandbLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        if self._offline and self._experiment is not None:
-            run_dir = Path(self._experiment.dir).parent
+        if self._experiment is None:
+            return
+        run_dir = Path(self._experiment.dir).parent
+        if self._offline:
+            self._write_run_files(Path(self._experiment.dir))
+        # Finished here, not by wandb's exit hook: that one runs after its service has begun closing,
+        # leaving a HandleAbandonedError in debug.log and the offline run without files/config.yaml.
+        self._experiment.finish(exit_code=0 if status in ("success", "finished") else 1)
+        self._experiment = None  # a later command in this process continues the run (resume="allow")
+        if self._offline:
             why = f" ({self._offline_reason})" if self._offline_reason else ""
             rank_zero_info(f"W&B ran offline{why}. Upload this run with: wandb sync {run_dir}")
+
+    def _write_run_files(self, folder: Path) -> None:
+        """``config.yaml`` and ``wandb-summary.json`` in W&B's formats (``key: {value: ...}``; a JSON object)."""
+        run = self._experiment
+        config = {key: {"value": value} for key, value in run.config.as_dict().items()}
+        text = yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=False, allow_unicode=True)
+        files.write_text(folder / "config.yaml", "wandb_version: 1\n\n" + text)
+        summary = {key: run.summary[key] for key in run.summary.keys()}
+        files.write_text(folder / "wandb-summary.json", json.dumps(summary, default=str) + "\n")

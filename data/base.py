@@ -46,6 +46,7 @@ from data.decode_check import find_unreadable
 from data.image_folder import ImageFolderDataset
 from data.sampling import ResumableDataLoader, ResumableSampler, SampleSubset, ranking_indices, without_paths
 from data.images import GRAY_RGB
+from data.protocol import SK_MAX_REGRESSION_IMAGES, Protocol, check_protocol, sk_regression_indices
 from lightning_modules.app.errors import ConfigError, MissingFileError
 
 #: The splits each stage reads (``predict`` without ``path`` reads the test split).
@@ -75,12 +76,16 @@ class Evaluation:
         regressor: ``linear`` (least squares on each ground-truth keypoint's visible rows) or
             ``orientation_invariant`` (Human3.6M: refit with left/right-swapped ground truth).
         swap_pairs: left/right keypoint pairs, 0-based: the swap of ``orientation_invariant`` (regressor and metric).
+        protocol: ``default`` or ``stablekeypoints`` (``data.protocol``): with ``stablekeypoints`` the swap
+            follows SK's ``swap_points`` (pairs assigned in order, not a permutation) and visibility is read
+            only where SK's evaluation method reads it (``visible``, ``mean_average_error``).
     """
 
     metric: str
     metric_args: dict[str, float] = field(default_factory=dict)
     regressor: Literal["linear", "orientation_invariant"] = "linear"
     swap_pairs: tuple[tuple[int, int], ...] = ()
+    protocol: Protocol = "default"
 
 
 class KeypointDataModule(L.LightningDataModule):
@@ -91,7 +96,8 @@ class KeypointDataModule(L.LightningDataModule):
       epoch; a ``ResumableDataLoader``, so a run resumed from a mid-epoch checkpoint sees the samples
       and augmentations the uninterrupted run would have).
     - ``test``: ``test_dataloader`` returns two loaders run in order: the regression split (the
-      regressor from keypoints to ground truth is fitted on it) and the test split (it is scored).
+      regressor from keypoints to ground truth is fitted on it) and the test split (it is scored);
+      under ``protocol: stablekeypoints`` at most 50,000 regression images, drawn as SK's shuffle.
     - ``predict``: ``predict_dataloader`` over ``path`` (a folder or one image) when given, else
       over the test split.
     - ``keypoint_index_dataloader``: training images without augmentation (``ranking_dataset``); the
@@ -110,6 +116,8 @@ class KeypointDataModule(L.LightningDataModule):
             at set-up with their list. Every image of the splits a stage reads is decode-checked at
             set-up either way (cached, see ``data.decode_check``).
         seed: seed of the training data order and of the per-sample augmentation draws.
+        protocol: ``default`` (the project's evaluation) or ``stablekeypoints`` (StableKeypoints'
+            evaluation exactly: ``data.protocol``, docs/faithfulness.md); changes ``test`` only.
     """
 
     #: Names of the J ground-truth keypoints, in the order of ``keypoints``; empty when unlabelled.
@@ -124,6 +132,7 @@ class KeypointDataModule(L.LightningDataModule):
         background_rgb: tuple[int, int, int] = GRAY_RGB,
         skip_unreadable: bool = False,
         seed: int = 0,
+        protocol: Protocol = "default",
     ) -> None:
         super().__init__()
         if image_size <= 0 or image_size % 8:
@@ -150,6 +159,7 @@ class KeypointDataModule(L.LightningDataModule):
         self._checked: list[Dataset] = []
         self._path_dataset: Dataset | None = None
         self.seed = seed
+        self.protocol = check_protocol(protocol)
 
     # Subclasses build these three datasets in ``setup``.
     def train_dataset(self) -> Dataset:
@@ -202,7 +212,10 @@ class KeypointDataModule(L.LightningDataModule):
         )
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.regression_dataset(), shuffle=False), self._loader(self.test_dataset(), shuffle=False)]
+        regression = self.regression_dataset()
+        if self.protocol == "stablekeypoints" and len(regression) > SK_MAX_REGRESSION_IMAGES:
+            regression = SampleSubset(regression, sk_regression_indices(len(regression), self.seed, SK_MAX_REGRESSION_IMAGES))
+        return [self._loader(regression, shuffle=False), self._loader(self.test_dataset(), shuffle=False)]
 
     def keypoint_index_dataloader(self, num_images: int | None = None, seed: int = 0) -> DataLoader:
         """``ranking_dataset``'s images: ``num_images`` of them drawn by ``ranking_indices(.., seed)``,

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from data.base import Evaluation, require_file
 from data.crop import pixels_to_unit
+from data.protocol import check_protocol, pixel_centre
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +80,8 @@ class CelebADataset(WholeImageDataset):
         mafl_dir: folder holding ``training.txt`` and ``testing.txt``; default ``root/MAFL``.
         min_face_area_frac: wild only: drop images whose face box (``list_bbox_celeba.txt``)
             covers less than this fraction of the image area, as SK did with 0.3; 0 keeps all.
+        protocol: ``default``: a landmark on pixel i lies at its centre, ``(i + 0.5) / size``;
+            ``stablekeypoints``: ``i / size``, as SK (``data.protocol``).
     """
 
     def __init__(
@@ -89,8 +92,10 @@ class CelebADataset(WholeImageDataset):
         variant: Literal["aligned", "wild"] = "aligned",
         mafl_dir: str | Path | None = None,
         min_face_area_frac: float = 0.3,
+        protocol: str = "default",
     ) -> None:
         root = Path(root)
+        self.pixel_centre = pixel_centre(check_protocol(protocol))
         mafl_dir = Path(mafl_dir) if mafl_dir is not None else root / "MAFL"
         split_file = require_file(mafl_dir / ("training.txt" if split == "train" else "testing.txt"), CELEBA_SOURCE)
         numbers = [int(Path(name).stem) for name in split_file.read_text().split()]
@@ -112,7 +117,7 @@ class CelebADataset(WholeImageDataset):
         self.landmarks_px = np.asarray([landmarks[n] for n in numbers], dtype=np.float32).reshape(-1, 5, 2)
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return pixels_to_unit(self.landmarks_px[index], width, height), torch.ones(5, dtype=torch.bool)
+        return pixels_to_unit(self.landmarks_px[index], width, height, self.pixel_centre), torch.ones(5, dtype=torch.bool)
 
 
 class CelebADataModule(SplitsDataModule):
@@ -156,8 +161,9 @@ class CelebADataModule(SplitsDataModule):
             variant=self.variant,
             mafl_dir=self.mafl_dir,
             min_face_area_frac=self.min_face_area_frac,
+            protocol=self.protocol,
         )
 
     def evaluation(self) -> Evaluation:
         """Every row for the regressor; mean error over the 5 landmarks / inter-ocular distance x100."""
-        return Evaluation("inter_ocular_error", {"left_eye": 0, "right_eye": 1})
+        return Evaluation("inter_ocular_error", {"left_eye": 0, "right_eye": 1}, protocol=self.protocol)

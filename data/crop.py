@@ -25,16 +25,17 @@ def image_region(box: Sequence[float], width: int, height: int, flipped: bool = 
     return torch.tensor([u0, v0, u1, v1], dtype=torch.float32).clamp(0, 1)
 
 
-def pixels_to_unit(xy_px: np.ndarray, width: int, height: int) -> torch.Tensor:
-    """xy_px: (J, 2) (x, y) pixel indices of a width x height image -> (J, 2) float32 in [0, 1].
+def pixels_to_unit(xy_px: np.ndarray, width: float, height: float, pixel_centre: float = 0.5) -> torch.Tensor:
+    """xy_px: (J, 2) (x, y) pixel indices of a width x height image -> (J, 2) float32 ``(xy + pixel_centre) / size``.
 
     Annotations give the pixel a point lies on; its centre is at ``+ 0.5`` in the continuous
     coordinates of ``data.base`` (pixel i spans [i, i + 1)). A ground-truth point on pixel i thus
     maps to the same value as a detector's argmax on that pixel (docs/method.md section 5.2 uses pixel
-    centres). SK divided by the size without the half pixel: a shift of half a source pixel.
+    centres). SK divided by the size without the half pixel (``pixel_centre=0``,
+    ``data.protocol.pixel_centre``): a shift of half a source pixel.
     """
     xy = torch.as_tensor(xy_px, dtype=torch.float32)
-    return (xy + 0.5) / torch.tensor([width, height], dtype=torch.float32)
+    return (xy + pixel_centre) / torch.tensor([width, height], dtype=torch.float32)
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:

@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from data.base import STAGE_SPLITS, Evaluation, KeypointDataModule
+from data.protocol import autolink_aligned_box, check_protocol, cmr_square_box, python_round
 
 from data.crop import crop_matrix, crop_points, crop_resize, image_region, image_tensor
 
@@ -40,8 +42,10 @@ from data.cub_files import (
     Subset,
     import_loadmat,
     missing_message,
+    cmr_from_text,
     cmr_split_file,
     load_annotations,
+    read_cmr_annotations,
     missing_annotation_files,
     read_cmr_split,
     select_rows,
@@ -100,6 +104,10 @@ class CUBDataset(Dataset):
         background_rgb: 0-255 colour under transparent pixels (``images_dir`` trees may hold RGBA PNGs).
         split_paths: the images of ``split`` (paths relative to ``images/``) instead of the
             official split, e.g. ``read_cmr_split(cachedir, split)`` for StableKeypoints' splits.
+        protocol: ``default``, or ``stablekeypoints``: boxes, parts and crops as StableKeypoints made
+            them (``stablekeypoints_crop``).
+        cmr_annotations: ``read_cmr_annotations`` of ``split``: with ``stablekeypoints``, the boxes and
+            parts come from CMR's ``.mat`` files instead of the text files (``cmr_from_text``).
     """
 
     def __init__(
@@ -114,6 +122,8 @@ class CUBDataset(Dataset):
         annotations: CUBAnnotations | None = None,
         background_rgb: tuple[int, int, int] = GRAY_RGB,
         split_paths: Sequence[str] | None = None,
+        protocol: str = "default",
+        cmr_annotations: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         if subset not in get_args(Subset):
             raise ConfigError(f"subset={subset!r}: choose one of {get_args(Subset)}.")
@@ -129,6 +139,15 @@ class CUBDataset(Dataset):
         self.pad_frac = 0.0 if aligned else PAD_FRAC
         self.jitter_frac = JITTER_FRAC if augment and not aligned else 0.0
         self.mirror = augment and not aligned
+        self.protocol = check_protocol(protocol)
+        self.aligned = aligned
+        if cmr_annotations is not None:
+            records = [cmr_annotations[self.annotations.paths[row]] for row in self.rows]
+            self.cmr_boxes = np.stack([box for box, _ in records])
+            self.cmr_parts = np.stack([parts for _, parts in records])
+        else:
+            boxes, parts = cmr_from_text(self.annotations)
+            self.cmr_boxes, self.cmr_parts = boxes[self.rows], parts[self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -151,11 +170,14 @@ class CUBDataset(Dataset):
         image = image_tensor(read_image(path, self.background_rgb))  # a few CUB images are grayscale
         height, width = image.shape[-2:]
         outward, flipped = self.sample_crop_params(generator)
-        box = square_crop_box(self.annotations.boxes_xywh[row], outward)
-        # The crop, the resize and the mirror are one matrix, for the pixels and the parts alike.
+        if self.protocol == "stablekeypoints":
+            box, keypoints, visible = self.stablekeypoints_crop(index, outward, flipped, width, height)
+        else:
+            box = square_crop_box(self.annotations.boxes_xywh[row], outward)
+            visible = torch.from_numpy(self.annotations.visible[row].copy())
+            # The crop, the resize and the mirror are one matrix, for the pixels and the parts alike.
+            keypoints = crop_points(self.annotations.parts_px[row], crop_matrix(box, self.image_size, flipped), self.image_size)
         pixels = crop_resize(image, box, self.image_size, self.fill_rgb, mirror=flipped)
-        visible = torch.from_numpy(self.annotations.visible[row].copy())
-        keypoints = crop_points(self.annotations.parts_px[row], crop_matrix(box, self.image_size, flipped), self.image_size)
         if flipped:
             keypoints, visible = mirror_parts(keypoints, visible)
         keypoints = keypoints.masked_fill(~visible[:, None], 0.0)
@@ -171,6 +193,35 @@ class CUBDataset(Dataset):
             "source_size": torch.tensor([width, height]),
             "image_region": image_region(box, width, height, flipped),
         }
+
+    def stablekeypoints_crop(
+        self, index: int, outward: list[float], flipped: bool, width: int, height: int
+    ) -> tuple[tuple[float, float, float, float], torch.Tensor, torch.Tensor]:
+        """Crop box (continuous source pixels), keypoints (J, 2) and visible (J,) as StableKeypoints made them.
+
+        From CMR's 1-based boxes and parts (``cmr_boxes``, ``cmr_parts``). ``cub_all``/``cub_00x``
+        (``datasets/cub_parts.py``): the parts minus 1, over the whole-pixel square of ``cmr_square_box``,
+        ``(x - 1 - x0) / side`` with no half pixel; mirrored, ``x`` becomes ``(S - 1) / S - x`` (CMR flips
+        pixel indices, ``S - 1 - x``, on the S-px crop). ``cub_aligned`` (AutoLink's ``cub.h5``): the raw
+        parts, shifted by the 16-px trim (a part then outside the trimmed image turns invisible), over
+        ``autolink_aligned_box``; the pixels are cropped at that box rounded to whole pixels, as PIL does.
+        """
+        box_cmr, parts = self.cmr_boxes[index], self.cmr_parts[index]
+        visible = parts[:, 2] > 0
+        if self.aligned:
+            x_min, y_min, x_max, y_max, ox, oy = autolink_aligned_box(box_cmr, width, height)
+            xy = parts[:, :2] - (ox, oy)
+            inside = (xy >= 0).all(1) & (xy[:, 0] < width - width % 16) & (xy[:, 1] < height - height % 16)
+            visible &= inside
+            keypoints = (xy - (x_min, y_min)) / (x_max - x_min, y_max - y_min)
+            box = tuple(float(python_round(v) + o) for v, o in zip((x_min, y_min, x_max, y_max), (ox, oy, ox, oy)))
+        else:
+            x0, y0, side = cmr_square_box(box_cmr, outward)
+            keypoints = (parts[:, :2] - 1 - (x0, y0)) / side
+            if flipped:
+                keypoints[:, 0] = (self.image_size - 1) / self.image_size - keypoints[:, 0]
+            box = (float(x0), float(y0), float(x0 + side), float(y0 + side))
+        return box, torch.from_numpy(keypoints).float(), torch.from_numpy(visible)
 
 
 def download_cub(root: str | Path, url: str | None = None, md5: str | None = None) -> Path:
@@ -206,8 +257,15 @@ class CUBDataModule(KeypointDataModule):
             of ``data.demo`` there (and say so); a missing ``root`` anywhere else is an error.
         cmr_cachedir: CMR's ``cachedir/cub`` folder: take the train and test images from its
             ``data/train_cub_cleaned.mat`` and ``data/test_cub_cleaned.mat``, the splits of
-            StableKeypoints' published numbers (needs scipy); ``None``: the official split.
-        kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path`` (see ``KeypointDataModule``).
+            StableKeypoints' published numbers (needs scipy); ``None``: the official split. With
+            ``protocol: stablekeypoints`` the boxes and parts are read from these files too (SK's
+            convention, ``CUBDataset.stablekeypoints_crop``); with ``default`` they come from the
+            official text files.
+        kwargs: ``image_size``, ``batch_size``, ``num_workers``, ``path``, ``protocol`` (see
+            ``KeypointDataModule``). ``protocol: stablekeypoints`` also fits the regressor on augmented
+            training crops (5 % box jitter and a random mirror, drawn per image from its index), as SK's
+            regression pass read its training dataset; the keypoint tokens are still ranked on
+            unaugmented crops.
     """
 
     keypoint_names = PART_NAMES
@@ -268,11 +326,17 @@ class CUBDataModule(KeypointDataModule):
         annotations = load_annotations(self.root)
         common = dict(root=self.root, subset=self.subset, image_size=self.image_size, images_dir=self.images_dir, fill_rgb=self.fill_rgb, annotations=annotations, background_rgb=self.background_rgb)
         split_paths = {split: None if self.cmr_cachedir is None else read_cmr_split(self.cmr_cachedir, split) for split in get_args(Split)}
+        sk = self.protocol == "stablekeypoints"
+        cmr = {split: read_cmr_annotations(self.cmr_cachedir, split) if sk and self.cmr_cachedir else None for split in get_args(Split)}
+        train = dict(split="train", split_paths=split_paths["train"], protocol=self.protocol, cmr_annotations=cmr["train"], **common)
         self._datasets = {
-            "train": CUBDataset(split="train", augment=True, split_paths=split_paths["train"], **common),
-            "regression": CUBDataset(split="train", augment=False, split_paths=split_paths["train"], **common),
-            "test": CUBDataset(split="test", augment=False, split_paths=split_paths["test"], **common),
+            "train": CUBDataset(augment=True, **train),
+            "regression": CUBDataset(augment=sk, **train),
+            "test": CUBDataset(split="test", augment=False, split_paths=split_paths["test"], protocol=self.protocol,
+                               cmr_annotations=cmr["test"], **common),
         }
+        if sk:
+            self._datasets["ranking"] = CUBDataset(augment=False, **train)
         for dataset in (self._datasets["train"], self._datasets["test"]):
             missing = [dataset.image_path(i) for i in range(len(dataset)) if not dataset.image_path(i).is_file()]
             if missing and self.images_dir:
@@ -295,9 +359,15 @@ class CUBDataModule(KeypointDataModule):
     def regression_dataset(self) -> Dataset:
         return self._dataset("regression")
 
+    def ranking_dataset(self) -> Dataset:
+        """Unaugmented training crops under either protocol (the protocol changes the evaluation only)."""
+        if not self._datasets:
+            self._build_datasets()
+        return self._dataset("ranking") if "ranking" in self._datasets else self.regression_dataset()
+
     def test_dataset(self) -> Dataset:
         return self._dataset("test")
 
     def evaluation(self) -> Evaluation:
         """Visible rows for the regressor; error over the visible parts x100 (StableKeypoints' ``visible``)."""
-        return Evaluation("normalized_keypoint_error")
+        return Evaluation("normalized_keypoint_error", protocol=self.protocol)

@@ -204,6 +204,43 @@ def read_cmr_split(cachedir: str | Path, split: Split) -> list[str]:
         raise ConfigError(f"{path}: an entry of 'images' has no rel_path: it is not one of CMR's *_cub_cleaned.mat files.") from error
 
 
+def read_cmr_annotations(cachedir: str | Path, split: Split, num_parts: int = len(PART_NAMES)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """CMR's annotations of ``split``: {path relative to ``images/``: (bbox (4,) ``x1, y1, x2, y2``, parts (J, 3) ``x, y, visible``)}.
+
+    The values are the files' own, 1-based as MATLAB wrote them (StableKeypoints subtracts 1 when it
+    reads them, ``datasets/cub_parts.py``); each entry's ``bbox`` is a struct and ``parts`` a (3, J) array.
+    """
+    loadmat = import_loadmat()
+    path = cmr_split_file(cachedir, split)
+    images = loadmat(str(path), struct_as_record=False, squeeze_me=True).get("images")
+    if images is None:
+        raise ConfigError(f"{path} holds no 'images' struct array: it is not one of CMR's *_cub_cleaned.mat files.")
+    out = {}
+    for image in np.atleast_1d(images):
+        try:
+            box = np.array([image.bbox.x1, image.bbox.y1, image.bbox.x2, image.bbox.y2], dtype=np.float64)
+            parts = np.asarray(image.parts, dtype=np.float64).T
+        except AttributeError as error:
+            raise ConfigError(f"{path}: an entry of 'images' lacks bbox or parts: it is not one of CMR's *_cub_cleaned.mat files.") from error
+        if parts.shape != (num_parts, 3):
+            raise ConfigError(f"{path}: {image.rel_path} has parts of shape {parts.T.shape}; CMR's files hold (3, {num_parts}).")
+        out[str(image.rel_path)] = (box, parts)
+    return out
+
+
+def cmr_from_text(annotations: CUBAnnotations) -> tuple[np.ndarray, np.ndarray]:
+    """The official text files' boxes and parts in CMR's ``.mat`` convention: (N, 4) ``x1, y1, x2, y2`` and (N, J, 3).
+
+    CMR's box is ``(x, y, x + w - 1, y + h - 1)`` of ``bounding_boxes.txt``'s ``x y w h`` (its published
+    dump of image 2, Black_Footed_Albatross_0009_34, holds 139 30 291 293 for the text's 139 30 153 264);
+    its parts are taken to be the text's values unchanged (not checked against a real ``.mat`` here).
+    """
+    x, y, w, h = annotations.boxes_xywh.T
+    boxes = np.stack([x, y, x + w - 1, y + h - 1], axis=1)
+    parts = np.concatenate([annotations.parts_px, annotations.visible[..., None].astype(np.float64)], axis=-1)
+    return boxes, parts
+
+
 def select_rows(
     annotations: CUBAnnotations, subset: Subset, split: Split, split_paths: Sequence[str] | None = None
 ) -> np.ndarray:

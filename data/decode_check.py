@@ -90,7 +90,9 @@ def find_unreadable(files: Sequence[str | Path], description: str = "Checking im
         with ThreadPoolExecutor(threads) as pool:
             results = pool.map(lambda job: images.decode_error(job[0]), todo)
             bar = tqdm(results, total=len(todo), desc=description, unit="img", disable=rank_zero_only.rank != 0)
-            for (_, key, stamp), reason in zip(todo, bar):
+            # The bar first: tqdm counts an item when the next one is asked for, so it reaches its
+            # total only when zip asks it once more (with todo first, zip stops one short: 59/60).
+            for reason, (_, key, stamp) in zip(bar, todo):
                 verdicts[key] = reason
                 entries[key] = [*stamp, reason]
         _save_cache(cache_path, entries)

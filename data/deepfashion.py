@@ -15,7 +15,8 @@ Differences from SK, on purpose:
   (x, y) here.
 - SK had no visibility: every keypoint was scored. Keypoints with a coordinate <= 0 (how such
   releases mark a missing joint) are invisible here; the published files, made from confident
-  detections only, should hold none, and then nothing differs.
+  detections only, should hold none, and then nothing differs. ``protocol: stablekeypoints``
+  scores every keypoint, as SK.
 
 Images are resized whole to S x S; with the square 256 x 256 images that is no distortion.
 """
@@ -33,6 +34,7 @@ from torch.utils.data import Dataset
 
 from data.base import Evaluation, require_file
 from data.crop import pixels_to_unit
+from data.protocol import SK_EVAL_SIDE, check_protocol
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
 
@@ -51,10 +53,14 @@ class DeepFashionDataset(WholeImageDataset):
         root: folder holding the csv/json files and ``img/``.
         image_size: side S of the returned square images, in pixels.
         split: ``"train"`` or ``"test"``.
+        protocol: ``default``: a keypoint on pixel i lies at ``(i + 0.5) / size`` of its image and one
+            with a coordinate <= 0 is invisible; ``stablekeypoints``: ``i / 256`` and every keypoint
+            visible, as SK (``data.protocol``).
     """
 
-    def __init__(self, root: str | Path, image_size: int, split: Literal["train", "test"]) -> None:
+    def __init__(self, root: str | Path, image_size: int, split: Literal["train", "test"], protocol: str = "default") -> None:
         root = Path(root)
+        self.protocol = check_protocol(protocol)
         with open(require_file(root / f"data_{split}.csv", DEEPFASHION_SOURCE), newline="") as f:
             names = [row[1].strip() for row in list(csv.reader(f))[1:] if row]
         json_path = require_file(root / f"data_{split}.json", DEEPFASHION_SOURCE)
@@ -72,6 +78,8 @@ class DeepFashionDataset(WholeImageDataset):
 
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
         xy = self.keypoints_px[index]
+        if self.protocol == "stablekeypoints":
+            return pixels_to_unit(xy, SK_EVAL_SIDE, SK_EVAL_SIDE, pixel_centre=0.0), torch.ones(len(xy), dtype=torch.bool)
         # Normalized by the image's own size, 256 for this release (SK divided by 256).
         return pixels_to_unit(xy, width, height), torch.from_numpy((xy > 0).all(axis=1))
 
@@ -100,10 +108,10 @@ class DeepFashionDataModule(SplitsDataModule):
     def _build(self, split: Literal["train", "regression", "test"]) -> Dataset:
         if split == "train":
             return self._split("regression")
-        dataset = DeepFashionDataset(self.root, self.image_size, "train" if split == "regression" else "test")
+        dataset = DeepFashionDataset(self.root, self.image_size, "train" if split == "regression" else "test", self.protocol)
         self.keypoint_names = tuple(f"kp{j:02d}" for j in range(dataset.keypoints_px.shape[1]))
         return dataset
 
     def evaluation(self) -> Evaluation:
         """PCK: the share of keypoints within 6 px at 256 px, per image, then averaged (higher is better)."""
-        return Evaluation("percentage_correct_keypoints", {"scale": 256, "threshold_px": 6})
+        return Evaluation("percentage_correct_keypoints", {"scale": 256, "threshold_px": 6}, protocol=self.protocol)

@@ -60,6 +60,13 @@ H36M_LEFT_RIGHT_SWAP: tuple[tuple[int, int], ...] = (
     (1, 6), (2, 7), (3, 8), (4, 9), (5, 10),
     (17, 25), (18, 26), (19, 27), (20, 28), (21, 29), (22, 30), (23, 31),
 )  # fmt: skip
+#: StableKeypoints' own list (``unsupervised_keypoints/eval.py``, ``swap_points``), used by ``protocol:
+#: stablekeypoints``: joint 28 is named twice, and SK's swap assigns the pairs in order, so it reads
+#: joint 28 into both 20 and 21, joint 21 into 28, and drops joint 20 (``lightning_modules.metrics.sk_swap_index``).
+SK_LEFT_RIGHT_SWAP: tuple[tuple[int, int], ...] = (
+    (1, 6), (2, 7), (3, 8), (4, 9), (5, 10),
+    (17, 25), (18, 26), (19, 27), (20, 28), (21, 28), (22, 30), (23, 31),
+)  # fmt: skip
 H36M_ACTIONS = ("Directions", "Discussion", "Posing", "Waiting", "Greeting", "Walking")
 
 
@@ -172,6 +179,8 @@ class Human36MDataModule(SplitsDataModule):
         return Human36MDataset(self.root, self.image_size, subjects, self.actions, labelled=split != "train")
 
     def evaluation(self) -> Evaluation:
-        """StableKeypoints' orientation-invariant fit and error (x128), with ``H36M_LEFT_RIGHT_SWAP``."""
+        """StableKeypoints' orientation-invariant fit and error (x128), with ``H36M_LEFT_RIGHT_SWAP`` (``default``)
+        or SK's own ``SK_LEFT_RIGHT_SWAP`` and swap (``stablekeypoints``)."""
+        pairs = SK_LEFT_RIGHT_SWAP if self.protocol == "stablekeypoints" else H36M_LEFT_RIGHT_SWAP
         return Evaluation("orientation_invariant_error", {"scale": 128}, regressor="orientation_invariant",
-                          swap_pairs=H36M_LEFT_RIGHT_SWAP)
+                          swap_pairs=pairs, protocol=self.protocol)

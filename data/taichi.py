@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from data.base import Evaluation, require_file
 from data.crop import pixels_to_unit
+from data.protocol import SK_EVAL_SIDE, check_protocol
 from data.image_folder import list_images
 from data.whole_image import SplitsDataModule, WholeImageDataset
 
@@ -64,10 +65,13 @@ class TaiChiDataset(WholeImageDataset):
         root: the Tai-Chi-HD folder.
         image_size: side S of the returned square images, in pixels.
         split: ``"train"`` (the regression frames) or ``"test"``.
+        protocol: ``default``: a keypoint on pixel i lies at ``(i + 0.5) / size`` of its image;
+            ``stablekeypoints``: ``i / 256``, as SK (``data.protocol``).
     """
 
-    def __init__(self, root: str | Path, image_size: int, split: Literal["train", "test"]) -> None:
+    def __init__(self, root: str | Path, image_size: int, split: Literal["train", "test"], protocol: str = "default") -> None:
         root = Path(root)
+        self.protocol = check_protocol(protocol)
         names, self.keypoints_px = _read_pose_table(root / "landmark" / f"taichi_{split}_gt.pkl")
         image_dir = require_file(root / "eval_images" / "taichi-256" / split, TAICHI_SOURCE)
         super().__init__([image_dir / name for name in names], image_size, TAICHI_SOURCE)
@@ -75,6 +79,8 @@ class TaiChiDataset(WholeImageDataset):
     def _labels(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
         xy = self.keypoints_px[index]
         visible = torch.from_numpy((xy > 0).all(axis=1))
+        if self.protocol == "stablekeypoints":
+            return pixels_to_unit(xy, SK_EVAL_SIDE, SK_EVAL_SIDE, pixel_centre=0.0), visible
         # Normalized by the image's own size, which is 256 for this release (SK divided by 256).
         return pixels_to_unit(xy, width, height), visible
 
@@ -114,8 +120,8 @@ class TaiChiDataModule(SplitsDataModule):
             except FileNotFoundError as error:
                 raise FileNotFoundError(f"{train_dir} holds no images. {TAICHI_SOURCE}") from error
             return WholeImageDataset(files, self.image_size, TAICHI_SOURCE, flip_prob=self.train_flip_prob)
-        return TaiChiDataset(self.root, self.image_size, "train" if split == "regression" else "test")
+        return TaiChiDataset(self.root, self.image_size, "train" if split == "regression" else "test", self.protocol)
 
     def evaluation(self) -> Evaluation:
         """Visible rows for the regressor; the sum over visible keypoints of the error at 256 px."""
-        return Evaluation("summed_keypoint_error", {"scale": 256})
+        return Evaluation("summed_keypoint_error", {"scale": 256}, protocol=self.protocol)

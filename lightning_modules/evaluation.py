@@ -27,7 +27,7 @@ from lightning_modules import metrics
 from lightning_modules.app import files
 from lightning_modules.app.errors import ConfigError
 from lightning_modules.app.run_folder import METRICS_FILE, REGRESSOR_FILE
-from lightning_modules.metrics import swap_permutation
+from lightning_modules.metrics import swap_index
 from lightning_modules.regressor import LinearKeypointRegressor
 
 REGRESSION_LOADER, TEST_LOADER = 0, 1
@@ -40,26 +40,44 @@ METRICS: dict[str, type[Metric]] = {
     "percentage_correct_keypoints": metrics.PercentageCorrectKeypoints,
     "orientation_invariant_error": metrics.OrientationInvariantError,
 }
+#: The metrics whose StableKeypoints evaluation method reads the ground truth's visibility (``visible``,
+#: ``mean_average_error``); SK's ``inter_eye_distance``, ``pck`` and ``orientation_invariant`` fit on
+#: every row and score every keypoint.
+SK_VISIBILITY_METRICS = frozenset({"normalized_keypoint_error", "summed_keypoint_error"})
+
+
+def reads_visibility(evaluation: Any) -> bool:
+    """Whether the fit and the metric use the ground truth's visibility: always under ``default``; under
+    ``stablekeypoints`` where SK's evaluation method does (``SK_VISIBILITY_METRICS``)."""
+    return evaluation.protocol != "stablekeypoints" or evaluation.metric in SK_VISIBILITY_METRICS
 
 
 def build_metric(evaluation: Any) -> Metric:
     """The metric a ``data.base.Evaluation`` names, with its arguments (and its swap pairs, where it takes them)."""
     if evaluation.metric not in METRICS:
         raise ConfigError(f"The DataModule names the metric {evaluation.metric!r}; known: {sorted(METRICS)}.")
-    kwargs = dict(evaluation.metric_args)
+    kwargs = dict(evaluation.metric_args, reads_visibility=reads_visibility(evaluation))
     if evaluation.metric == "orientation_invariant_error":
         kwargs["swap"] = evaluation.swap_pairs
+        kwargs["protocol"] = evaluation.protocol
     return METRICS[evaluation.metric](**kwargs)
 
 
 def regression_protocol(evaluation: Any) -> Callable[[Tensor, Tensor, Tensor], LinearKeypointRegressor]:
-    """keypoints (N, K, 2), targets (N, J, 2), visible (N, J) -> the regressor, as ``evaluation.regressor`` says."""
+    """keypoints (N, K, 2), targets (N, J, 2), visible (N, J) -> the regressor, as ``evaluation.regressor`` says
+    (``visible`` is ignored where ``reads_visibility`` says the protocol fits on every row)."""
     if evaluation.regressor == "linear":
-        return LinearKeypointRegressor.fit
+        if reads_visibility(evaluation):
+            return LinearKeypointRegressor.fit
+        return lambda keypoints, targets, visible: LinearKeypointRegressor.fit(keypoints, targets, None)
     if evaluation.regressor == "orientation_invariant":
+        protocol = evaluation.protocol
+        use_visible = reads_visibility(evaluation)
+
         def fit(keypoints: Tensor, targets: Tensor, visible: Tensor) -> LinearKeypointRegressor:
-            swap = swap_permutation(targets.shape[1], evaluation.swap_pairs)
-            return LinearKeypointRegressor.fit_orientation_invariant(keypoints, targets, visible, swap=swap)
+            swap = swap_index(targets.shape[1], evaluation.swap_pairs, protocol)
+            return LinearKeypointRegressor.fit_orientation_invariant(
+                keypoints, targets, visible if use_visible else None, swap=swap, require_involution=protocol != "stablekeypoints")
 
         return fit
     raise ConfigError(f"The DataModule names the regressor {evaluation.regressor!r}: use 'linear' or 'orientation_invariant'.")
@@ -96,6 +114,13 @@ class KeypointSet(Metric):
         out["visible"] = out["visible"].bool()
         return out
 
+    def rows(self) -> dict[str, Tensor]:
+        """``compute`` with its shapes kept: torchmetrics squeezes a one-element result to 0-d (a split of one image)."""
+        rows = self.compute()
+        rows["index"] = rows["index"].reshape(-1)
+        rows["visible"] = rows["visible"].reshape(rows["targets"].shape[:-1])
+        return rows
+
     def __len__(self) -> int:
         return sum(len(part) for part in self.index)
 
@@ -116,6 +141,7 @@ class RegressorEvaluation:
             visible (N, J) -> regressor (``regression_protocol``).
         device: where the rows are kept and gathered (the LightningModule's device).
         name: the metric's name, logged as ``test/<name>``.
+        protocol: ``default`` or ``stablekeypoints``, recorded in ``metrics.json``.
     """
 
     def __init__(
@@ -124,8 +150,10 @@ class RegressorEvaluation:
         fit_regressor: Callable[[Tensor, Tensor, Tensor], LinearKeypointRegressor] = LinearKeypointRegressor.fit,
         device: torch.device | str = "cpu",
         name: str = "metric",
+        protocol: str = "default",
     ) -> None:
         self.name = name
+        self.protocol = protocol
         self.fit_regressor = fit_regressor
         self.regression = KeypointSet().to(device)
         self.test = KeypointSet().to(device)
@@ -138,7 +166,8 @@ class RegressorEvaluation:
     @classmethod
     def of(cls, evaluation: Any, device: torch.device | str = "cpu") -> RegressorEvaluation:
         """The evaluation a DataModule names (``data.base.Evaluation``)."""
-        return cls(build_metric(evaluation), regression_protocol(evaluation), device, name=evaluation.metric)
+        return cls(build_metric(evaluation), regression_protocol(evaluation), device, name=evaluation.metric,
+                   protocol=evaluation.protocol)
 
     def update(self, dataloader_idx: int, index: Tensor, keypoints: Tensor, targets: Tensor, visible: Tensor) -> None:
         split = self.regression if dataloader_idx == REGRESSION_LOADER else self.test
@@ -148,7 +177,7 @@ class RegressorEvaluation:
         """Fits the regressor on every rank's regression rows (docs/method.md section 7)."""
         if not len(self.regression) and not torch.distributed.is_initialized():
             raise RuntimeError("The regression split produced no keypoints: the regressor cannot be fitted.")
-        rows = self.regression.compute()
+        rows = self.regression.rows()
         self.regressor = self.fit_regressor(rows["keypoints"], rows["targets"], rows["visible"])
         self.regressor.to(rows["keypoints"].device)
         self.num_regression_images = len(rows["index"])
@@ -158,7 +187,7 @@ class RegressorEvaluation:
         """The metric over every test image once."""
         if self.regressor is None:
             raise RuntimeError("The test split was empty: nothing was scored.")
-        rows = self.test.compute()
+        rows = self.test.rows()
         self.num_test_images = len(rows["index"])
         # Every rank holds the whole split now, and the metric sums its states over ranks when it
         # computes: each rank adds its own residue class of images, so each image counts once.
@@ -174,6 +203,7 @@ class RegressorEvaluation:
         result = {
             "metric": self.name,
             "value": self.value,
+            "protocol": self.protocol,
             "higher_is_better": bool(self.metric.higher_is_better),
             "dataset": dataset,
             "keypoint_tokens": keypoint_tokens,
@@ -183,6 +213,19 @@ class RegressorEvaluation:
             **provenance,
         }
         return files.write_text(folder / METRICS_FILE, json.dumps(result, indent=2) + "\n")
+
+    def summary(self, written: Path) -> str:
+        """What ``test`` prints at its end: the test split's metric by its logged name, how many images
+        fitted the regressor and how many were scored, the protocol and where the results are."""
+        better = "higher" if self.metric.higher_is_better else "lower"
+        name = f"test/{self.name}"
+        return "\n".join([
+            f"Test results (protocol: {self.protocol})",
+            f"  {'regression split':<{len(name)}}  {self.num_regression_images} images fitted the regressor",
+            f"  {'test split':<{len(name)}}  {self.num_test_images} images scored",
+            f"  {name}  {self.value:.4f}  ({better} is better)",
+            f"Written to {written}",
+        ])
 
     # ------------------------------------------------------------------ the test stage's hooks
     def step(self, dataloader_idx: int, batch: dict, keypoints: Tensor) -> dict[str, Tensor]:
@@ -206,5 +249,5 @@ class RegressorEvaluation:
         if trainer.is_global_zero:
             written = self.save(module.run_dir(), type(trainer.datamodule).__name__, module.keypoint_tokens.tolist(),
                                 module.backbone.pretrained_model_name_or_path, module.provenance())
-            rank_zero_info(f"\n{'metric':<32} value\n{self.name:<32} {value:.4f}\nwritten to {written}")
+            rank_zero_info(self.summary(written))
         return value

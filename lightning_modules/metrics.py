@@ -42,6 +42,30 @@ def swap_permutation(num_joints: int, pairs: Sequence[tuple[int, int]]) -> Tenso
     return torch.tensor(perm, dtype=torch.long)
 
 
+def sk_swap_index(num_joints: int, pairs: Sequence[tuple[int, int]]) -> Tensor:
+    """-> (num_joints,) long: StableKeypoints' swap (``unsupervised_keypoints/eval.py``, ``swap_points``),
+    ``points[..., index, :]``.
+
+    The pairs are assigned in list order, ``index[a] = b`` then ``index[b] = a``, so a joint named in
+    two pairs keeps its last assignment and the result need not be a permutation: with SK's
+    Human3.6M pairs ``(20, 28), (21, 28)``, joints 20 and 21 both read joint 28, joint 28 reads 21,
+    joint 20 is read by none and joint 29 stays in place.
+    """
+    index = list(range(num_joints))
+    for a, b in pairs:
+        for joint in (a, b):
+            if not 0 <= joint < num_joints:
+                raise ValueError(f"Swap pair ({a}, {b}) names joint {joint}, outside the {num_joints} joints: pass 0-based indices.")
+        index[a], index[b] = b, a
+    return torch.tensor(index, dtype=torch.long)
+
+
+def swap_index(num_joints: int, pairs: Sequence[tuple[int, int]], protocol: str = "default") -> Tensor:
+    """The left/right swap of ``pairs`` as a (num_joints,) index: a permutation (``default``,
+    ``swap_permutation``) or StableKeypoints' assignment (``stablekeypoints``, ``sk_swap_index``)."""
+    return sk_swap_index(num_joints, pairs) if protocol == "stablekeypoints" else swap_permutation(num_joints, pairs)
+
+
 def _visible_mask(preds: Tensor, target: Tensor, visible: Tensor | None) -> Tensor:
     """Checks the shapes; -> (B, J) bool, all True when ``visible`` is None."""
     if preds.ndim != 3 or preds.shape[-1] != 2 or preds.shape != target.shape:
@@ -145,10 +169,11 @@ def percentage_correct_keypoints(
 
 
 def _orientation_invariant_error(
-    preds: Tensor, target: Tensor, visible: Tensor | None, scale: float, swap: Sequence[tuple[int, int]]
+    preds: Tensor, target: Tensor, visible: Tensor | None, scale: float, swap: Sequence[tuple[int, int]],
+    protocol: str = "default",
 ) -> tuple[Tensor, Tensor]:
     vis = _visible_mask(preds, target, visible)
-    perm = swap_permutation(preds.shape[-2], swap).to(preds.device)
+    perm = swap_index(preds.shape[-2], swap, protocol).to(preds.device)
     n_visible = vis.sum(dim=-1)
 
     def mean_visible(distances: Tensor) -> Tensor:
@@ -166,25 +191,32 @@ def orientation_invariant_error(
     scale: float = 128.0,
     *,
     swap: Sequence[tuple[int, int]],
+    protocol: str = "default",
 ) -> Tensor:
     """preds, target: (B, J, 2), visible: (B, J) -> (B,) Human3.6M error in ``scale`` px.
 
     ``min(mean ||e - g||, mean ||swap(e) - g||)``: a prediction with left and right exchanged is not
     penalized, since an unsupervised model cannot tell a person's left from right when they turn
-    round. NaN for an image with no visible keypoint.
+    round. NaN for an image with no visible keypoint. ``swap`` is applied as ``swap_index(.., protocol)``.
     """
-    return _skipped_as_nan(*_orientation_invariant_error(preds, target, visible, scale, swap))
+    return _skipped_as_nan(*_orientation_invariant_error(preds, target, visible, scale, swap, protocol))
 
 
 class _PerImageMean(Metric):
-    """Mean over images of a per-image value; images the value skips do not count."""
+    """Mean over images of a per-image value; images the value skips do not count.
+
+    Args:
+        reads_visibility: ``False`` scores every keypoint whatever ``visible`` says (StableKeypoints'
+            ``inter_eye_distance``, ``pck`` and ``orientation_invariant``, ``data.protocol``).
+    """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, reads_visibility: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.reads_visibility = reads_visibility
         self.add_state("value_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -194,11 +226,11 @@ class _PerImageMean(Metric):
 
     def per_image(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> Tensor:
         """preds, target: (B, J, 2) normalized (x, y) -> (B,) this metric per image (NaN: skipped)."""
-        return _skipped_as_nan(*self._per_image(preds, target, visible))
+        return _skipped_as_nan(*self._per_image(preds, target, visible if self.reads_visibility else None))
 
     def update(self, preds: Tensor, target: Tensor, visible: Tensor | None = None) -> None:
         """preds, target: (B, J, 2) normalized (x, y); visible: (B, J) bool or None."""
-        values, counted = self._per_image(preds, target, visible)
+        values, counted = self._per_image(preds, target, visible if self.reads_visibility else None)
         # Selecting the counted images (not nansum) lets a NaN prediction show up in the result;
         # where() rather than boolean indexing avoids a host sync per batch on GPU.
         self.value_sum += torch.where(counted, values, torch.zeros_like(values)).sum()
@@ -256,19 +288,22 @@ class OrientationInvariantError(_PerImageMean):
 
     Args:
         scale: side of the image, in pixels, the coordinates are multiplied by.
-        swap: left/right joint pairs, 0-based; each joint in at most one pair.
+        swap: left/right joint pairs, 0-based; each joint in at most one pair (``default``).
+        protocol: ``default`` (the swap is a permutation) or ``stablekeypoints`` (SK's assignment of the
+            pairs, ``sk_swap_index``, which allows SK's duplicated joint).
     """
 
-    def __init__(self, swap: Sequence[tuple[int, int]], scale: float = 128.0, **kwargs) -> None:
+    def __init__(self, swap: Sequence[tuple[int, int]], scale: float = 128.0, protocol: str = "default", **kwargs) -> None:
         super().__init__(**kwargs)
         swap = tuple((int(a), int(b)) for a, b in swap)
         # Reject a malformed list here, where it enters, rather than at the first test batch.
-        swap_permutation(1 + max((max(pair) for pair in swap), default=-1), swap)
+        swap_index(1 + max((max(pair) for pair in swap), default=-1), swap, protocol)
         self.scale = scale
         self.swap = swap
+        self.protocol = protocol
 
     def _per_image(self, preds: Tensor, target: Tensor, visible: Tensor | None) -> tuple[Tensor, Tensor]:
-        return _orientation_invariant_error(preds, target, visible, self.scale, self.swap)
+        return _orientation_invariant_error(preds, target, visible, self.scale, self.swap, self.protocol)
 
 
 class PercentageCorrectKeypoints(_PerImageMean):

@@ -92,6 +92,7 @@ def fit_orientation_invariant_regressor(
     visible: Tensor | None = None,
     max_images_left: int = 10,
     max_iterations: int = 100,
+    require_involution: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """keypoints: (N, K, 2), targets: (N, J, 2), swap: (J,) long -> W (2K, 2J) float64 and swapped (N,) bool.
 
@@ -107,6 +108,8 @@ def fit_orientation_invariant_regressor(
     Args:
         swap: the left/right permutation of the J joints (``metrics.swap_permutation``); it must be
             its own inverse, so that swapping twice restores an image's ground truth.
+        require_involution: ``False`` accepts any (J,) index, such as StableKeypoints' swap
+            (``metrics.sk_swap_index``, not a permutation), applied to the current ground truth each time.
         visible: (N, J) bool or None; distances and fits use visible keypoints only (SK's
             Human3.6M has all joints visible, where this changes nothing).
         max_images_left: stop when this many images or fewer still want a swap (SK: 10).
@@ -118,7 +121,8 @@ def fit_orientation_invariant_regressor(
     """
     _check_points(targets, "targets")
     swap = torch.as_tensor(swap, dtype=torch.long, device=targets.device)
-    if swap.shape != (targets.shape[1],) or not torch.equal(swap[swap], torch.arange(len(swap), device=swap.device)):
+    inside = swap.shape == (targets.shape[1],) and bool(((swap >= 0) & (swap < len(swap))).all())
+    if not inside or (require_involution and not torch.equal(swap[swap], torch.arange(len(swap), device=swap.device))):
         raise ValueError(
             f"swap must be a ({targets.shape[1]},) permutation that is its own inverse: build it with "
             "lightning_modules.metrics.swap_permutation from left/right pairs."

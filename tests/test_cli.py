@@ -345,7 +345,7 @@ def test_ckpt_path_honours_evaluation_settings_and_refuses_another_token_count(d
                                   "--output_dir", str(tmp_path / "predict"),
                                   "--data.init_args.path", str(images), "--model.soft_argmax_window_px", "5",
                                   "--model.augmentation_iterations", "2"))
-    (config_file,) = list((tmp_path / "predict").rglob("config.yaml"))
+    config_file = tmp_path / "predict" / "config.yaml"  # the command's (its W&B run has a files/config.yaml too)
     saved = yaml.safe_load(config_file.read_text())["model"]
     assert (saved["soft_argmax_window_px"], saved["augmentation_iterations"]) == (5, 2)  # not the checkpoint's null, 10
 

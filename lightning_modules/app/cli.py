@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.app.checkpoints import CKPT_KEYWORDS, read_checkpoint, recorded_signature
-from lightning_modules.app.run_folder import CHECKPOINTS, RunConfigSaver, RunFolderLogger, RunLayout, as_source
+from lightning_modules.app.run_folder import CHECKPOINTS, RunConfigSaver, RunFolderLogger, RunLayout, as_source, code_version
 from lightning_modules.app.settings import check_trainer_precision
 from lightning_modules.backbones.signature import check_fits
 
@@ -43,6 +43,12 @@ def quiet_unactionable_output() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # An advertisement for a logger this project does not use, printed at every Trainer construction.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
+    # A warning shows where it came from and its message, not the source line that raised it.
+    warnings.formatwarning = _without_source_line
+
+
+def _without_source_line(message, category, filename, lineno, line=None) -> str:
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
 
 def inherited_layout(command: str) -> RunLayout | None:
@@ -148,7 +154,23 @@ class StableKeypointsCLI(LightningCLI):
         for logger in trainer.loggers:
             if isinstance(logger, RunFolderLogger):
                 logger.use_run(layout.output_dir, layout.wandb_id, group=layout.run_dir.name)
+            if hasattr(logger, "add_run_config"):  # callbacks.wandb_logger.WandbLogger: the dashboard's config
+                logger.add_run_config(self.run_config())
         return trainer
+
+    def run_config(self) -> dict:
+        """This command's resolved config for a dashboard: every setting, what the backbone resolved
+        (family, model id, captured layers) and the code version."""
+        signature = self.model.signature()
+        config = json.loads(json.dumps(self.config[self.subcommand].as_dict(), default=str))
+        return {**config, "command": self.subcommand, "family": signature.family, "model_id": signature.model,
+                "layers": list(signature.layers or ()), "code_version": code_version()}
+
+    def test(self, **kwargs) -> list:
+        """``trainer.test`` without Lightning's results table (its columns are the two loaders, regression
+        images and test images, with one number and truncated names): ``RegressorEvaluation`` prints the
+        test split's metrics by their full names."""
+        return self.trainer.test(**{**kwargs, "verbose": False})
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
