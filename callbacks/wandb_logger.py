@@ -90,20 +90,43 @@ class WandbLogger(_WandbLogger):
 
     @property
     def experiment(self):
-        # The folder is made when the W&B run starts (rank 0 only): a command that never logs leaves none.
+        """The W&B run, started by its first use (a logged value, the hyperparameters), not by Lightning's
+        set-up, which asks for it before the data, the weights and the checkpoint are checked: a command
+        that fails before its first log leaves no W&B run, no folder and no "wandb sync" line."""
         if self._experiment is None and rank_zero_only.rank == 0:
+            return _StartsOnUse(self._start)
+        return super().experiment
+
+    def _start(self):
+        if self._experiment is None and rank_zero_only.rank == 0:
+            # The folder is made when the W&B run starts (rank 0 only): a command that never logs leaves none.
             if self._save_dir is not None:
                 Path(self._save_dir).mkdir(parents=True, exist_ok=True)
             # Each command runs its own wandb-core. An inherited WANDB_SERVICE (set by a Python parent that
             # used wandb: pytest, a notebook, a driver script) makes it share the parent's, which still holds
             # the previous command's run id as "in use", so a resumed fit could not continue its run.
             os.environ.pop("WANDB_SERVICE", None)
-        return super().experiment
+        return _WandbLogger.experiment.fget(self)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        if self._offline and self._experiment is not None:
+        if status != "success" and self._experiment is not None:
+            # Lightning leaves a failed run open until the process exits; closed now, a failed start can
+            # take its folder back (StableKeypointsCLI) without W&B writing into it again.
+            self._experiment.finish(exit_code=1)
+        # Not after a failure: the command's error is its last line (and a failed start removes its run).
+        if status == "success" and self._offline and self._experiment is not None:
             run_dir = Path(self._experiment.dir).parent
             why = f" ({self._offline_reason})" if self._offline_reason else ""
             rank_zero_info(f"W&B ran offline{why}. Upload this run with: wandb sync {run_dir}")
+
+
+class _StartsOnUse:
+    """``WandbLogger.experiment`` before the W&B run exists: the first use of any attribute starts the run."""
+
+    def __init__(self, start) -> None:
+        self._start = start
+
+    def __getattr__(self, name: str):
+        return getattr(self._start(), name)

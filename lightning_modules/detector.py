@@ -127,18 +127,31 @@ def save_context(path: str | Path, context: Tensor, keypoint_tokens: Tensor, sig
     return Path(path)
 
 
-def export_context(module, path: str | Path, checkpoint: str | None = None) -> Path:
+def export_context(module, path: str | Path, checkpoint: str | None = None, global_step: int | None = None) -> Path:
     """Writes a ``StableKeypoints``' context and keypoint tokens (when chosen) to a context file.
 
     Its metadata holds the context's signature and its origin (the module's ``provenance()``;
-    ``checkpoint``: the checkpoint holding the same context, when there is one).
+    ``checkpoint``: the checkpoint holding the same context, when there is one; ``global_step``:
+    the training step of the context, default the trainer's).
     """
-    require_finite_context(module.context, f"the context to {path}", module.global_step)
-    metadata = {"global_step": str(module.global_step), **{key: str(value) for key, value in module.provenance().items()}}
+    step = module.global_step if global_step is None else global_step
+    require_finite_context(module.context, f"the context to {path}", step)
+    metadata = {"global_step": str(step), **{key: str(value) for key, value in module.provenance().items()}}
     if checkpoint:  # fit: the context is that of its last checkpoint; record where it started from
         metadata["started_from"] = metadata["checkpoint"]
         metadata["checkpoint"] = str(Path(checkpoint).resolve())
     return save_context(path, module.context, module.keypoint_tokens, module.signature(), metadata)
+
+
+def holds_state(path: str | Path, checkpoint: str, global_step: int) -> bool:
+    """Whether the context file at ``path`` was exported from ``checkpoint`` at ``global_step`` (a finished run)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        meta = embedding_metadata(path)
+    except Exception:  # unreadable: it is written again
+        return False
+    return meta.get("global_step") == str(global_step) and meta.get("checkpoint") == str(Path(checkpoint).resolve())
 
 
 def load_context(path: str, tokens_path: str | None = None) -> tuple[Tensor, Tensor | None]:
