@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_modules.app import files
+from lightning_modules.app.errors import run_for_user
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = REPO / "conf" / "paper"
@@ -110,7 +111,7 @@ def run_cli(arguments: list[str], log: Path) -> int:
 def run_config(name: str, config: Path, output: Path, extra: list[str]) -> Row:
     """Fit and test one paper config in ``output/name`` (resuming), -> its table row."""
     folder = output / name
-    folder.mkdir(parents=True, exist_ok=True)
+    files.make_folder(folder)
     expected = PUBLISHED[name].metric
     result_file = folder / RESULT_FILE
     if result_file.is_file():
@@ -156,6 +157,12 @@ def csv_text(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (1 when a config has no number; a mistake is one ``error:``
+    line and exit status 2, ``lightning_modules.app.errors.run_for_user``)."""
+    return run_for_user(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
@@ -166,15 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.configs if name not in PUBLISHED]
     if unknown:
         parser.error(f"no published number for {unknown}: choose among {', '.join(PUBLISHED)}.")
-    args.output.mkdir(parents=True, exist_ok=True)
+    files.make_folder(args.output)
     rows = []
     for name in args.configs:
         print(f"[paper_table] {name}: running (logs in {args.output / name})", flush=True)
         rows.append(run_config(name, PAPER_CONFIGS / f"{name}.yaml", args.output, extra))
         print(f"[paper_table] {name}: {rows[-1].status}", flush=True)
     table = markdown(rows)
-    (args.output / "paper_table.md").write_text(table)
-    (args.output / "paper_table.csv").write_text(csv_text(rows))
+    files.write_text(args.output / "paper_table.md", table)
+    files.write_text(args.output / "paper_table.csv", csv_text(rows))
     print(table, end="")
     print(f"written to {args.output / 'paper_table.md'} and {args.output / 'paper_table.csv'}")
     return 0 if all(row.value is not None for row in rows) else 1

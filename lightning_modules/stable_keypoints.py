@@ -170,7 +170,8 @@ class StableKeypoints(L.LightningModule):
         self.backbone.load()
         hp = self.hparams
         if self.context is None and hp.pretrained_context:
-            context, tokens = detector.load_pretrained(hp.pretrained_context, hp.pretrained_keypoint_tokens, self.signature())
+            context, tokens = detector.load_pretrained(hp.pretrained_context, hp.pretrained_keypoint_tokens, self.signature(),
+                                                       hp.top_k, need_tokens=self.needs_keypoint_tokens())
             self.context = nn.Parameter(context.to(self.device))
             if tokens is not None:
                 self.keypoint_tokens = tokens.to(self.device)
@@ -303,6 +304,10 @@ class StableKeypoints(L.LightningModule):
             tokens = trainer.strategy.broadcast(tokens.to(self.device), src=0)
         self.keypoint_tokens = tokens.to(self.device)
         return self.keypoint_tokens
+
+    def needs_keypoint_tokens(self) -> bool:
+        """Whether this command uses the keypoint tokens as they are (``test``, ``predict``); ``fit`` ranks its own."""
+        return self._trainer is not None and self.trainer.state.fn in ("test", "predict") and not self.trainer.ckpt_path
 
     def ensure_keypoint_tokens(self) -> Tensor:
         """The keypoint tokens of the context, ranked first when it has none (a checkpoint from inside a fit)."""

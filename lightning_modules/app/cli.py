@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_modules import detector
 from lightning_modules.app.checkpoints import CKPT_KEYWORDS, check_continuation, read_checkpoint, recorded_signature
 from lightning_modules.app.errors import cause_chain, unwrap_user_error
 from lightning_modules.app.run_folder import (
@@ -182,6 +183,10 @@ class StableKeypointsCLI(LightningCLI):
             check_fits(recorded_signature(checkpoint), self.model.signature(), f"ckpt_path={ckpt_path!r}")
             if self.subcommand == "fit":
                 check_continuation(checkpoint, self.trainer.max_steps, ckpt_path)
+        hp = self.model.hparams
+        if hp.get("pretrained_context"):  # a context file, checked as a checkpoint is (its width once the model loads)
+            detector.load_pretrained(hp.pretrained_context, hp.pretrained_keypoint_tokens, self.model.signature(),
+                                     hp.top_k, need_tokens=self.subcommand in ("test", "predict") and not ckpt_path)
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Everything that can be checked before the run's folder, its W&B run and the weights exist has been;

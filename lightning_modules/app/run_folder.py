@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import lightning as L
+import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 
 from lightning_modules.app import files
-from lightning_modules.app.errors import ConfigError, output_error
+from lightning_modules.app.errors import ConfigError, MissingFileError, output_error
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"
@@ -345,3 +346,50 @@ def provenance(trainer: L.Trainer | None, pl_module: L.LightningModule) -> dict[
     """``checkpoint``, ``config`` and ``code_version``: what every artifact records about its origin."""
     return {"checkpoint": checkpoint_of(trainer, pl_module), "config": config_file_of(trainer),
             "code_version": code_version()}
+
+
+def state_config(run_dir: Path, meta: dict[str, str]) -> Path:
+    """The config of the command that produced the exported state: the one its metadata names (after a
+    resume ``config.resume-<n>.yaml``; looked up in ``run_dir`` when the run folder was moved), the
+    run's ``config.yaml`` when the context file names none (written outside the CLI)."""
+    named = meta.get("config")
+    if named in (None, "None"):
+        config = run_dir / CONFIG_FILE
+    else:
+        config = Path(named) if Path(named).is_file() else run_dir / Path(named).name
+    if not config.is_file():
+        raise MissingFileError(
+            f"{config} does not exist: it is the config of the command that trained the state in "
+            f"{run_dir / EMBEDDING_FILE}. Export a run folder as fit left it."
+        )
+    return config
+
+
+def portable_config(config: Path) -> str:
+    """The text of a saved config whose relative paths are made absolute, against the folder its command ran in
+    (its ``# working_dir:`` header line): the detector's command then reads the same model and data, and
+    writes its outputs where the run's went, from whatever folder it runs in (never into the detector's).
+
+    Relative values that name an existing file or folder there, and ``trainer.default_root_dir``, change;
+    the rest, and a config without the header line, stay as they are.
+    """
+    text = config.read_text()
+    working_dir = header_value(config, "working_dir")
+    if working_dir is None:
+        return text
+    base = Path(working_dir)
+
+    def absolute(value, key: str):
+        if isinstance(value, dict):
+            return {k: absolute(v, f"{key}.{k}" if key else k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [absolute(v, key) for v in value]
+        if isinstance(value, str) and value and not Path(value).is_absolute() and "\n" not in value:
+            if key == "trainer.default_root_dir" or (base / value).exists():
+                return str((base / value).resolve())
+        return value
+
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    body = absolute(yaml.safe_load(text), "")
+    note = "# Relative paths made absolute against working_dir by `python -m lightning_modules.detector export`.\n"
+    return header + note + yaml.safe_dump(body, sort_keys=False)
