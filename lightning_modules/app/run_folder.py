@@ -42,7 +42,7 @@ import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 
 from lightning_modules.app import files
-from lightning_modules.app.errors import ConfigError, MissingFileError, output_error
+from lightning_modules.app.errors import ConfigError, DamagedFileError, MissingFileError, output_error
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"
@@ -365,31 +365,44 @@ def state_config(run_dir: Path, meta: dict[str, str]) -> Path:
     return config
 
 
+#: Keys of a saved config that place one command (the checkpoint it resumed, the folder it wrote).
+COMMAND_KEYS = ("ckpt_path", "output_dir")
+
+
 def portable_config(config: Path) -> str:
     """The text of a saved config whose relative paths are made absolute, against the folder its command ran in
     (its ``# working_dir:`` header line): the detector's command then reads the same model and data, and
     writes its outputs where the run's went, from whatever folder it runs in (never into the detector's).
 
     Relative values that name an existing file or folder there, and ``trainer.default_root_dir``, change;
-    the rest, and a config without the header line, stay as they are.
+    the rest (all of a config without the header line) stay as they are. ``COMMAND_KEYS`` are cleared: a
+    command run with the detector's config neither resumes the run's checkpoint nor writes into its folder.
     """
     text = config.read_text()
     working_dir = header_value(config, "working_dir")
-    if working_dir is None:
-        return text
-    base = Path(working_dir)
+    base = None if working_dir is None else Path(working_dir)
 
     def absolute(value, key: str):
         if isinstance(value, dict):
             return {k: absolute(v, f"{key}.{k}" if key else k) for k, v in value.items()}
         if isinstance(value, list):
             return [absolute(v, key) for v in value]
-        if isinstance(value, str) and value and not Path(value).is_absolute() and "\n" not in value:
+        if base is not None and isinstance(value, str) and value and not Path(value).is_absolute() and "\n" not in value:
             if key == "trainer.default_root_dir" or (base / value).exists():
-                return str((base / value).resolve())
+                return os.path.normpath(base / value)
         return value
 
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
-    body = absolute(yaml.safe_load(text), "")
-    note = "# Relative paths made absolute against working_dir by `python -m lightning_modules.detector export`.\n"
+    try:
+        body = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise DamagedFileError(f"{config} is not a readable YAML config ({error}).") from error
+    if not isinstance(body, dict):
+        raise DamagedFileError(f"{config} is not a config (a YAML mapping of settings).")
+    body = absolute(body, "")
+    for key in COMMAND_KEYS:  # where that command read and wrote, not what the detector is
+        if key in body:
+            body[key] = None
+    note = ("# For the detector (`python -m lightning_modules.detector export`): relative paths made absolute "
+            "against working_dir, ckpt_path and output_dir cleared.\n" if base is not None else "")
     return header + note + yaml.safe_dump(body, sort_keys=False)
