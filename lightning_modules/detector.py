@@ -33,7 +33,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -47,7 +47,6 @@ from lightning_modules.app.errors import (
     run_for_user,
 )
 from lightning_modules.app.hub import is_hub_id
-from lightning_modules.app.settings import require_finite_context
 from lightning_modules.app.run_folder import (
     CONFIG_FILE,
     EMBEDDING_FILE,
@@ -56,6 +55,7 @@ from lightning_modules.app.run_folder import (
     portable_config,
     state_config,
 )
+from lightning_modules.app.settings import require_finite_context
 from lightning_modules.backbones.signature import ContextSignature, check_fits
 from lightning_modules.detector_card import model_card
 
@@ -87,7 +87,11 @@ def resolve_detector(source: str) -> Path:
             f"pretrained_context={source!r} is neither a local file or folder nor a hub id (owner/name)."
         )
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(huggingface_hub.snapshot_download(source, allow_patterns=DOWNLOADED))
@@ -165,7 +169,7 @@ def holds_state(path: str | Path, checkpoint: str, global_step: int) -> bool:
         return False
     try:
         meta = embedding_metadata(path)
-    except Exception:  # unreadable: it is written again
+    except (OSError, SafetensorError):  # unreadable: it is written again
         return False
     return meta.get("global_step") == str(global_step) and meta.get("checkpoint") == str(Path(checkpoint).resolve())
 
@@ -180,7 +184,7 @@ def _read_tensor_file(path: Path, option: str):
         if path.suffix == ".safetensors":
             return load_file(str(path)), embedding_metadata(path)
         return torch.load(path, map_location="cpu", weights_only=True), None
-    except Exception as error:  # safetensors' and torch's errors for a truncated or foreign file
+    except Exception as error:  # torch.load and safetensors raise many types for a damaged file
         raise DamagedFileError(
             f"{option}={str(path)!r} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}): the file "
             "is truncated, damaged or not a tensor file. Export or copy it again."

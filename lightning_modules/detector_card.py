@@ -59,8 +59,8 @@ def model_card(meta: dict[str, str], metrics: dict | None, pictures: list[tuple[
         "                      --data.init_args.path <folder of images>",
         "```",
         "",
-        "`predict` writes `keypoints.json` (pixel coordinates in each original image) and overlays into a new run "
-        "folder under the config's `trainer.default_root_dir`. The config's paths are absolute (the model, the data, "
-        "that folder): the command runs from any folder and writes nothing into this one.",
+        ("`predict` writes `keypoints.json` (pixel coordinates in each original image) and overlays into a new run "
+         "folder under the config's `trainer.default_root_dir`. The config's paths are absolute (the model, the data, "
+         "that folder): the command runs from any folder and writes nothing into this one."),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")

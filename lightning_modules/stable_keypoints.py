@@ -142,8 +142,8 @@ class StableKeypoints(L.LightningModule):
         # Frozen weights never enter a checkpoint; their keys are absent on load by design.
         self.strict_loading = False
         self.evaluation: RegressorEvaluation | None = None
-        # The checkpoint this fit resumes, when its training had already ended (see on_fit_start).
-        self._resumed_done: dict | None = None
+        # The step of the checkpoint this fit resumes, when its training had already ended (see on_fit_start).
+        self._resumed_ended_at: int | None = None
 
     def signature(self) -> ContextSignature:
         """What this model's context only works with (``backbones/signature.py``)."""
@@ -211,7 +211,7 @@ class StableKeypoints(L.LightningModule):
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == "fit" and training_is_done(checkpoint, trainer.max_steps,
                                                                                  trainer.max_epochs):
-            self._resumed_done = {"global_step": int(checkpoint["global_step"])}
+            self._resumed_ended_at = int(checkpoint["global_step"])
 
     # ------------------------------------------------------------------ training
     @property
@@ -392,8 +392,8 @@ class StableKeypoints(L.LightningModule):
     def on_fit_start(self) -> None:
         # A resume from a checkpoint whose training had ended (the run was killed while ranking the tokens
         # or exporting) trains no step, so Lightning calls no on_train_end: the run is finished here.
-        if self._resumed_done is not None:
-            self.finish_resumed(self._resumed_done["global_step"])
+        if self._resumed_ended_at is not None:
+            self.finish_resumed(self._resumed_ended_at)
 
     def finish_resumed(self, global_step: int) -> None:
         """Ranks the keypoint tokens of a resumed finished context (unless its checkpoint holds them), adds them
@@ -405,7 +405,7 @@ class StableKeypoints(L.LightningModule):
             rank_zero_info(f"Nothing to train: the run's training had ended at step {global_step} and {path} holds it.")
             return
         rank_zero_info(f"Training had ended at step {global_step}: finishing the run (keypoint tokens, {path}).")
-        ranked = not self.keypoint_tokens.numel()
+        ranked = not self.keypoint_tokens.numel() and trainer.datamodule is not None
         if ranked:
             self.choose_keypoint_tokens()
         if trainer.is_global_zero:

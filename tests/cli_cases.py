@@ -65,7 +65,7 @@ def _child(case: dict, entry) -> int:
         code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
         if isinstance(exit.code, str):
             print(exit.code, file=sys.stderr)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - as Python does with an uncaught exception: its traceback, status 1
         traceback.print_exc()
         code = 1
     sys.stdout.flush()

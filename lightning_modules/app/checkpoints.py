@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, MissingFileError
+from lightning_modules.app.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    MissingFileError,
+)
 from lightning_modules.app.files import atomic_file
 from lightning_modules.backbones.signature import ContextSignature
 
@@ -90,7 +94,7 @@ def recorded_signature(checkpoint: dict) -> ContextSignature:
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
-def as_continuable(checkpoint: dict, batches_per_epoch: int | float) -> None:
+def as_continuable(checkpoint: dict, batches_per_epoch: float) -> None:
     """Records an epoch that training left before its last batch as unfinished, in place.
 
     When training stops inside an epoch (``max_steps`` reached after batch 10 of 30), Lightning

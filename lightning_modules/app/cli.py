@@ -16,7 +16,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules import detector
-from lightning_modules.app.checkpoints import CKPT_KEYWORDS, check_continuation, read_checkpoint, recorded_signature
+from lightning_modules.app.checkpoints import (
+    CKPT_KEYWORDS,
+    check_continuation,
+    read_checkpoint,
+    recorded_signature,
+)
 from lightning_modules.app.errors import cause_chain, unwrap_user_error
 from lightning_modules.app.run_folder import (
     CHECKPOINTS,

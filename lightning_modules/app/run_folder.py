@@ -42,7 +42,12 @@ import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 
 from lightning_modules.app import files
-from lightning_modules.app.errors import ConfigError, DamagedFileError, MissingFileError, output_error
+from lightning_modules.app.errors import (
+    ConfigError,
+    DamagedFileError,
+    MissingFileError,
+    output_error,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"
@@ -387,9 +392,9 @@ def portable_config(config: Path) -> str:
             return {k: absolute(v, f"{key}.{k}" if key else k) for k, v in value.items()}
         if isinstance(value, list):
             return [absolute(v, key) for v in value]
-        if base is not None and isinstance(value, str) and value and not Path(value).is_absolute() and "\n" not in value:
-            if key == "trainer.default_root_dir" or (base / value).exists():
-                return os.path.normpath(base / value)
+        relative = isinstance(value, str) and value and not Path(value).is_absolute() and "\n" not in value
+        if base is not None and relative and (key == "trainer.default_root_dir" or (base / value).exists()):
+            return os.path.normpath(base / value)
         return value
 
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
