@@ -139,8 +139,7 @@ class StableKeypointsCLI(LightningCLI):
             predict_name=None if images is None else images.name if images.is_dir() else images.stem,
             output_dir=config.get("output_dir"),
         )
-        layout = self.layout
-        check_output_folder(layout.output_dir, "--output_dir" if config.get("output_dir") else "The run's folder")
+        check_output_folder(self.layout.output_dir, "--output_dir" if config.get("output_dir") else "The run's folder")
         os.environ[LAYOUT_VARIABLE] = json.dumps(
             {"pid": os.getpid(), "argv": sys.argv[1:], "command": self.subcommand, "layout": self.layout.to_json()})
 
