@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,9 @@ CASES = {
                    "--trainer.default_root_dir", str(f / "outputs")], "not in the local hub cache"),
     "offline_detector_not_cached": lambda f, p: predict(f, p, "--model.pretrained_context", "someone/not-downloaded",
                                                         expected="not in the local hub cache"),
+    # a failed predict from a run's checkpoint leaves the run as it was: the corrected command writes predict/photos
+    "predict_in_a_run": lambda f, p: predict(f, p, "--ckpt_path", str(f / "run" / "checkpoints" / "last.ckpt"),
+                                             "--model.backbone.init_args.noise_level", "-60", expected="noise_level=-60"),
 }
 
 
@@ -207,6 +211,8 @@ def outcomes(tmp_path_factory, tiny_sd_path, cub_root):
     (folder / "empty_predict_folder" / "photos").mkdir()
     for name in ("output_dir_is_a_file", "output_dir_below_a_file", "detector_output_is_a_file", "paper_table_output_is_a_file"):
         (folder / name / "a_file").write_text("mine\n")
+    (folder / "predict_in_a_run" / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(paths.checkpoint, folder / "predict_in_a_run" / "run" / "checkpoints" / "last.ckpt")
     _damaged_copy(cub_root, folder / "truncated_bounding_boxes", "bounding_boxes.txt", keep_bytes=6)
     _damaged_copy(cub_root, folder / "damaged_split_file", "train_test_split.txt", third_line="3 x\n")
     before = {name: _tree(folder / name) for name in cases}
