@@ -38,6 +38,7 @@ from pathlib import Path
 
 from benchmarks.monitor import duration, run_monitored
 from lightning_modules.app import files
+from lightning_modules.app.errors import run_for_user
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = REPO / "conf" / "paper"
@@ -132,7 +133,7 @@ class ConfigRun:
 
     def __init__(self, name: str, output: Path, extra: list[str], progress_every_s: float) -> None:
         self.name, self.folder, self.progress_every_s = name, output / name, progress_every_s
-        self.folder.mkdir(parents=True, exist_ok=True)
+        files.make_folder(self.folder)
         config = PAPER_CONFIGS / f"{name}.yaml"
         self.common = ["--config", str(PAPER_BASE), "--config", str(config), "--trainer.default_root_dir", str(self.folder),
                        "--trainer.logger.init_args.save_dir", str(self.folder), *extra]
@@ -221,6 +222,12 @@ def csv_text(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (1 when a config has no number; a mistake is one ``error:``
+    line and exit status 2, ``lightning_modules.app.errors.run_for_user``)."""
+    return run_for_user(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.configs if name not in PUBLISHED]
     if unknown:
         parser.error(f"no published number for {unknown}: choose among {', '.join(PUBLISHED)}.")
-    args.output.mkdir(parents=True, exist_ok=True)
+    files.make_folder(args.output)
     rows = []
     for name in args.configs:
         _say(f"{name}: running (logs in {args.output / name})")
@@ -243,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         cost = f" in {duration(row.wall_s)}, peak {row.cells()['peak memory']}" if row.wall_s is not None else ""
         _say(f"{name}: {row.status}{cost}")
     table = markdown(rows)
-    (args.output / "paper_table.md").write_text(table)
-    (args.output / "paper_table.csv").write_text(csv_text(rows))
+    files.write_text(args.output / "paper_table.md", table)
+    files.write_text(args.output / "paper_table.csv", csv_text(rows))
     print(table, end="")
     print(f"written to {args.output / 'paper_table.md'} and {args.output / 'paper_table.csv'}")
     return 0 if all(len(row.values) == len(args.protocols) for row in rows) else 1

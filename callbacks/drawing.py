@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from lightning_modules.app import files
+
 #: 30 qualitative colours, the most distinct first (K = 10 uses the first ten). No grey, black or
 #: white: those vanish on the grey padding or on dark and light backgrounds.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -295,10 +297,10 @@ def grid(images: Sequence[Image.Image], columns: int, padding_px: int = 4) -> Im
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Writes ``image`` as PNG at ``path`` (its parent folders created) and returns the path."""
+    """Writes ``image`` as PNG at ``path`` (its parent folders created; atomically, ``app/files.py``) -> the path."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: save_png writes PNG files; give the name a .png suffix.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    with files.atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

@@ -114,15 +114,23 @@ class WandbLogger(_WandbLogger):
 
     @property
     def experiment(self):
-        # The folder is made when the W&B run starts (rank 0 only): a command that never logs leaves none.
+        """The W&B run, started by its first use (a logged value, the hyperparameters), not by Lightning's
+        set-up, which asks for it before the data, the weights and the checkpoint are checked: a command
+        that fails before its first log leaves no W&B run, no folder and no "wandb sync" line."""
         if self._experiment is None and rank_zero_only.rank == 0:
+            return _StartsOnUse(self._start)
+        return super().experiment
+
+    def _start(self):
+        if self._experiment is None and rank_zero_only.rank == 0:
+            # The folder is made when the W&B run starts (rank 0 only): a command that never logs leaves none.
             if self._save_dir is not None:
                 Path(self._save_dir).mkdir(parents=True, exist_ok=True)
             # Each command runs its own wandb-core. An inherited WANDB_SERVICE (set by a Python parent that
             # used wandb: pytest, a notebook, a driver script) makes it share the parent's, which still holds
             # the previous command's run id as "in use", so a resumed fit could not continue its run.
             os.environ.pop("WANDB_SERVICE", None)
-        return super().experiment
+        return _WandbLogger.experiment.fget(self)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -130,13 +138,17 @@ class WandbLogger(_WandbLogger):
         if self._experiment is None:
             return
         run_dir = Path(self._experiment.dir).parent
-        if self._offline:
+        succeeded = status in ("success", "finished")
+        if self._offline and succeeded:
             self._write_run_files(Path(self._experiment.dir))
         # Finished here, not by wandb's exit hook: that one runs after its service has begun closing,
-        # leaving a HandleAbandonedError in debug.log and the offline run without files/config.yaml.
-        self._experiment.finish(exit_code=0 if status in ("success", "finished") else 1)
+        # leaving a HandleAbandonedError in debug.log and the offline run without files/config.yaml. A failed
+        # run is closed too, so that a failed start can take its folder back (StableKeypointsCLI) without
+        # W&B writing into it again.
+        self._experiment.finish(exit_code=0 if succeeded else 1)
         self._experiment = None  # a later command in this process continues the run (resume="allow")
-        if self._offline:
+        # Not after a failure: the command's error is its last line (and a failed start removes its run).
+        if self._offline and succeeded:
             why = f" ({self._offline_reason})" if self._offline_reason else ""
             rank_zero_info(f"W&B ran offline{why}. Upload this run with: wandb sync {run_dir}")
 
@@ -148,3 +160,13 @@ class WandbLogger(_WandbLogger):
         files.write_text(folder / "config.yaml", "wandb_version: 1\n\n" + text)
         summary = {key: run.summary[key] for key in run.summary.keys()}
         files.write_text(folder / "wandb-summary.json", json.dumps(summary, default=str) + "\n")
+
+
+class _StartsOnUse:
+    """``WandbLogger.experiment`` before the W&B run exists: the first use of any attribute starts the run."""
+
+    def __init__(self, start) -> None:
+        self._start = start
+
+    def __getattr__(self, name: str):
+        return getattr(self._start(), name)

@@ -32,6 +32,7 @@ project: datasets, keypoint extraction, the regressor, metrics and the files ``p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -181,6 +182,54 @@ class KeypointDataModule(L.LightningDataModule):
     def evaluation(self) -> Evaluation:
         """How the test split is scored, by name (``Evaluation``): built by ``lightning_modules.evaluation``."""
         raise NotImplementedError(f"{type(self).__name__} has no labelled test split: it cannot be used for `test`.")
+
+    def check_stage(self, stage: str | None) -> None:
+        """Raises ``ConfigError`` when the splits ``stage`` reads cannot feed it with these settings.
+
+        Subclasses call it at the end of ``setup``: before any weights load, the run's folder or its
+        W&B run exist. ``fit``: each device gets at least one full training batch (the training loader
+        drops a last partial one, and shards are padded to equal length) and there are images to rank
+        the keypoint tokens on; ``test``: a labelled regression and test split, neither empty;
+        ``predict``: at least one image.
+        """
+        if stage == "fit":
+            devices = self.trainer.world_size if self.trainer is not None else 1
+            size = len(self.train_dataset())
+            per_device = math.ceil(size / devices)
+            if per_device < self.batch_size:
+                shared = f" ({per_device} per device on {devices} devices)" if devices > 1 else ""
+                raise ConfigError(
+                    f"data.batch_size={self.batch_size} is larger than the training split of {type(self).__name__}: "
+                    f"{size} images{shared}, so not one training step could run. Set data.init_args.batch_size to at "
+                    f"most {per_device}, or give more training images."
+                )
+            batches = per_device // self.batch_size
+            limit = self.trainer.limit_train_batches if self.trainer is not None else None
+            if isinstance(limit, float) and int(batches * limit) < 1:
+                raise ConfigError(
+                    f"trainer.limit_train_batches={limit} of the {batches} training batches per device is less than one "
+                    f"batch, so not one training step could run: use at least {1 / batches:.3g}, or leave it unset."
+                )
+            if not len(self.ranking_dataset()):
+                raise ConfigError(f"{type(self).__name__} has no images to rank the keypoint tokens on (its ranking "
+                                  "split is empty): give a dataset with training images.")
+        elif stage == "test":
+            for split, dataset in (("regression", self.regression_dataset), ("test", self.test_dataset)):
+                try:
+                    size = len(dataset())
+                except NotImplementedError as error:
+                    raise ConfigError(f"{error} Use a labelled DataModule (e.g. data.cub.CUBDataModule), or run "
+                                      "`predict`.") from error
+                if not size:
+                    raise ConfigError(f"The {split} split of {type(self).__name__} is empty: `test` fits the regressor "
+                                      "on the regression split and scores the test split; give a dataset with both.")
+        elif stage == "predict":
+            try:
+                size = len(self.path_dataset() if self.path is not None else self.test_dataset())
+            except NotImplementedError as error:
+                raise ConfigError(f"{error} Give the images to predict with data.init_args.path.") from error
+            if not size:
+                raise ConfigError(f"Nothing to predict: {self.path or 'the test split'} holds no images.")
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(

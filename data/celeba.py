@@ -30,6 +30,7 @@ from data.base import Evaluation, require_file
 from data.crop import pixels_to_unit
 from data.protocol import check_protocol, pixel_centre
 from data.whole_image import SplitsDataModule, WholeImageDataset
+from lightning_modules.app.errors import DamagedFileError
 
 # ---------------------------------------------------------------------------------------------
 # CelebA
@@ -55,11 +56,11 @@ def _read_celeba_rows(path: Path, numbers: set[int], num_values: int) -> dict[in
             if not fields or int(Path(fields[0]).stem) not in numbers:
                 continue
             if len(fields) != 1 + num_values:
-                raise ValueError(f"{path}: the row of {fields[0]} has {len(fields) - 1} values, expected {num_values}.")
+                raise DamagedFileError(f"{path}: the row of {fields[0]} has {len(fields) - 1} values, expected {num_values}.")
             rows[int(Path(fields[0]).stem)] = np.asarray(fields[1:], dtype=np.float32)
     missing = sorted(numbers - rows.keys())
     if missing:
-        raise ValueError(f"{path} has no row for {len(missing)} images of the split, e.g. {missing[0]:06d}.jpg.")
+        raise DamagedFileError(f"{path} has no row for {len(missing)} images of the split, e.g. {missing[0]:06d}.jpg.")
     return rows
 
 

@@ -316,9 +316,10 @@ class CUBDataModule(KeypointDataModule):
         self._build_datasets()
         if stage == "predict" and self.path is not None:
             self.path_dataset()
-            return
-        for split in ("train", "regression", "test") if stage is None else STAGE_SPLITS.get(stage, ()):
-            self._datasets[split] = self.checked(self._datasets[split], split)
+        else:
+            for split in ("train", "regression", "test") if stage is None else STAGE_SPLITS.get(stage, ()):
+                self._datasets[split] = self.checked(self._datasets[split], split)
+        self.check_stage(stage)
 
     def _build_datasets(self) -> None:
         if self._datasets:

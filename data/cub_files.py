@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from lightning_modules.app.errors import ConfigError, MissingFileError
+from lightning_modules.app.errors import ConfigError, DamagedFileError, MissingFileError
 
 #: The official archive (about 1.1 GB) and its md5; module constants so tests can point elsewhere.
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
@@ -55,8 +55,19 @@ def missing_message(path: Path) -> str:
     )
 
 
-def _read_rows(root: Path, name: str, num_fields: int) -> list[list[str]]:
-    """Whitespace-separated rows of ``root/name``, each with exactly ``num_fields`` fields."""
+#: How a field is checked: an integer, a number, or any text.
+_PARSERS = {"i": int, "f": float, "s": str}
+_KIND_NAMES = {"i": "an integer", "f": "a number", "s": "text"}
+
+
+def _read_rows(root: Path, name: str, kinds: str) -> list[list[str]]:
+    """Whitespace-separated rows of ``root/name``, each with one field per letter of ``kinds``
+    (``i`` an integer, ``f`` a number, ``s`` any text: the last one takes the rest of the line).
+
+    Raises:
+        MissingFileError: the file is missing.
+        DamagedFileError: a row has too few fields or one that does not parse (a truncated or damaged file).
+    """
     path = root / name
     if not path.is_file():
         raise MissingFileError(missing_message(path))
@@ -64,49 +75,59 @@ def _read_rows(root: Path, name: str, num_fields: int) -> list[list[str]]:
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        fields = line.split(maxsplit=num_fields - 1)
-        if len(fields) != num_fields:
-            raise ValueError(f"{path}:{line_number}: expected {num_fields} fields, got {line!r}; the file is damaged, re-extract it.")
+        fields = line.split(maxsplit=len(kinds) - 1)
+        if len(fields) != len(kinds):
+            raise DamagedFileError(f"{path}:{line_number}: expected {len(kinds)} fields, got {line!r}; the file is "
+                                   "damaged or truncated: re-extract the archive.")
+        for field, kind in zip(fields, kinds):
+            try:
+                _PARSERS[kind](field)
+            except ValueError as error:
+                raise DamagedFileError(f"{path}:{line_number}: {field!r} is not {_KIND_NAMES[kind]} (line {line!r}); "
+                                       "the file is damaged: re-extract the archive.") from error
         rows.append(fields)
     return rows
 
 
 def read_images(root: str | Path) -> dict[int, str]:
     """``images.txt``: image id -> path relative to ``images/``, in file order."""
-    return {int(i): path for i, path in _read_rows(Path(root), "images.txt", 2)}
+    return {int(i): path for i, path in _read_rows(Path(root), "images.txt", "is")}
 
 
 def read_image_class_labels(root: str | Path) -> dict[int, int]:
     """``image_class_labels.txt``: image id -> class id (1-based)."""
-    return {int(i): int(c) for i, c in _read_rows(Path(root), "image_class_labels.txt", 2)}
+    return {int(i): int(c) for i, c in _read_rows(Path(root), "image_class_labels.txt", "ii")}
 
 
 def read_classes(root: str | Path) -> dict[int, str]:
     """``classes.txt``: class id -> folder name such as ``001.Black_footed_Albatross``."""
-    return {int(c): name for c, name in _read_rows(Path(root), "classes.txt", 2)}
+    return {int(c): name for c, name in _read_rows(Path(root), "classes.txt", "is")}
 
 
 def read_train_test_split(root: str | Path) -> dict[int, bool]:
     """``train_test_split.txt``: image id -> True for the official training split."""
-    return {int(i): flag == "1" for i, flag in _read_rows(Path(root), "train_test_split.txt", 2)}
+    return {int(i): flag == "1" for i, flag in _read_rows(Path(root), "train_test_split.txt", "ii")}
 
 
 def read_bounding_boxes(root: str | Path) -> dict[int, tuple[float, float, float, float]]:
     """``bounding_boxes.txt``: image id -> (x, y, w, h) in source pixels."""
-    return {int(i): (float(x), float(y), float(w), float(h)) for i, x, y, w, h in _read_rows(Path(root), "bounding_boxes.txt", 5)}
+    return {int(i): (float(x), float(y), float(w), float(h)) for i, x, y, w, h in _read_rows(Path(root), "bounding_boxes.txt", "iffff")}
 
 
 def read_part_names(root: str | Path) -> tuple[str, ...]:
     """``parts/parts.txt``: the part names in part-id order."""
-    rows = sorted(_read_rows(Path(root), "parts/parts.txt", 2), key=lambda row: int(row[0]))
+    rows = sorted(_read_rows(Path(root), "parts/parts.txt", "is"), key=lambda row: int(row[0]))
     return tuple(name for _, name in rows)
 
 
 def read_part_locs(root: str | Path, num_parts: int = len(PART_NAMES)) -> dict[int, np.ndarray]:
     """``parts/part_locs.txt``: image id -> (num_parts, 3) float64 rows ``(x, y, visible)``, pixel indices."""
     locations: dict[int, np.ndarray] = {}
-    for i, part, x, y, visible in _read_rows(Path(root), "parts/part_locs.txt", 5):
+    for i, part, x, y, visible in _read_rows(Path(root), "parts/part_locs.txt", "iifff"):
         rows = locations.setdefault(int(i), np.zeros((num_parts, 3)))
+        if not 1 <= int(part) <= num_parts:
+            raise DamagedFileError(f"{Path(root) / 'parts/part_locs.txt'}: part id {part} of image {i} is outside "
+                                   f"1..{num_parts}; the file is damaged: re-extract the archive.")
         rows[int(part) - 1] = (float(x), float(y), float(visible))
     return locations
 
@@ -139,10 +160,10 @@ def load_annotations(root: str | Path) -> CUBAnnotations:
     root = Path(root)
     images = read_images(root)  # first, so that a missing root is reported as its images.txt missing
     if not images:
-        raise ValueError(f"{root / 'images.txt'} lists no images; re-extract the archive.")
+        raise DamagedFileError(f"{root / 'images.txt'} lists no images; re-extract the archive.")
     names = read_part_names(root)
     if names != PART_NAMES:
-        raise ValueError(f"{root / 'parts/parts.txt'} lists {names}, not the 15 official CUB parts {PART_NAMES}.")
+        raise DamagedFileError(f"{root / 'parts/parts.txt'} lists {names}, not the 15 official CUB parts {PART_NAMES}.")
     per_image = {
         "image_class_labels.txt": read_image_class_labels(root),
         "train_test_split.txt": read_train_test_split(root),
@@ -152,7 +173,7 @@ def load_annotations(root: str | Path) -> CUBAnnotations:
     for name, table in per_image.items():
         missing = images.keys() - table.keys()
         if missing:
-            raise ValueError(f"{root / name} has no entry for image id {min(missing)} ({len(missing)} ids missing); re-extract the archive.")
+            raise DamagedFileError(f"{root / name} has no entry for image id {min(missing)} ({len(missing)} ids missing); re-extract the archive.")
     ids = list(images)
     locs = np.stack([per_image["parts/part_locs.txt"][i] for i in ids])
     return CUBAnnotations(

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from data.cub_files import CUB_PAGE, read_bounding_boxes, read_images
 from lightning_modules.app import files
-from lightning_modules.app.errors import ConfigError
+from lightning_modules.app.errors import ConfigError, UserError, run_for_user
 
 GRAY_RGB = (127, 127, 127)
 BACKENDS = ("cub-masks", "rembg", "grabcut")
@@ -297,7 +297,7 @@ def preprocess(
         masks_dir = find_masks_dir(root) if masks_dir is None else Path(masks_dir)
     matting = make_matting(backend, masks_dir)  # fails here, before any work, on a missing dependency
 
-    output.mkdir(parents=True, exist_ok=True)
+    files.make_folder(output)
     for stray in output.rglob(f"{files.TEMPORARY_PREFIX}*{files.TEMPORARY_SUFFIX}"):  # left by a killed run
         stray.unlink()
     ledger = root / IN_PLACE_LEDGER
@@ -340,7 +340,12 @@ def preprocess(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (1 when some images failed)."""
+    """The command line; returns the exit status (1 when some images failed; a mistake is one ``error:`` line
+    and exit status 2, ``lightning_modules.app.errors.run_for_user``)."""
+    return run_for_user(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.cub_preprocess", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, type=Path, help="the CUB_200_2011/ folder (holding images.txt and images/)")
     parser.add_argument("--output", type=Path, help="new folder for the mirrored gray-background tree")
@@ -357,7 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = preprocess(args.root, args.output, args.backend, args.masks, args.workers, args.in_place)
     except (FileNotFoundError, ModuleNotFoundError, RuntimeError, ValueError) as error:
-        parser.exit(2, f"error: {error}\n")
+        # The preprocessing's own refusals (a missing mask folder or package, a mask of another size): the
+        # user's to fix, printed by run_for_user as one line (the traceback with STABLE_KEYPOINTS_TRACEBACK=1).
+        if isinstance(error, UserError):
+            raise
+        raise ConfigError(str(error)) from error
     for relative, reason in summary.failed[:_MAX_FAILURES_SHOWN]:
         print(f"failed: {relative}: {reason}", file=sys.stderr)
     if len(summary.failed) > _MAX_FAILURES_SHOWN:

@@ -36,6 +36,7 @@ from data.base import Evaluation, require_file
 from data.crop import pixels_to_unit
 from data.protocol import SK_EVAL_SIDE, check_protocol
 from data.whole_image import SplitsDataModule, WholeImageDataset
+from lightning_modules.app.errors import DamagedFileError
 
 
 DEEPFASHION_SOURCE = (
@@ -66,7 +67,7 @@ class DeepFashionDataset(WholeImageDataset):
         json_path = require_file(root / f"data_{split}.json", DEEPFASHION_SOURCE)
         annotations = json.loads(json_path.read_text())
         if len(annotations) != len(names):
-            raise ValueError(
+            raise DamagedFileError(
                 f"{json_path} holds {len(annotations)} annotations but {root / f'data_{split}.csv'} lists "
                 f"{len(names)} images: the two files must come from the same release."
             )

@@ -41,7 +41,8 @@ def download_extracted(
         page: where a person can download it by hand (named in errors).
     """
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    made = [folder for folder in root.parents if not folder.exists()]  # innermost first
+    files.make_folder(root.parent)
     # A lock beside root (flock: local disks, NFS, and Lustre mounted with -o flock) makes a second
     # process or node wait, then find the dataset complete, instead of fetching the same 1 GB again.
     lock_file = root.parent / f".{root.name}.lock"
@@ -58,6 +59,12 @@ def download_extracted(
             lock.release()
     finally:
         lock_file.unlink(missing_ok=True)  # the dataset's folder holds the dataset, not our bookkeeping
+        if not root.exists():  # a failed download leaves no folder it made (only when empty: never another's files)
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def _download_unlocked(root: Path, url: str, md5: str, member: str, missing: Callable[[Path], list[Path]], page: str) -> Path:

@@ -7,6 +7,7 @@ from torch.utils.data import Dataset
 from data.base import KeypointDataModule
 from data.image_folder import ImageFolderDataset
 from data.images import GRAY_RGB
+from lightning_modules.app.errors import ConfigError
 class ImageFolderDataModule(KeypointDataModule):
     """A folder of unlabelled images for ``fit`` (random mirror) and ``predict``; no ``test``.
 
@@ -37,7 +38,7 @@ class ImageFolderDataModule(KeypointDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "test":
-            raise ValueError(
+            raise ConfigError(
                 f"ImageFolderDataModule ({self.path!r}) holds unlabelled images: `test` needs ground-truth "
                 "keypoints. Use a labelled DataModule (e.g. data.cub.CUBDataModule) or run `predict`."
             )
@@ -47,6 +48,7 @@ class ImageFolderDataModule(KeypointDataModule):
             )
         if stage == "predict":
             self.path_dataset()
+        self.check_stage(stage)
 
     def train_dataset(self) -> Dataset:
         if self._train is None:

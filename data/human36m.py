@@ -37,6 +37,7 @@ from data.base import Evaluation, require_file
 from data.crop import crop_resize
 from data.images import read_image
 from data.whole_image import SplitsDataModule, WholeImageDataset
+from lightning_modules.app.errors import DamagedFileError, MissingFileError
 
 
 
@@ -110,7 +111,7 @@ class Human36MDataset(WholeImageDataset):
             for folder in sorted(d for d in frames_dir.iterdir() if d.is_dir() and d.name.startswith(tuple(actions))):
                 files += sorted((f for f in folder.iterdir() if f.suffix.lower() == ".jpg"), key=_frame_order)
         if not files:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"No frames of subjects {list(subjects)} and actions {list(actions)} under {root}. {H36M_SOURCE}"
             )
         super().__init__(files, image_size, H36M_SOURCE)
@@ -135,7 +136,7 @@ class Human36MDataset(WholeImageDataset):
         path = self._sibling(index, "Landmarks", ".mat")
         yx = np.asarray(self._loadmat(path)["keypoints_2d"], dtype=np.float32)
         if np.abs(yx).max() > 2:
-            raise ValueError(
+            raise DamagedFileError(
                 f"{path}: keypoints_2d reaches {np.abs(yx).max():.1f}; this loader expects (y, x) in [0, 1] of "
                 "the frame (the processed release SK used), not pixels."
             )

@@ -31,6 +31,7 @@ from data.crop import pixels_to_unit
 from data.protocol import SK_EVAL_SIDE, check_protocol
 from data.image_folder import list_images
 from data.whole_image import SplitsDataModule, WholeImageDataset
+from lightning_modules.app.errors import DamagedFileError, MissingFileError
 
 
 TAICHI_SOURCE = (
@@ -51,10 +52,10 @@ def _read_pose_table(path: Path) -> tuple[list[str], np.ndarray]:
         ) from error
     table = pandas.read_pickle(path)
     if not {"file_name", "value"} <= set(table.columns):
-        raise ValueError(f"{path} has columns {list(table.columns)}; expected 'file_name' and 'value'.")
+        raise DamagedFileError(f"{path} has columns {list(table.columns)}; expected 'file_name' and 'value'.")
     values = np.asarray([np.asarray(v, dtype=np.float32) for v in table["value"]], dtype=np.float32)
     if values.ndim != 3 or values.shape[-1] != 2:
-        raise ValueError(f"{path}: 'value' holds arrays of shape {values.shape[1:]}; expected (J, 2).")
+        raise DamagedFileError(f"{path}: 'value' holds arrays of shape {values.shape[1:]}; expected (J, 2).")
     return [str(name) for name in table["file_name"]], values
 
 
@@ -118,7 +119,7 @@ class TaiChiDataModule(SplitsDataModule):
             try:
                 files = list_images(train_dir)
             except FileNotFoundError as error:
-                raise FileNotFoundError(f"{train_dir} holds no images. {TAICHI_SOURCE}") from error
+                raise MissingFileError(f"{train_dir} holds no images. {TAICHI_SOURCE}") from error
             return WholeImageDataset(files, self.image_size, TAICHI_SOURCE, flip_prob=self.train_flip_prob)
         return TaiChiDataset(self.root, self.image_size, "train" if split == "regression" else "test", self.protocol)
 

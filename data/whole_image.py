@@ -108,9 +108,10 @@ class SplitsDataModule(KeypointDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.path is not None:
             self.path_dataset()
-            return
-        for split in ("train", "regression", "test") if stage is None else self._STAGE_SPLITS.get(stage, ()):
-            self._split(split)
+        else:
+            for split in ("train", "regression", "test") if stage is None else self._STAGE_SPLITS.get(stage, ()):
+                self._split(split)
+        self.check_stage(stage)
 
     def train_dataset(self) -> Dataset:
         return self._split("train")

@@ -11,7 +11,8 @@ The folder (KBs to a few MB; the frozen diffusion model stays on the Hub under i
 
     embedding.safetensors    the context (T, D) and its keypoint tokens (K,); metadata: model, family,
                              layers, feature_upsample_res, checkpoint, config, code_version
-    config.yaml              the fit's config
+    config.yaml              the config of the command that trained this state (after a resume its
+                             config.resume-<n>.yaml), its relative paths made absolute
     metrics.json             the test of this very state, when one was run (with its regressor.safetensors)
     regressor.safetensors    the linear regressor from the K keypoints to the dataset's landmarks
     images/*.png             attention pictures of the last training step and scored test examples
@@ -32,16 +33,31 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lightning_modules.app import files
-from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, HubError, MissingFileError
+from lightning_modules.app.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    DamagedFileError,
+    HubError,
+    MissingFileError,
+    run_for_user,
+)
 from lightning_modules.app.hub import is_hub_id
+from lightning_modules.app.run_folder import (
+    CONFIG_FILE,
+    EMBEDDING_FILE,
+    METRICS_FILE,
+    REGRESSOR_FILE,
+    portable_config,
+    state_config,
+)
 from lightning_modules.app.settings import require_finite_context
-from lightning_modules.app.run_folder import CONFIG_FILE, EMBEDDING_FILE, METRICS_FILE, REGRESSOR_FILE
 from lightning_modules.backbones.signature import ContextSignature, check_fits
+from lightning_modules.detector_card import model_card
 
 DETECTOR_DIR = "detector"
 PICTURES_DIR = "images"
@@ -71,7 +87,11 @@ def resolve_detector(source: str) -> Path:
             f"pretrained_context={source!r} is neither a local file or folder nor a hub id (owner/name)."
         )
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(huggingface_hub.snapshot_download(source, allow_patterns=DOWNLOADED))
@@ -127,73 +147,161 @@ def save_context(path: str | Path, context: Tensor, keypoint_tokens: Tensor, sig
     return Path(path)
 
 
-def export_context(module, path: str | Path, checkpoint: str | None = None) -> Path:
+def export_context(module, path: str | Path, checkpoint: str | None = None, global_step: int | None = None) -> Path:
     """Writes a ``StableKeypoints``' context and keypoint tokens (when chosen) to a context file.
 
     Its metadata holds the context's signature and its origin (the module's ``provenance()``;
-    ``checkpoint``: the checkpoint holding the same context, when there is one).
+    ``checkpoint``: the checkpoint holding the same context, when there is one; ``global_step``:
+    the training step of the context, default the trainer's).
     """
-    require_finite_context(module.context, f"the context to {path}", module.global_step)
-    metadata = {"global_step": str(module.global_step), **{key: str(value) for key, value in module.provenance().items()}}
+    step = module.global_step if global_step is None else global_step
+    require_finite_context(module.context, f"the context to {path}", step)
+    metadata = {"global_step": str(step), **{key: str(value) for key, value in module.provenance().items()}}
     if checkpoint:  # fit: the context is that of its last checkpoint; record where it started from
         metadata["started_from"] = metadata["checkpoint"]
         metadata["checkpoint"] = str(Path(checkpoint).resolve())
     return save_context(path, module.context, module.keypoint_tokens, module.signature(), metadata)
 
 
+def holds_state(path: str | Path, checkpoint: str, global_step: int) -> bool:
+    """Whether the context file at ``path`` was exported from ``checkpoint`` at ``global_step`` (a finished run)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        meta = embedding_metadata(path)
+    except (OSError, SafetensorError):  # unreadable: it is written again
+        return False
+    return meta.get("global_step") == str(global_step) and meta.get("checkpoint") == str(Path(checkpoint).resolve())
+
+
+#: The metadata a context file must carry to be checked like a checkpoint (``ContextSignature.metadata``).
+REQUIRED_METADATA = ("family", "layers", "feature_upsample_res")
+
+
+def _read_tensor_file(path: Path, option: str):
+    """``torch.load`` or ``safetensors`` of a file the user named, a damaged one reported as such."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path)), embedding_metadata(path)
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except Exception as error:  # torch.load and safetensors raise many types for a damaged file
+        raise DamagedFileError(
+            f"{option}={str(path)!r} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}): the file "
+            "is truncated, damaged or not a tensor file. Export or copy it again."
+        ) from error
+
+
 def load_context(path: str, tokens_path: str | None = None) -> tuple[Tensor, Tensor | None]:
-    """A trained context (T, D) and its keypoint tokens (K,) or None, from either file format.
+    """A trained context (T, D) and its keypoint tokens (K,) or None, from either file format, with the
+    checks that need no model (readable, shapes, dtypes, finite; tokens whole numbers, each once).
 
     This project's ``embedding.safetensors`` holds both; StableKeypoints saved the context as
-    ``embedding.pt`` ((T, D) or (1, T, D)) and the tokens separately as ``indices.pt``.
+    ``embedding.pt`` ((T, D) or (1, T, D)) and the tokens separately as ``indices.pt`` ((K,) or (1, K)).
+
+    Raises:
+        MissingFileError: a file does not exist.
+        DamagedFileError: a file cannot be read, or does not hold what it should.
     """
     file = Path(path)
     if not file.is_file():
         raise MissingFileError(f"model.pretrained_context={path!r} does not exist.")
+    name = f"model.pretrained_context={path!r}"
+    loaded, _ = _read_tensor_file(file, "model.pretrained_context")
     tokens = None
     if file.suffix == ".safetensors":
-        tensors = load_file(str(file))
-        if "context" not in tensors:
-            raise ConfigError(f"model.pretrained_context: {path} holds no 'context' tensor (keys: {sorted(tensors)}).")
-        context, tokens = tensors["context"], tensors.get("keypoint_tokens")
+        if "context" not in loaded:
+            raise DamagedFileError(f"{name} holds no 'context' tensor (keys: {sorted(loaded)}): give a context file "
+                                   "written by this project (a run's embedding.safetensors or a detector folder).")
+        context, tokens = loaded["context"], loaded.get("keypoint_tokens")
     else:
-        context = torch.load(file, map_location="cpu", weights_only=True)
+        context = loaded
         if not isinstance(context, Tensor):
-            raise ConfigError(f"model.pretrained_context: {path} does not hold a tensor: expected StableKeypoints' embedding.pt.")
+            raise DamagedFileError(f"{name} does not hold a tensor: expected StableKeypoints' embedding.pt.")
     if context.dim() == 3 and context.shape[0] == 1:
         context = context[0]
-    if context.dim() != 2:
-        raise ConfigError(f"model.pretrained_context: {path}: a context is (T, D) or (1, T, D), got {tuple(context.shape)}.")
+    if context.dim() != 2 or not context.is_floating_point() or not context.numel():
+        raise DamagedFileError(f"{name}: a context is a non-empty float (T, D) or (1, T, D) tensor, got "
+                               f"{context.dtype} {tuple(context.shape)}.")
+    if not torch.isfinite(context).all():
+        raise DamagedFileError(f"{name} holds non-finite values (NaN or inf): use the context of an earlier checkpoint.")
     if tokens_path is not None:
         if not Path(tokens_path).is_file():
             raise MissingFileError(f"model.pretrained_keypoint_tokens={tokens_path!r} does not exist.")
-        tokens = torch.load(tokens_path, map_location="cpu", weights_only=True)
-        tokens = torch.as_tensor(tokens).flatten().long()
-    return context, tokens
+        tokens, _ = _read_tensor_file(Path(tokens_path), "model.pretrained_keypoint_tokens")
+        name = f"model.pretrained_keypoint_tokens={tokens_path!r}"
+        if isinstance(tokens, (list, tuple)) and all(isinstance(t, int) for t in tokens):
+            tokens = torch.tensor(tokens, dtype=torch.long)
+        if not isinstance(tokens, Tensor):
+            raise DamagedFileError(f"{name} does not hold a tensor of token indices: expected StableKeypoints' indices.pt.")
+        if tokens.dim() == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+    if tokens is not None:
+        if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise DamagedFileError(f"{name}: keypoint tokens are a (K,) tensor of integer indices, got {tokens.dtype} "
+                                   f"{tuple(tokens.shape)}: floats would be truncated to other tokens.")
+        tokens = tokens.long()
+        if len(set(tokens.tolist())) != len(tokens):
+            raise DamagedFileError(f"{name}: the keypoint tokens {tokens.tolist()} repeat a token, so keypoints would "
+                                   "coincide: each token must appear once.")
+    return context.float(), tokens
 
 
-def load_pretrained(source: str, tokens_path: str | None, expected: ContextSignature) -> tuple[Tensor, Tensor | None]:
-    """The context (T, D) and keypoint tokens (K,) or None of ``model.pretrained_context``, checked against
-    the configured model's signature (``expected``, its width known).
+def load_pretrained(source: str, tokens_path: str | None, expected: ContextSignature, top_k: int | None = None,
+                    need_tokens: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The context (T, D) and keypoint tokens (K,) or None of ``model.pretrained_context``, checked as fully
+    as a checkpoint: readable, shapes, the signature of its metadata against the configured model's
+    (``expected``; its width when known), tokens whole, distinct, in range and ``top_k`` of them.
 
-    ``source``: a context file, a detector folder or its hub id; ``tokens_path``: StableKeypoints' ``indices.pt``.
+    Args:
+        source: a context file, a detector folder or its hub id.
+        tokens_path: StableKeypoints' ``indices.pt`` (with its ``embedding.pt``, which has no metadata).
+        top_k: the configured ``model.top_k``: the number of keypoint tokens expected.
+        need_tokens: the tokens must be there (``test``/``predict``: ranking them again would use the
+            config's training images, which need not be those the context was trained on).
     """
     path = detector_embedding(source)  # a file, a detector folder or a hub id
-    name = f"pretrained_context={source!r}"
-    if path.suffix == ".safetensors":
-        check_fits(ContextSignature.from_metadata(embedding_metadata(path)), expected, name)
+    name = f"model.pretrained_context={source!r}"
+    if path.suffix != ".safetensors" and tokens_path is None and need_tokens:
+        raise ConfigError(f"{name} holds StableKeypoints' context without its keypoint tokens: give them with "
+                          "model.pretrained_keypoint_tokens indices.pt.")
     context, tokens = load_context(str(path), tokens_path)
-    if context.shape[-1] != expected.width:
+    if path.suffix == ".safetensors":
+        meta = embedding_metadata(path)
+        absent = [key for key in REQUIRED_METADATA if key not in meta]
+        if absent:
+            raise DamagedFileError(
+                f"{name}: {path} has no {', '.join(absent)} metadata, so what it was trained with cannot be checked. "
+                "Give a context file exported by this project (a run's embedding.safetensors, a detector folder); "
+                "StableKeypoints' own files load with model.pretrained_context embedding.pt and "
+                "model.pretrained_keypoint_tokens indices.pt."
+            )
+        try:
+            found = ContextSignature.from_metadata(meta)
+        except ValueError as error:
+            raise DamagedFileError(f"{name}: {path} has damaged metadata ({error}).") from error
+        check_fits(found, expected, name)
+    if expected.width is not None and context.shape[-1] != expected.width:
         raise CheckpointMismatchError(f"{name} is {context.shape[-1]} wide but the backbone expects {expected.width}.")
-    if context.shape[0] != expected.num_tokens:
+    if expected.num_tokens is not None and context.shape[0] != expected.num_tokens:
         raise CheckpointMismatchError(f"{name} holds {context.shape[0]} tokens but model.num_tokens={expected.num_tokens}: "
                                       f"set model.num_tokens {context.shape[0]}.")
-    if not torch.isfinite(context).all():
-        raise ConfigError(f"{name} holds non-finite values (NaN or inf).")
-    if tokens is not None and tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < expected.num_tokens):
-        raise ConfigError(f"The imported keypoint tokens {tokens.tolist()} must lie in [0, {expected.num_tokens}) "
-                          f"(model.num_tokens={expected.num_tokens}): they index the context's tokens.")
-    return context.float(), None if tokens is None else tokens.long()
+    if tokens is None or not tokens.numel():
+        if need_tokens:
+            raise ConfigError(
+                f"{name} holds no keypoint tokens (exported before its fit ranked them): ranking them now would use "
+                "this config's training images, which need not be those it was trained on. Export the context of a "
+                "finished fit (python -m lightning_modules.detector export <run>), or finish the fit (fit --ckpt_path "
+                "<run>/checkpoints/last.ckpt)."
+            )
+        return context, None
+    if top_k is not None and len(tokens) != top_k:
+        holder = name if tokens_path is None else f"model.pretrained_keypoint_tokens={tokens_path!r}"
+        raise CheckpointMismatchError(f"{holder} holds {len(tokens)} keypoint tokens but model.top_k={top_k}: set "
+                                      f"model.top_k {len(tokens)} (or use the config it was trained with).")
+    if not (0 <= int(tokens.min()) and int(tokens.max()) < context.shape[0]):
+        raise DamagedFileError(f"The imported keypoint tokens {tokens.tolist()} must lie in [0, {context.shape[0]}): "
+                               "they index the context's tokens.")
+    return context, tokens
 
 
 def _scored_this_state(metrics_file: Path, embedding: Path, checkpoint: str | None) -> bool:
@@ -206,37 +314,45 @@ def _scored_this_state(metrics_file: Path, embedding: Path, checkpoint: str | No
             and metrics_file.stat().st_mtime >= embedding.stat().st_mtime)
 
 
+#: What a detector folder holds, as ``push`` uploads it (``export`` writes these and nothing else).
+DETECTOR_FILES = [EMBEDDING_FILE, CONFIG_FILE, METRICS_FILE, REGRESSOR_FILE, CARD_FILE,
+                  f"{PICTURES_DIR}/attention_*.png", f"{PICTURES_DIR}/test_example_*.png"]
+
+
 def export(run: str, output: str | None = None, max_pictures: int = 2) -> str:
     """Gathers a fit run's detector into one folder (default ``<run>/detector``); returns its path.
 
+    The folder appears whole or not at all (``files.atomic_folder``). Its ``config.yaml`` is the config
+    of the command that trained the exported state (``state_config``), with absolute paths
+    (``portable_config``).
+
     Args:
-        run: a run folder written by ``run.py fit`` (holding ``embedding.safetensors`` and ``config.yaml``).
+        run: a run folder written by ``run.py fit`` (holding ``embedding.safetensors`` and its config).
         output: the detector's folder; it must be new or empty.
         max_pictures: attention pictures and test examples copied, each.
     """
     run_dir = Path(run)
-    embedding, config = run_dir / EMBEDDING_FILE, run_dir / CONFIG_FILE
-    for required in (embedding, config):
-        if not required.is_file():
-            raise MissingFileError(
-                f"{required} does not exist: export takes the folder of a fit run that ran to its end "
-                "(it writes embedding.safetensors and config.yaml)."
-            )
+    embedding = run_dir / EMBEDDING_FILE
+    if not embedding.is_file():
+        raise MissingFileError(
+            f"{embedding} does not exist: export takes the folder of a fit run that ran to its end (it writes "
+            "embedding.safetensors; a run killed before that is finished by the same fit command with --ckpt_path "
+            "<run>/checkpoints/last.ckpt)."
+        )
+    try:
+        meta = embedding_metadata(embedding)
+    except Exception as error:
+        raise DamagedFileError(f"{embedding} cannot be read ({error}): finish the run again with fit --ckpt_path "
+                               "<run>/checkpoints/last.ckpt.") from error
+    config = state_config(run_dir, meta)
     out = Path(output) if output else run_dir / DETECTOR_DIR
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file, not a folder: give a new or empty folder.")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already holds files: remove it or give another --output.")
-    meta = embedding_metadata(embedding)
-    (out / PICTURES_DIR).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(embedding, out / EMBEDDING_FILE)
-    shutil.copy2(config, out / CONFIG_FILE)
     tests = sorted(run_dir.glob(f"test*/{METRICS_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
     test_dir = next((p.parent for p in tests if _scored_this_state(p, embedding, meta.get("checkpoint"))), None)
-    metrics = None
-    if test_dir is not None:
-        shutil.copy2(test_dir / METRICS_FILE, out / METRICS_FILE)
-        metrics = json.loads((out / METRICS_FILE).read_text())
-        if (test_dir / REGRESSOR_FILE).is_file():
-            shutil.copy2(test_dir / REGRESSOR_FILE, out / REGRESSOR_FILE)
+    metrics = json.loads((test_dir / METRICS_FILE).read_text()) if test_dir is not None else None
     pictures = []
     steps = sorted((run_dir / "visualizations").glob("step_*"))
     if steps:
@@ -245,73 +361,27 @@ def export(run: str, output: str | None = None, max_pictures: int = 2) -> str:
     if test_dir is not None:
         for i, picture in enumerate(sorted((test_dir / "test_examples").glob("*.png"))[:max_pictures]):
             pictures.append((f"test_example_{i}.png", picture, "test example: blue = ground truth, orange = prediction"))
-    for name, picture, _ in pictures:
-        shutil.copy2(picture, out / PICTURES_DIR / name)
-    model_card(meta, metrics, [(f"{PICTURES_DIR}/{name}", caption) for name, _, caption in pictures],
-               run_dir.name).save(out / CARD_FILE)
+    with files.atomic_folder(out) as tmp:
+        (tmp / PICTURES_DIR).mkdir()
+        shutil.copy2(embedding, tmp / EMBEDDING_FILE)
+        (tmp / CONFIG_FILE).write_text(portable_config(config))
+        if test_dir is not None:
+            shutil.copy2(test_dir / METRICS_FILE, tmp / METRICS_FILE)
+            if (test_dir / REGRESSOR_FILE).is_file():
+                shutil.copy2(test_dir / REGRESSOR_FILE, tmp / REGRESSOR_FILE)
+        for name, picture, _ in pictures:
+            shutil.copy2(picture, tmp / PICTURES_DIR / name)
+        model_card(meta, metrics, [(f"{PICTURES_DIR}/{name}", caption) for name, _, caption in pictures],
+                   run_dir.name).save(tmp / CARD_FILE)
     return str(out)
-
-
-def model_card(meta: dict[str, str], metrics: dict | None, pictures: list[tuple[str, str]], name: str):
-    """A ``huggingface_hub.ModelCard``: YAML front matter, what the detector is, its metrics and pictures."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    model = meta.get("model", "unknown")
-    on_hub = is_hub_id(model) and not Path(model).exists()
-    data = ModelCardData(
-        library_name="stable-keypoints",
-        pipeline_tag="keypoint-detection",
-        tags=[tag for tag in ("keypoint-detection", "unsupervised", "stable-keypoints", meta.get("family")) if tag],
-        base_model=model if on_hub else None,
-    )
-    lines = [
-        f"# StableKeypoints detector `{name}`",
-        "",
-        "Unsupervised keypoints from a frozen diffusion model (StableKeypoints, CVPR 2024): a learned context "
-        "whose cross-attention maps peak on consistent parts of the object.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| diffusion model | `{model}` ({meta.get('family', '?')}) |",
-        f"| captured layers | {', '.join(f'`{layer}`' for layer in meta.get('layers', '').split(',') if layer)} |",
-        f"| map resolution | {meta.get('feature_upsample_res', '?')} |",
-        f"| training steps | {meta.get('global_step', '?')} |",
-        f"| code version | `{meta.get('code_version', 'unknown')}` |",
-        "",
-        "## Metrics",
-        "",
-    ]
-    if metrics:
-        better = "higher is better" if metrics.get("higher_is_better") else "lower is better"
-        lines += [
-            "| dataset | metric | value | regression images |",
-            "|---|---|---|---|",
-            f"| {metrics.get('dataset')} | {metrics.get('metric')} ({better}) | {metrics.get('value'):.4f} | "
-            f"{metrics.get('num_regression_images')} |",
-        ]
-    else:
-        lines.append("Not tested: run `python run.py test --ckpt_path <run>/checkpoints/last.ckpt`, then export again.")
-    if pictures:
-        lines += ["", "## Pictures", ""] + [f"![{caption}]({path})" for path, caption in pictures]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "With this project's `run.py` and the config this detector was trained with:",
-        "",
-        "```bash",
-        "python run.py predict --config config.yaml --model.pretrained_context <this folder or its hub id> \\",
-        "                      --data.init_args.path <folder of images>",
-        "```",
-        "",
-        "`predict` writes `keypoints.json` (pixel coordinates in each original image) and overlays.",
-    ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 def push(folder: str, repo_id: str, private: bool = False, commit_message: str = "Upload StableKeypoints detector",
          token: str | None = None) -> str:
     """Uploads a detector folder to the Hugging Face Hub (creating the model repository); returns the commit URL.
+
+    Exactly the detector's files are uploaded (``DETECTOR_FILES``): anything else a user put in the
+    folder, or a command wrote there, stays local.
 
     Args:
         folder: a folder written by ``export``.
@@ -334,7 +404,8 @@ def push(folder: str, repo_id: str, private: bool = False, commit_message: str =
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message=commit_message)
+        info = api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message=commit_message,
+                                 allow_patterns=DETECTOR_FILES)
     except OfflineModeIsEnabled as error:
         raise HubError(f"Cannot push {path} to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload.") from error
     except HfHubHTTPError as error:
@@ -349,9 +420,11 @@ def push(folder: str, repo_id: str, private: bool = False, commit_message: str =
 
 
 def main(args: list[str] | None = None) -> None:
+    """``export`` and ``push`` for a person at a terminal: a mistake is one ``error:`` line and exit status 2."""
     from jsonargparse import CLI
 
-    print(CLI([export, push], args=args))  # the command's answer: the folder written or the commit's URL
+    # The command's answer: the folder written or the commit's URL.
+    run_for_user(lambda: print(CLI([export, push], args=args)))
 
 
 if __name__ == "__main__":

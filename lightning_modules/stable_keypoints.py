@@ -20,12 +20,20 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_modules import detector
-from lightning_modules.app.checkpoints import RECORD_KEY, AtomicCheckpointIO, recorded_signature
+from lightning_modules.app.checkpoints import (
+    RECORD_KEY,
+    AtomicCheckpointIO,
+    add_keypoint_tokens,
+    as_continuable,
+    recorded_signature,
+    training_is_done,
+)
 from lightning_modules.app.errors import CheckpointMismatchError
 from lightning_modules.app.run_folder import EMBEDDING_FILE, provenance
 from lightning_modules.app.seeding import ModelDraws
 from lightning_modules.app.settings import (
     check_model_settings,
+    check_optimizer,
     check_trainer_precision,
     require_finite_context,
     require_finite_gradient,
@@ -121,6 +129,7 @@ class StableKeypoints(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         check_model_settings(**self.hparams)  # before any weights load
+        check_optimizer(optimizer)
         detector.check_sources(pretrained_context, pretrained_keypoint_tokens)
         self.backbone = backbone
         self.augmentation = augmentation
@@ -133,6 +142,8 @@ class StableKeypoints(L.LightningModule):
         # Frozen weights never enter a checkpoint; their keys are absent on load by design.
         self.strict_loading = False
         self.evaluation: RegressorEvaluation | None = None
+        # The step of the checkpoint this fit resumes, when its training had already ended (see on_fit_start).
+        self._resumed_ended_at: int | None = None
 
     def signature(self) -> ContextSignature:
         """What this model's context only works with (``backbones/signature.py``)."""
@@ -159,7 +170,8 @@ class StableKeypoints(L.LightningModule):
         self.backbone.load()
         hp = self.hparams
         if self.context is None and hp.pretrained_context:
-            context, tokens = detector.load_pretrained(hp.pretrained_context, hp.pretrained_keypoint_tokens, self.signature())
+            context, tokens = detector.load_pretrained(hp.pretrained_context, hp.pretrained_keypoint_tokens, self.signature(),
+                                                       hp.top_k, need_tokens=self.needs_keypoint_tokens())
             self.context = nn.Parameter(context.to(self.device))
             if tokens is not None:
                 self.keypoint_tokens = tokens.to(self.device)
@@ -187,6 +199,8 @@ class StableKeypoints(L.LightningModule):
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("backbone.")
         }
         checkpoint[RECORD_KEY] = self.signature().record()
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            as_continuable(checkpoint, self.trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_fits(recorded_signature(checkpoint), self.signature(), "the checkpoint")
@@ -194,6 +208,10 @@ class StableKeypoints(L.LightningModule):
         if self.context is None:
             self.context = nn.Parameter(torch.empty_like(state["context"]))
         self.keypoint_tokens = torch.empty_like(state.get("keypoint_tokens", self.keypoint_tokens))
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and training_is_done(checkpoint, trainer.max_steps,
+                                                                                 trainer.max_epochs):
+            self._resumed_ended_at = int(checkpoint["global_step"])
 
     # ------------------------------------------------------------------ training
     @property
@@ -287,7 +305,12 @@ class StableKeypoints(L.LightningModule):
         self.keypoint_tokens = tokens.to(self.device)
         return self.keypoint_tokens
 
+    def needs_keypoint_tokens(self) -> bool:
+        """Whether this command uses the keypoint tokens as they are (``test``, ``predict``); ``fit`` ranks its own."""
+        return self._trainer is not None and self.trainer.state.fn in ("test", "predict") and not self.trainer.ckpt_path
+
     def ensure_keypoint_tokens(self) -> Tensor:
+        """The keypoint tokens of the context, ranked first when it has none (a checkpoint from inside a fit)."""
         if not self.keypoint_tokens.numel():
             self.choose_keypoint_tokens()
         return self.keypoint_tokens
@@ -343,18 +366,50 @@ class StableKeypoints(L.LightningModule):
         """What this command's artifacts came from: ``checkpoint``, ``config`` and ``code_version``."""
         return provenance(self._trainer, self)
 
+    def on_train_start(self) -> None:
+        # This fit trains, so keypoint tokens ranked for the context it started from no longer belong to
+        # it: no checkpoint of this fit holds them, and they are ranked again at its end.
+        self.keypoint_tokens = torch.empty(0, dtype=torch.long, device=self.device)
+
     def on_train_end(self) -> None:
         # Not on_fit_end: Lightning calls that after its teardown has moved the module to the CPU, where
         # ranking num_indices images through a real UNet takes hours instead of seconds.
-        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
-        if self.trainer.datamodule is not None and not self.keypoint_tokens.numel():
+        trainer = self.trainer
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if trainer.datamodule is not None:  # (a Trainer given bare loaders has no training images to rank on)
             self.choose_keypoint_tokens()
             # The last checkpoint was written before the tokens existed: refresh it so that test and
-            # predict from it need not rank them again.
-            # save_checkpoint holds a barrier, so every rank must take the same branch: rank 0 (the
-            # one that writes) decides, since on node-local disks the file exists on its node only.
-            if self.trainer.strategy.broadcast(bool(last) and Path(last).exists(), src=0):
-                self.trainer.save_checkpoint(last, weights_only=False)  # a full checkpoint, as ModelCheckpoint's
-        if self.trainer.is_global_zero:
+            # predict from it need not rank them again (its loops still record where a larger max_steps
+            # continues: app/checkpoints.as_continuable). save_checkpoint holds a barrier, so every rank
+            # must take the same branch: rank 0 (the one that writes) decides, since on node-local disks
+            # the file exists on its node only.
+            if trainer.strategy.broadcast(bool(last) and Path(last).exists(), src=0):
+                trainer.save_checkpoint(last, weights_only=False)  # a full checkpoint, as ModelCheckpoint's
+        if trainer.is_global_zero:
             path = detector.export_context(self, self.run_dir() / EMBEDDING_FILE, checkpoint=last or None)
+            rank_zero_info(f"Context exported to {path}")
+
+    def on_fit_start(self) -> None:
+        # A resume from a checkpoint whose training had ended (the run was killed while ranking the tokens
+        # or exporting) trains no step, so Lightning calls no on_train_end: the run is finished here.
+        if self._resumed_ended_at is not None:
+            self.finish_resumed(self._resumed_ended_at)
+
+    def finish_resumed(self, global_step: int) -> None:
+        """Ranks the keypoint tokens of a resumed finished context (unless its checkpoint holds them), adds them
+        to that checkpoint and exports the context file, unless the run's context file already holds this state."""
+        trainer = self.trainer
+        ckpt_path = str(Path(trainer.ckpt_path).resolve())
+        path = self.run_dir() / EMBEDDING_FILE
+        if trainer.strategy.broadcast(detector.holds_state(path, ckpt_path, global_step), src=0):
+            rank_zero_info(f"Nothing to train: the run's training had ended at step {global_step} and {path} holds it.")
+            return
+        rank_zero_info(f"Training had ended at step {global_step}: finishing the run (keypoint tokens, {path}).")
+        ranked = not self.keypoint_tokens.numel() and trainer.datamodule is not None
+        if ranked:
+            self.choose_keypoint_tokens()
+        if trainer.is_global_zero:
+            if ranked:
+                add_keypoint_tokens(ckpt_path, self.keypoint_tokens, global_step)
+            detector.export_context(self, path, checkpoint=ckpt_path, global_step=global_step)
             rank_zero_info(f"Context exported to {path}")

@@ -196,12 +196,19 @@ def fake_hub(monkeypatch):
     _http.set_client_factory(_http.default_client_factory)
 
 
-def test_push_uploads_every_file_of_the_folder_through_huggingface_hub(run, fake_hub):
+def test_push_uploads_exactly_the_detectors_files_through_huggingface_hub(run, fake_hub):
     folder = Path(detector.export(str(run)))
+    expected = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    (folder / "notes.txt").write_text("mine")  # what a user or a command left in the folder stays local
+    (folder / "outputs").mkdir()
+    (folder / "outputs" / "keypoints.json").write_text("{}")
+    (folder / "images" / "holiday.png").write_bytes(b"png")
     hub = fake_hub()
     url = detector.push(str(folder), "someone/cub-keypoints", token="hf_test")
     assert url == "https://huggingface.co/someone/cub-keypoints/commit/abc"
-    expected = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert sorted(expected) == ["README.md", "config.yaml", "embedding.safetensors", "images/attention_0.png",
+                                "images/attention_1.png", "images/test_example_0.png",
+                                "metrics.json", "regressor.safetensors"]
     assert hub.committed == expected  # byte for byte, README and pictures included
     assert hub.header["summary"] == "Upload StableKeypoints detector"
     assert ("POST", "/api/repos/create") in hub.requests

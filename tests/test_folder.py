@@ -42,7 +42,7 @@ def test_unreadable_files_fail_setup_with_their_list(folder: Path) -> None:
 
 
 def test_skip_unreadable_leaves_them_out_with_a_warning(folder: Path) -> None:
-    datamodule = ImageFolderDataModule(str(folder), image_size=S, num_workers=0, skip_unreadable=True)
+    datamodule = ImageFolderDataModule(str(folder), image_size=S, batch_size=2, num_workers=0, skip_unreadable=True)
     with pytest.warns(UserWarning, match="Skipping 2 unreadable images") as records:
         datamodule.setup("fit")
     train = datamodule.train_dataset()

@@ -121,7 +121,7 @@ def test_every_dataset_reads_through_read_image(tmp_path: Path) -> None:
     """A 16-bit and an RGBA image in a folder come out scaled and on the DataModule's background."""
     Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "a16.png")
     Image.fromarray(np.zeros((8, 8, 4), np.uint8), mode="RGBA").save(tmp_path / "b_rgba.png")
-    datamodule = ImageFolderDataModule(str(tmp_path), image_size=8, num_workers=0, background_rgb=(0, 0, 255))
+    datamodule = ImageFolderDataModule(str(tmp_path), image_size=8, batch_size=2, num_workers=0, background_rgb=(0, 0, 255))
     datamodule.setup("fit")
     sixteen, transparent = (datamodule.keypoint_index_dataloader().dataset[i]["image"] for i in range(2))
     assert torch.allclose(sixteen, torch.full_like(sixteen, 128 / 255))

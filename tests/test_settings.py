@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, NonFiniteError
+from lightning_modules.app.errors import CheckpointMismatchError, ConfigError, DamagedFileError, NonFiniteError
 from lightning_modules.detector import export_context
 from lightning_modules.stable_keypoints import StableKeypoints
 from tests.conftest import tiny_module
@@ -93,14 +93,18 @@ def test_a_non_finite_context_is_never_exported_or_checkpointed(tmp_path) -> Non
 def _write_embedding(path, context: torch.Tensor, tokens: list[int]) -> str:
     from safetensors.torch import save_file
 
-    save_file({"context": context, "keypoint_tokens": torch.tensor(tokens)}, str(path))
+    from lightning_modules.backbones import StableDiffusion
+
+    # The metadata every exported context file carries (a file without it is refused: tests/test_user_errors.py).
+    metadata = {"family": "StableDiffusion", "layers": ",".join(StableDiffusion.default_layers), "feature_upsample_res": "16"}
+    save_file({"context": context, "keypoint_tokens": torch.tensor(tokens)}, str(path), metadata=metadata)
     return str(path)
 
 
 def test_imported_keypoint_tokens_must_index_the_context(tiny_sd_path, tmp_path) -> None:
     path = _write_embedding(tmp_path / "embedding.safetensors", torch.randn(40, 32), [0, 3, 40, 5])
     module = tiny_module(tiny_sd_path, load=False, pretrained_context=path)
-    with pytest.raises(ConfigError, match=r"keypoint tokens \[0, 3, 40, 5\] must lie in \[0, 40\)"):
+    with pytest.raises(DamagedFileError, match=r"keypoint tokens \[0, 3, 40, 5\] must lie in \[0, 40\)"):
         module.configure_model()
 
 

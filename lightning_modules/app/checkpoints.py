@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from lightning_modules.app.errors import CheckpointMismatchError, MissingFileError
+from lightning_modules.app.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    MissingFileError,
+)
 from lightning_modules.app.files import atomic_file
 from lightning_modules.backbones.signature import ContextSignature
 
@@ -88,3 +92,64 @@ def recorded_signature(checkpoint: dict) -> ContextSignature:
 
 #: ``ckpt_path`` values Lightning resolves itself (not files).
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def as_continuable(checkpoint: dict, batches_per_epoch: float) -> None:
+    """Records an epoch that training left before its last batch as unfinished, in place.
+
+    When training stops inside an epoch (``max_steps`` reached after batch 10 of 30), Lightning
+    closes that epoch (``on_train_epoch_end``) before the checkpoints of the fit's end are written,
+    so a resume with a larger ``max_steps`` would start the next epoch and skip the rest of this
+    one. Here such a checkpoint records the loops as they were at the end of the last batch (what
+    ``ModelCheckpoint`` writes at a batch's end): the epoch started and not processed, the batch
+    processed and not completed, the logging step one less (``_TrainingEpochLoop.reset`` adds it
+    back). A resume then continues the epoch where it stopped, as an uninterrupted run would.
+    Checkpoints of an epoch that ran to its last batch, or taken inside the batch loop, are left as they are.
+    """
+    state = checkpoint.get("loops", {}).get("fit_loop")
+    if not state:
+        return
+    epochs, batches = state["epoch_progress"], state["epoch_loop.batch_progress"]
+    closed = all(epochs[scope]["processed"] == epochs[scope]["started"] for scope in ("total", "current"))
+    if not closed or batches["is_last_batch"] or not 0 < batches["current"]["ready"] < batches_per_epoch:
+        return
+    for scope in ("total", "current"):
+        epochs[scope]["processed"] -= 1
+        epochs[scope]["completed"] = epochs[scope]["processed"]
+        batches[scope]["completed"] = batches[scope]["processed"] - 1
+    state["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    checkpoint["epoch"] = epochs["current"]["completed"]
+
+
+def check_continuation(checkpoint: dict, max_steps: int | None, ckpt_path: str) -> None:
+    """Raises ``ConfigError`` when ``fit --ckpt_path`` asks for fewer steps than the checkpoint already holds.
+
+    (As many is fine: a run killed after its last checkpoint, while ranking or exporting, is finished.)
+    """
+    step = int(checkpoint.get("global_step", 0))
+    if max_steps not in (None, -1) and step > max_steps:
+        raise ConfigError(
+            f"trainer.max_steps={max_steps}, but ckpt_path={str(ckpt_path)!r} is already at step {step}: a resumed fit "
+            f"trains on to max_steps. Give a larger trainer.max_steps to continue training (e.g. {2 * step}), or use "
+            "test/predict with this checkpoint."
+        )
+
+
+def training_is_done(checkpoint: dict, max_steps: int, max_epochs: int | None) -> bool:
+    """Whether a fit resumed from ``checkpoint`` with these limits would train no step (Lightning's ``FitLoop.done``)."""
+    if max_steps not in (None, -1) and checkpoint.get("global_step", 0) >= max_steps:
+        return True
+    epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return max_epochs not in (None, -1) and epochs.get("processed", 0) >= max_epochs
+
+
+def add_keypoint_tokens(path: str | os.PathLike, tokens: torch.Tensor, global_step: int) -> bool:
+    """Stores ``tokens`` in the checkpoint at ``path`` (atomically) when it holds the context of ``global_step``
+    -> whether it did. Everything else in the file (loops, optimizer, callbacks) stays as written."""
+    checkpoint = read_checkpoint(path, weights_only=False)
+    if checkpoint.get("global_step") != global_step:
+        return False
+    checkpoint["state_dict"]["keypoint_tokens"] = tokens.detach().cpu()
+    with atomic_file(path) as tmp, open(tmp, "wb") as file:
+        torch.save(checkpoint, file)
+    return True

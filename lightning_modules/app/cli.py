@@ -15,9 +15,25 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.app.checkpoints import CKPT_KEYWORDS, read_checkpoint, recorded_signature
-from lightning_modules.app.run_folder import CHECKPOINTS, RunConfigSaver, RunFolderLogger, RunLayout, as_source, code_version
-from lightning_modules.app.settings import check_trainer_precision
+from lightning_modules import detector
+from lightning_modules.app.checkpoints import (
+    CKPT_KEYWORDS,
+    check_continuation,
+    read_checkpoint,
+    recorded_signature,
+)
+from lightning_modules.app.errors import cause_chain, unwrap_user_error
+from lightning_modules.app.run_folder import (
+    CHECKPOINTS,
+    FolderSnapshot,
+    RunConfigSaver,
+    RunFolderLogger,
+    RunLayout,
+    as_source,
+    check_output_folder,
+    code_version,
+)
+from lightning_modules.app.settings import check_trainer_precision, check_training_steps
 from lightning_modules.backbones.signature import check_fits
 
 #: How a process hands its planned folders to the processes it launches (Lightning's DDP launcher
@@ -119,6 +135,8 @@ class StableKeypointsCLI(LightningCLI):
             return
         config = self.config[self.subcommand]
         check_trainer_precision(config.trainer.precision)  # the value as typed, before Lightning converts it
+        if self.subcommand == "fit":
+            check_training_steps(config.trainer)
         path = config.data.init_args.get("path") if config.get("data") else None
         images = Path(path) if path else None
         self.layout = inherited_layout(self.subcommand) or RunLayout.plan(
@@ -128,6 +146,7 @@ class StableKeypointsCLI(LightningCLI):
             predict_name=None if images is None else images.name if images.is_dir() else images.stem,
             output_dir=config.get("output_dir"),
         )
+        check_output_folder(self.layout.output_dir, "--output_dir" if config.get("output_dir") else "The run's folder")
         os.environ[LAYOUT_VARIABLE] = json.dumps(
             {"pid": os.getpid(), "argv": sys.argv[1:], "command": self.subcommand, "layout": self.layout.to_json()})
 
@@ -173,11 +192,40 @@ class StableKeypointsCLI(LightningCLI):
         return self.trainer.test(**{**kwargs, "verbose": False})
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            # jsonargparse reports what a class's __init__ raised as its own ValueError: the user's mistake
+            # is the error inside.
+            mistake = unwrap_user_error(error)
+            if mistake is error:
+                raise
+            # (the cause itself: raised without its wrapper, whose cause it is)
+            raise mistake from (None if any(mistake is cause for cause in cause_chain(error)) else error)
         # Built, nothing loaded or written yet: a checkpoint that cannot serve this model stops here.
-        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        config = self.config[self.subcommand] if self.subcommand else None
+        ckpt_path = config.get("ckpt_path") if config else None
         if ckpt_path and ckpt_path not in CKPT_KEYWORDS:
-            check_fits(recorded_signature(read_checkpoint(ckpt_path)), self.model.signature(), f"ckpt_path={ckpt_path!r}")
+            checkpoint = read_checkpoint(ckpt_path)
+            check_fits(recorded_signature(checkpoint), self.model.signature(), f"ckpt_path={ckpt_path!r}")
+            if self.subcommand == "fit":
+                check_continuation(checkpoint, self.trainer.max_steps, ckpt_path)
+        hp = self.model.hparams
+        if hp.get("pretrained_context"):  # a context file, checked as a checkpoint is (its width once the model loads)
+            detector.load_pretrained(hp.pretrained_context, hp.pretrained_keypoint_tokens, self.model.signature(),
+                                     hp.top_k, need_tokens=self.subcommand in ("test", "predict") and not ckpt_path)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Everything that can be checked before the run's folder, its W&B run and the weights exist has been;
+        # what remains can fail only once they do (a weight file, a full disk at the first picture). A
+        # command that fails before its first result takes back what it made: a rerun starts clean.
+        before = FolderSnapshot.of(self.layout.output_dir)
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception:
+            if self.trainer.is_global_zero and not before.new_results(self.layout.config_file):
+                before.remove_new()
+            raise
 
     def after_fit(self) -> None:
         trainer, layout = self.trainer, self.layout

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lightning_modules.app.errors import ENVIRONMENT_ERRNOS, UserError, output_error
+
 #: Prefix and suffix of every temporary this module makes (a killed run's leftovers can be swept).
 TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".", ".tmp"
 
@@ -42,14 +44,32 @@ def sweep_temporaries(folder: Path, name: str = "*") -> None:
             stray.unlink(missing_ok=True)
 
 
+def make_folder(folder: str | os.PathLike) -> Path:
+    """Creates ``folder`` and its parents (the umask applies) -> ``folder``; an ``OutputError`` names it when
+    it cannot be made (a file in the way, a read-only disk, no permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(error, folder) from error
+    return folder
+
+
+def _about_writing(error: BaseException, tmp: Path) -> bool:
+    """An error of a writer that says the temporary could not be written (not, say, that a source is missing)."""
+    return (isinstance(error, OSError) and not isinstance(error, UserError)
+            and (error.errno in ENVIRONMENT_ERRNOS or error.filename in (None, str(tmp))))
+
+
 @contextmanager
 def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path to write ``target``'s content to; renamed onto ``target`` when the block ends.
 
     For writers that take a path (``safetensors.torch.save_file``, ``PIL.Image.save``, ``torch.save``).
+    An OS error while writing (a full or read-only disk) is an ``OutputError`` naming ``target``.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     tmp = temporary_sibling(target)
     try:
         yield tmp
@@ -57,8 +77,10 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(file.fileno())
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if _about_writing(error, tmp):
+            raise output_error(error, target) from error
         raise
     _fsync_folder(target.parent)
 
@@ -83,9 +105,12 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     files), its copy is kept and this one dropped: both were written from the same recipe.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     tmp = temporary_sibling(target)
-    tmp.mkdir(mode=0o777)  # the umask applies, as to any folder the user makes
+    try:
+        tmp.mkdir(mode=0o777)  # the umask applies, as to any folder the user makes
+    except OSError as error:
+        raise output_error(error, target) from error
     try:
         yield tmp
         try:

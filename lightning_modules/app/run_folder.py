@@ -27,17 +27,27 @@ import dataclasses
 import datetime
 import functools
 import json
+import os
 import re
 import secrets
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import lightning as L
+import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 
-from lightning_modules.app.errors import ConfigError
+from lightning_modules.app import files
+from lightning_modules.app.errors import (
+    ConfigError,
+    DamagedFileError,
+    MissingFileError,
+    output_error,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"
@@ -187,7 +197,10 @@ class RunConfigSaver(SaveConfigCallback):
 
     The file is the config as parsed (so ``fit --config <run>/config.yaml`` starts the same run
     again, in a new folder), headed by comment lines saying which command wrote it, from which
-    checkpoint, with which code version.
+    checkpoint, with which code version, in which working folder (the one its relative paths are
+    relative to). It is written when the command's work starts (``on_fit_start``,
+    ``on_test_start``, ``on_predict_start``: the data, the weights and the checkpoint are checked
+    by then), not at set-up, so a command that fails to start leaves no folder behind.
     """
 
     def __init__(
@@ -197,20 +210,119 @@ class RunConfigSaver(SaveConfigCallback):
         self.command = command
         self.checkpoint = checkpoint
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Nothing yet: see ``on_fit_start``."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_once(trainer, pl_module, "fit")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_once(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_once(trainer, pl_module, "predict")
+
+    def _save_once(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and not self.already_saved:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         path = Path(self.config_filename)
         if not path.is_absolute():
             path = Path(trainer.default_root_dir) / path
         if path.exists():  # RunLayout.plan picks a new name; a race must not overwrite either
             raise FileExistsError(f"{path} already exists: the config of an earlier command is kept.")
-        path.parent.mkdir(parents=True, exist_ok=True)
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         header = (
             f"# Written by `run.py {self.command or stage}` at {when}.\n"
             f"# checkpoint: {self.checkpoint or checkpoint_of(trainer, pl_module)}\n"
             f"# code_version: {code_version()}\n"
+            f"# working_dir: {Path.cwd()}\n"
         )
-        path.write_text(header + self.parser.dump(self.config, skip_none=False))
+        files.write_text(path, header + self.parser.dump(self.config, skip_none=False))
+
+
+#: What a command writes while it starts, before any result: removed again when it fails to start.
+STARTUP_ENTRIES = ("wandb", "visualizations")
+
+
+@dataclass(frozen=True)
+class FolderSnapshot:
+    """The files and folders two levels into a command's folder before it runs, so that a command which
+    fails before its first result can take back what it made (``remove_new``): a failed start leaves nothing.
+
+    Results are files outside ``STARTUP_ENTRIES`` and the command's config: checkpoints, the context
+    file, metrics, keypoint shards, overlays.
+    """
+
+    folder: Path
+    missing: tuple[Path, ...]  # the folder and its ancestors that did not exist, innermost first
+    entries: dict[Path, int]  # path -> mtime_ns (files), -1 (folders)
+
+    @staticmethod
+    def of(folder: Path) -> FolderSnapshot:
+        missing = [path for path in (folder, *folder.parents) if not path.exists()]
+        return FolderSnapshot(folder, tuple(missing), FolderSnapshot._entries(folder))
+
+    @staticmethod
+    def _entries(folder: Path) -> dict[Path, int]:
+        entries: dict[Path, int] = {}
+        if not folder.is_dir():
+            return entries
+        for path in [*folder.iterdir(), *(p for d in folder.iterdir() if d.is_dir() for p in d.iterdir())]:
+            entries[path] = path.stat().st_mtime_ns if path.is_file() else -1
+        return entries
+
+    def new_results(self, config_file: Path) -> list[Path]:
+        """Files written or changed since the snapshot that are results (not the config, W&B or pictures)."""
+        now = self._entries(self.folder)
+        return [path for path, mtime in now.items() if mtime >= 0 and path != config_file
+                and path.relative_to(self.folder).parts[0] not in STARTUP_ENTRIES and self.entries.get(path) != mtime]
+
+    def remove_new(self) -> None:
+        """Removes what appeared since the snapshot: the folder when the command made it (and the folders above
+        it that it made, when they are empty), else the new entries in it."""
+        if self.missing:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            for parent in self.missing[1:]:
+                try:
+                    parent.rmdir()  # only when empty: another command may have started meanwhile
+                except OSError:
+                    break
+            return
+        for path in sorted(set(self._entries(self.folder)) - set(self.entries), key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def header_value(config_file: str | Path, key: str) -> str | None:
+    """The value of the ``# <key>: <value>`` line in the header ``RunConfigSaver`` wrote, None without one."""
+    for line in Path(config_file).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith(f"# {key}: "):
+            return line[len(f"# {key}: "):]
+    return None
+
+
+def check_output_folder(folder: Path, option: str) -> None:
+    """Raises ``ConfigError`` or ``OutputError`` naming ``folder`` (and ``option``, where it comes from) when
+    the command could not write there: a file in the way, a read-only disk, no permission. Creates nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {folder}: {existing} is a file, not a folder. Give a folder (new or empty), "
+                          "or remove the file.")
+    try:
+        probe = tempfile.mkdtemp(prefix=f"{files.TEMPORARY_PREFIX}write-check-", suffix=files.TEMPORARY_SUFFIX,
+                                 dir=existing)
+    except OSError as error:
+        raise output_error(error, folder) from error
+    os.rmdir(probe)
 
 
 def as_source(path_or_id: str) -> str:
@@ -239,3 +351,63 @@ def provenance(trainer: L.Trainer | None, pl_module: L.LightningModule) -> dict[
     """``checkpoint``, ``config`` and ``code_version``: what every artifact records about its origin."""
     return {"checkpoint": checkpoint_of(trainer, pl_module), "config": config_file_of(trainer),
             "code_version": code_version()}
+
+
+def state_config(run_dir: Path, meta: dict[str, str]) -> Path:
+    """The config of the command that produced the exported state: the one its metadata names (after a
+    resume ``config.resume-<n>.yaml``; looked up in ``run_dir`` when the run folder was moved), the
+    run's ``config.yaml`` when the context file names none (written outside the CLI)."""
+    named = meta.get("config")
+    if named in (None, "None"):
+        config = run_dir / CONFIG_FILE
+    else:
+        config = Path(named) if Path(named).is_file() else run_dir / Path(named).name
+    if not config.is_file():
+        raise MissingFileError(
+            f"{config} does not exist: it is the config of the command that trained the state in "
+            f"{run_dir / EMBEDDING_FILE}. Export a run folder as fit left it."
+        )
+    return config
+
+
+#: Keys of a saved config that place one command (the checkpoint it resumed, the folder it wrote).
+COMMAND_KEYS = ("ckpt_path", "output_dir")
+
+
+def portable_config(config: Path) -> str:
+    """The text of a saved config whose relative paths are made absolute, against the folder its command ran in
+    (its ``# working_dir:`` header line): the detector's command then reads the same model and data, and
+    writes its outputs where the run's went, from whatever folder it runs in (never into the detector's).
+
+    Relative values that name an existing file or folder there, and ``trainer.default_root_dir``, change;
+    the rest (all of a config without the header line) stay as they are. ``COMMAND_KEYS`` are cleared: a
+    command run with the detector's config neither resumes the run's checkpoint nor writes into its folder.
+    """
+    text = config.read_text()
+    working_dir = header_value(config, "working_dir")
+    base = None if working_dir is None else Path(working_dir)
+
+    def absolute(value, key: str):
+        if isinstance(value, dict):
+            return {k: absolute(v, f"{key}.{k}" if key else k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [absolute(v, key) for v in value]
+        relative = isinstance(value, str) and value and not Path(value).is_absolute() and "\n" not in value
+        if base is not None and relative and (key == "trainer.default_root_dir" or (base / value).exists()):
+            return os.path.normpath(base / value)
+        return value
+
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    try:
+        body = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise DamagedFileError(f"{config} is not a readable YAML config ({error}).") from error
+    if not isinstance(body, dict):
+        raise DamagedFileError(f"{config} is not a config (a YAML mapping of settings).")
+    body = absolute(body, "")
+    for key in COMMAND_KEYS:  # where that command read and wrote, not what the detector is
+        if key in body:
+            body[key] = None
+    note = ("# For the detector (`python -m lightning_modules.detector export`): relative paths made absolute "
+            "against working_dir, ckpt_path and output_dir cleared.\n" if base is not None else "")
+    return header + note + yaml.safe_dump(body, sort_keys=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -19,6 +20,24 @@ def check_trainer_precision(precision: str | int | None) -> None:
         "mixed precision would also cast the context, maps and losses. Keep trainer.precision at 32 and "
         "set model.backbone.init_args.engine.dtype: bfloat16 to run only the frozen UNet/VAE in bf16."
     )
+
+
+def check_training_steps(trainer: Mapping) -> None:
+    """Raises ``ConfigError`` naming the ``trainer.<key>`` (as typed) that leaves ``fit`` no training step to run.
+
+    (A batch larger than the training split is the data's check: ``KeypointDataModule.check_stage``.)
+    """
+    max_steps, max_epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
+        raise ConfigError(f"trainer.max_steps={max_steps}: not one training step would run. Give the number of steps "
+                          "to train (the demo trains 40), or -1 to train for trainer.max_epochs.")
+    if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
+        raise ConfigError(f"trainer.max_epochs={max_epochs}: not one training step would run. Give a positive number "
+                          "of epochs, or leave it unset and give trainer.max_steps.")
+    limit = trainer.get("limit_train_batches")
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"trainer.limit_train_batches={limit}: not one training step would run. Leave it unset (all "
+                          "batches), or give a positive number of batches or fraction of them.")
 
 
 def check_model_settings(
@@ -66,6 +85,23 @@ def check_model_settings(
         )
     if extraction_chunk_size is not None and extraction_chunk_size <= 0:
         raise ConfigError(f"model.extraction_chunk_size={extraction_chunk_size}: use a positive number, or null for all at once.")
+
+
+def check_optimizer(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None) -> None:
+    """Builds ``model.optimizer`` once on a stand-in parameter, so a value it refuses (``lr: -1``) or a non-finite
+    one stops the run before any weights load, the run's folder or its W&B run exist."""
+    if optimizer is None:
+        return
+    try:
+        built = optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"model.optimizer: {error}. Fix its init_args (StableKeypoints: torch.optim.Adam with "
+                          "lr 0.005).") from error
+    for key, value in built.param_groups[0].items():
+        numbers = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"model.optimizer: {type(built).__name__}'s {key}={value!r} is not finite: give a finite "
+                              "value in its init_args.")
 
 
 def require_finite_context(context: Tensor | None, what: str, step: int) -> None:

@@ -91,6 +91,12 @@ class Backbone(nn.Module):
         if latent_scaling_factor is not None and not latent_scaling_factor > 0:
             raise ConfigError(f"latent_scaling_factor={latent_scaling_factor}: give a positive factor, or null for the "
                               "VAE config's.")
+        if num_inference_steps < 1 or not -num_inference_steps <= noise_level < num_inference_steps:
+            raise ConfigError(
+                f"noise_level={noise_level} with num_inference_steps={num_inference_steps}: noise_level indexes the "
+                f"{num_inference_steps}-step timestep grid, so use {-num_inference_steps}..{num_inference_steps - 1} "
+                "(-1, the default, is the least noisy step; num_inference_steps >= 1)."
+            )
         self.pretrained_model_name_or_path = pretrained_model_name_or_path
         self.revision = revision
         self.variant = variant
