@@ -14,34 +14,26 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_modules import detector
-from lightning_modules.app.checkpoints import (
-    RECORD_KEY,
-    AtomicCheckpointIO,
-    add_keypoint_tokens,
-    as_continuable,
-    recorded_signature,
-    training_is_done,
-)
+from lightning_modules.app import fit_end
+from lightning_modules.app import checkpoints
 from lightning_modules.app.errors import CheckpointMismatchError
-from lightning_modules.app.run_folder import EMBEDDING_FILE, provenance
+from lightning_modules.app.run_folder import provenance
 from lightning_modules.app.seeding import ModelDraws
 from lightning_modules.app.settings import (
     check_model_settings,
     check_optimizer,
     check_trainer_precision,
-    require_finite_context,
     require_finite_gradient,
     require_finite_loss,
 )
 from lightning_modules.augmentation import AffineAugmentation, PhotometricAugmentation, warp
 from lightning_modules.backbones.base import Backbone
-from lightning_modules.backbones.signature import ContextSignature, check_fits
+from lightning_modules.backbones.signature import ContextSignature
 from lightning_modules.concentration import attention_concentration
 from lightning_modules.engine import frozen_tensor_names, release_freed_host_memory
 from lightning_modules.evaluation import RegressorEvaluation
@@ -158,11 +150,7 @@ class StableKeypoints(L.LightningModule):
         # The CLI checks the value as typed (Lightning turns 16-mixed into bf16-mixed on CPU); this
         # check is for Trainers built in Python.
         check_trainer_precision(self.trainer.precision)
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            # Lightning's default writer can leave a truncated checkpoint on a full disk; a CheckpointIO
-            # the user configured is kept.
-            strategy.checkpoint_io = AtomicCheckpointIO()
+        checkpoints.use_atomic_writer(self.trainer.strategy)
 
     def configure_model(self) -> None:
         if self.context is not None and self.backbone.is_loaded:
@@ -193,25 +181,10 @@ class StableKeypoints(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        require_finite_context(self.context, "a checkpoint", self.global_step)
-        # Only what trains (and the chosen keypoint tokens): KBs to MBs, never the frozen GBs.
-        checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("backbone.")
-        }
-        checkpoint[RECORD_KEY] = self.signature().record()
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            as_continuable(checkpoint, self.trainer.num_training_batches)
+        checkpoints.prepare_to_save(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_fits(recorded_signature(checkpoint), self.signature(), "the checkpoint")
-        state = checkpoint["state_dict"]
-        if self.context is None:
-            self.context = nn.Parameter(torch.empty_like(state["context"]))
-        self.keypoint_tokens = torch.empty_like(state.get("keypoint_tokens", self.keypoint_tokens))
-        trainer = self._trainer
-        if trainer is not None and trainer.state.fn == "fit" and training_is_done(checkpoint, trainer.max_steps,
-                                                                                 trainer.max_epochs):
-            self._resumed_ended_at = int(checkpoint["global_step"])
+        self._resumed_ended_at = checkpoints.restore(self, checkpoint)
 
     # ------------------------------------------------------------------ training
     @property
@@ -374,42 +347,10 @@ class StableKeypoints(L.LightningModule):
     def on_train_end(self) -> None:
         # Not on_fit_end: Lightning calls that after its teardown has moved the module to the CPU, where
         # ranking num_indices images through a real UNet takes hours instead of seconds.
-        trainer = self.trainer
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
-        if trainer.datamodule is not None:  # (a Trainer given bare loaders has no training images to rank on)
-            self.choose_keypoint_tokens()
-            # The last checkpoint was written before the tokens existed: refresh it so that test and
-            # predict from it need not rank them again (its loops still record where a larger max_steps
-            # continues: app/checkpoints.as_continuable). save_checkpoint holds a barrier, so every rank
-            # must take the same branch: rank 0 (the one that writes) decides, since on node-local disks
-            # the file exists on its node only.
-            if trainer.strategy.broadcast(bool(last) and Path(last).exists(), src=0):
-                trainer.save_checkpoint(last, weights_only=False)  # a full checkpoint, as ModelCheckpoint's
-        if trainer.is_global_zero:
-            path = detector.export_context(self, self.run_dir() / EMBEDDING_FILE, checkpoint=last or None)
-            rank_zero_info(f"Context exported to {path}")
+        fit_end.finish_fit(self)
 
     def on_fit_start(self) -> None:
         # A resume from a checkpoint whose training had ended (the run was killed while ranking the tokens
         # or exporting) trains no step, so Lightning calls no on_train_end: the run is finished here.
         if self._resumed_ended_at is not None:
-            self.finish_resumed(self._resumed_ended_at)
-
-    def finish_resumed(self, global_step: int) -> None:
-        """Ranks the keypoint tokens of a resumed finished context (unless its checkpoint holds them), adds them
-        to that checkpoint and exports the context file, unless the run's context file already holds this state."""
-        trainer = self.trainer
-        ckpt_path = str(Path(trainer.ckpt_path).resolve())
-        path = self.run_dir() / EMBEDDING_FILE
-        if trainer.strategy.broadcast(detector.holds_state(path, ckpt_path, global_step), src=0):
-            rank_zero_info(f"Nothing to train: the run's training had ended at step {global_step} and {path} holds it.")
-            return
-        rank_zero_info(f"Training had ended at step {global_step}: finishing the run (keypoint tokens, {path}).")
-        ranked = not self.keypoint_tokens.numel() and trainer.datamodule is not None
-        if ranked:
-            self.choose_keypoint_tokens()
-        if trainer.is_global_zero:
-            if ranked:
-                add_keypoint_tokens(ckpt_path, self.keypoint_tokens, global_step)
-            detector.export_context(self, path, checkpoint=ckpt_path, global_step=global_step)
-            rank_zero_info(f"Context exported to {path}")
+            fit_end.finish_resumed(self, self._resumed_ended_at)

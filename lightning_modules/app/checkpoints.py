@@ -21,7 +21,8 @@ from lightning_modules.app.errors import (
     MissingFileError,
 )
 from lightning_modules.app.files import atomic_file
-from lightning_modules.backbones.signature import ContextSignature
+from lightning_modules.app.settings import require_finite_context
+from lightning_modules.backbones.signature import ContextSignature, check_fits
 
 #: The key of the record in a checkpoint's dict.
 RECORD_KEY = "stable_keypoints"
@@ -153,3 +154,38 @@ def add_keypoint_tokens(path: str | os.PathLike, tokens: torch.Tensor, global_st
     with atomic_file(path) as tmp, open(tmp, "wb") as file:
         torch.save(checkpoint, file)
     return True
+
+
+# ---------------------------------------------------------------------- the LightningModule's checkpoint hooks
+def use_atomic_writer(strategy) -> None:
+    """Lightning's default writer can leave a truncated checkpoint on a full disk: ``AtomicCheckpointIO``
+    replaces it; a CheckpointIO the user configured is kept."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def prepare_to_save(module, checkpoint: dict) -> None:
+    """``StableKeypoints.on_save_checkpoint``: only what trains (KBs to MBs, never the frozen GBs), the
+    context's signature, and during fit loops a larger ``max_steps`` continues exactly (``as_continuable``)."""
+    require_finite_context(module.context, "a checkpoint", module.global_step)
+    checkpoint["state_dict"] = {
+        key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("backbone.")
+    }
+    checkpoint[RECORD_KEY] = module.signature().record()
+    if module._trainer is not None and module.trainer.state.fn == "fit":
+        as_continuable(checkpoint, module.trainer.num_training_batches)
+
+
+def restore(module, checkpoint: dict) -> int | None:
+    """``StableKeypoints.on_load_checkpoint``: refuses a context that cannot serve the module, makes room for
+    the checkpoint's tensors -> the step at which its training had ended, when a fit resumes a finished run."""
+    check_fits(recorded_signature(checkpoint), module.signature(), "the checkpoint")
+    state = checkpoint["state_dict"]
+    if module.context is None:
+        module.context = torch.nn.Parameter(torch.empty_like(state["context"]))
+    module.keypoint_tokens = torch.empty_like(state.get("keypoint_tokens", module.keypoint_tokens))
+    trainer = module._trainer
+    if trainer is not None and trainer.state.fn == "fit" and training_is_done(checkpoint, trainer.max_steps,
+                                                                             trainer.max_epochs):
+        return int(checkpoint["global_step"])
+    return None
