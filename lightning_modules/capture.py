@@ -330,7 +330,7 @@ class AttentionCapture:
         forward(call)
         if sorted(call.recorded) != sorted(self.layers):
             raise RuntimeError(f"Captured {call.recorded}, expected each of {self.layers} once.")
-        mean = call.total / len(self.layers)  # (B, R*R, T)
+        mean = call.total.div_(len(self.layers))  # (B, R*R, T), in place: one (B, R*R, T) tensor alive, not two
         call.total = None  # a checkpointed graph keeps the call alive until backward: not the sum
         batch, _, tokens = mean.shape
         return mean.transpose(1, 2).reshape(batch, tokens, resolution, resolution)

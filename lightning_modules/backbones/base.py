@@ -332,5 +332,5 @@ class Backbone(nn.Module):
             resolution: R, the side of the maps (``feature_upsample_res``).
         """
         maps = self.capture.maps(self.denoiser_call(latents, noise, context), resolution)
-        self.applied.after_call()
+        self.applied.after_call(maps.device)
         return maps

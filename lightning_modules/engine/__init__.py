@@ -13,6 +13,8 @@ What each option does, and where:
 - ``memory_efficient_maps`` / ``upsample_queries``: the head-mean maps blocked and recomputed in
   backward, queries upsampled after the projection (``attention.py``).
 - frozen modules keep less for backward (``frozen.py``; always on, bit-equal, except under compile).
+- the VAE encoder's resnet blocks write in place (``encoder.py``; always on, bit-equal: images are
+  encoded without gradient).
 - ``channels_last``: UNet and VAE weights and inputs in channels-last memory format, converted weight
   by weight with the memory-mapped original's pages dropped at once (``host_memory.to_channels_last``):
   one copy of every weight, not two.
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from lightning_modules.app.errors import ConfigError
 from lightning_modules.capture import LayerMaps
 from lightning_modules.engine.attention import FastLayerMaps
+from lightning_modules.engine.encoder import encode_in_place
 from lightning_modules.engine.frozen import keep_less_for_backward
 from lightning_modules.engine.host_memory import release_freed_host_memory, to_channels_last
 from lightning_modules.engine.unreached import UnreachedWeights
@@ -109,6 +112,8 @@ class Engine:
                 block.compile(dynamic=False)
         else:
             keep_less_for_backward(denoiser)  # the same gradients, bit for bit, from less memory
+        if getattr(vae, "encoder", None) is not None:
+            encode_in_place(vae)  # the same latents, bit for bit, from fewer passes over memory
         plain = not (self.memory_efficient_maps or self.upsample_queries)
         return AppliedEngine(
             channels_last=self.channels_last,
@@ -149,11 +154,19 @@ class AppliedEngine:
         """An image or latent batch in the memory format the weights are in."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def after_call(self) -> None:
-        """After a call of the capture: the first one has shown which modules a call runs; free the others."""
+    def after_call(self, device: torch.device) -> None:
+        """After a call of the capture: the first one has shown which modules a call runs, free the others;
+        on CPU, hand the forward's freed heap memory back before the backward runs.
+
+        What the forward freed (its transients, the VAE's activations) stays resident in glibc's heap
+        until trimmed, and the backward starts with everything the forward kept: trimming here lowers
+        the step's peak (SD 1.5 at 512 px: 5.35 to 5.21 GiB; docs/performance.md).
+        """
         if self.unreached is not None:
             self.released = self.unreached.release()
             self.unreached = None
+        if device.type == "cpu":
+            release_freed_host_memory()
 
 
 def frozen_tensor_names(module: nn.Module) -> list[str]:
