@@ -19,7 +19,7 @@ which PyTorch's allocator does not count):
   log-sum-exp; never the N x N probabilities). Counted exactly by running the real architecture on
   the meta device (no memory, no arithmetic) under saved-tensor hooks, with the denoiser frozen and
   its modules as ``Backbone.attach`` leaves them
-  (``backbones/frozen.py``: convolutions keep no input, GEGLU only its projection). With gradient
+  (``engine/frozen.py``: convolutions keep no input, GEGLU only its input). With gradient
   checkpointing: the inputs of every checkpointed block plus the largest block's own activations
   (recomputed one block at a time).
 - maps: three fp32 tensors of (2B, T, R^2): the sum over captured layers, one layer's maps, and the

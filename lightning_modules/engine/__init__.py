@@ -11,7 +11,7 @@ What each option does, and where:
 - ``stop_early`` (capture): the UNet forward ends after the last captured layer, and the weights of
   the modules after it are freed once the first call has shown which they are (``unreached.py``).
 - ``memory_efficient_maps`` / ``upsample_queries``: the head-mean maps blocked and recomputed in
-  backward, queries upsampled after the projection (``attention.py``).
+  backward, from scores computed at the layer's resolution and upsampled (``attention.py``).
 - frozen modules keep less for backward (``frozen.py``; always on, bit-equal, except under compile).
 - the VAE encoder's resnet blocks write in place (``encoder.py``; always on, bit-equal: images are
   encoded without gradient).
@@ -56,8 +56,10 @@ class Engine:
         stop_early: end the UNet forward after the last captured layer (same maps, less work), and
             free the weights of the modules after it once the first call has shown which they are.
         memory_efficient_maps: average heads inside the capture and recompute per head in backward.
-        upsample_queries: upsample the layer's queries rather than its features before ``to_q``
-            (equal numbers, up to float rounding; far fewer FLOPs). ``False`` is StableKeypoints' order.
+        upsample_queries: upsample the layer's queries rather than its features before ``to_q``, and
+            with ``memory_efficient_maps`` their scores rather than the queries (bicubic upsampling
+            commutes with both products): equal numbers up to float rounding, far fewer FLOPs.
+            ``False`` is StableKeypoints' order.
         gradient_checkpointing: trade compute for memory in the UNet's backward pass (same numbers).
         channels_last: run the UNet and the VAE in channels-last memory format: faster convolutions
             (oneDNN on CPU, cuDNN on GPU), equal numbers up to float rounding; each weight is held

@@ -1,4 +1,4 @@
-"""The head-mean attention maps, fast: blocked, recomputed in backward, queries upsampled after projection.
+"""The head-mean attention maps, fast: blocked, recomputed in backward, scores upsampled instead of features.
 
 The same numbers as the plain math of ``lightning_modules.capture.head_mean_maps`` (up to float rounding,
 tested), from far fewer FLOPs and far less memory.
@@ -41,9 +41,13 @@ class _Scores:
 
     def __init__(self, q: Tensor, k: Tensor, scale: float) -> None:
         batch, heads, self.length, dim = q.shape
-        self.q, self.scale = q.reshape(batch * heads, self.length, dim), scale
-        self.k = k.reshape(batch * heads, k.shape[2], dim)  # (B*H, T, d)
+        self.q, self.scale, self.matrices = q, scale, batch * heads
+        self.k = k.reshape(self.matrices, k.shape[2], dim)  # (B*H, T, d)
         self.row = 1
+
+    def queries(self, start: int, stop: int) -> Tensor:
+        """-> (B*H, stop - start, d): the queries start..stop (a copy of those rows only when q is a strided view)."""
+        return self.q[:, :, start:stop].reshape(self.matrices, stop - start, -1)
 
     def blocks(self, rows: int):
         """Yields (start, stop) query ranges of about ``rows`` queries, whole image rows when upsampling."""
@@ -53,15 +57,16 @@ class _Scores:
 
     def block(self, start: int, stop: int, out: Tensor) -> Tensor:
         """Writes the (B*H, stop - start, T) scores of queries start..stop into ``out`` and returns it."""
-        return torch.baddbmm(out, self.q[:, start:stop], self.k.transpose(1, 2), beta=0, alpha=self.scale, out=out)
+        return torch.baddbmm(out, self.queries(start, stop), self.k.transpose(1, 2), beta=0, alpha=self.scale, out=out)
 
     def start_backward(self) -> None:
-        self.dq, self.dk = torch.empty_like(self.q), torch.zeros_like(self.k)
+        self.dq = self.q.new_empty(self.matrices, self.length, self.k.shape[2])
+        self.dk = torch.zeros_like(self.k)
 
     def add_grad(self, start: int, stop: int, ds: Tensor) -> None:
         """Adds the contribution of a block's score gradient ``ds`` (B*H, n, T), unscaled, to q's and k's."""
         self.dq[:, start:stop] = torch.bmm(ds, self.k)
-        torch.baddbmm(self.dk, ds.transpose(1, 2), self.q[:, start:stop], out=self.dk)
+        torch.baddbmm(self.dk, ds.transpose(1, 2), self.queries(start, stop), out=self.dk)
 
     def grads(self) -> tuple[Tensor, Tensor]:
         """-> (dq (B*H, N, d), dk (B*H, T, d))."""
@@ -84,13 +89,14 @@ class _UpsampledScores(_Scores):
         super().__init__(q, k, scale)
         self.weights = weights  # (R, side)
         resolution, side = weights.shape
-        self.matrices, tokens = self.k.shape[:2]
+        tokens = self.k.shape[1]
+        self.grid_queries = self.queries(0, self.length)  # (B*H, side * side, d)
         self.length, self.row, self.side = resolution**2, resolution, side
         # Each upsampled row reads at most 4 grid rows (bicubic): the range a block's rows read.
         columns = torch.arange(side, device=weights.device).expand_as(weights)
         self.first = torch.where(weights != 0, columns, side).amin(dim=1).tolist()
         self.last = torch.where(weights != 0, columns, -1).amax(dim=1).tolist()
-        grid = torch.bmm(self.q, self.k.transpose(1, 2)).mul_(scale)  # (B*H, side * side, T)
+        grid = torch.bmm(self.grid_queries, self.k.transpose(1, 2)).mul_(scale)  # (B*H, side * side, T)
         self.grid = grid.view(self.matrices, side, side * tokens)  # one grid row (x, T) per y
 
     def _rows(self, start: int, stop: int) -> tuple[Tensor, slice]:
@@ -122,7 +128,7 @@ class _UpsampledScores(_Scores):
 
     def grads(self) -> tuple[Tensor, Tensor]:
         dgrid = self.dgrid.view(self.matrices, self.side**2, -1).mul_(self.scale)  # (B*H, side * side, T)
-        return torch.bmm(dgrid, self.k), torch.bmm(dgrid.transpose(1, 2), self.q)
+        return torch.bmm(dgrid, self.k), torch.bmm(dgrid.transpose(1, 2), self.grid_queries)
 
 
 def _scores(q: Tensor, k: Tensor, scale: float, weights: Tensor | None) -> _Scores:
@@ -231,11 +237,12 @@ class FastLayerMaps:
 
     Args:
         memory_efficient: blocked head mean with recomputation in backward (``HeadMeanAttention``).
-        upsample_queries: project the layer's features to queries, then upsample the queries:
-            ``to_q`` is affine per pixel and bicubic weights sum to 1, so this equals projecting the
-            upsampled features (StableKeypoints' order) at (R / side)^2 fewer FLOPs; the upsampling
-            itself happens inside the attention blocks (for a layer with a query norm, before the norm,
-            at full resolution).
+        upsample_queries: project the layer's features to queries, then upsample: ``to_q`` is affine
+            per pixel and bicubic weights sum to 1, so this equals projecting the upsampled features
+            (StableKeypoints' order) at (R / side)^2 fewer FLOPs. With ``memory_efficient``, the
+            scores are upsampled instead of the queries (``_UpsampledScores``), so no upsampled query
+            exists; for a layer with a query norm, which is not linear, the projection is upsampled
+            before the norm, at full resolution.
     """
 
     def __init__(self, memory_efficient: bool = True, upsample_queries: bool = True) -> None:
