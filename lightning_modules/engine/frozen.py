@@ -76,7 +76,11 @@ class _GatedGelu(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (projected,) = ctx.saved_tensors
         a, gate = projected.chunk(2, dim=-1)
-        return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * a, gate)], dim=-1)
+        grad_projected = torch.empty_like(projected)  # both halves written in place: no concatenated copy
+        grad_a, grad_gate = grad_projected.chunk(2, dim=-1)
+        torch.mul(grad, F.gelu(gate), out=grad_a)
+        torch.ops.aten.gelu_backward.grad_input(grad * a, gate, grad_input=grad_gate)
+        return grad_projected
 
 
 class FrozenGEGLU(GEGLU):
