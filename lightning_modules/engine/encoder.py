@@ -2,7 +2,7 @@
 
 Images are only ever encoded without gradient, and at full resolution the encoder's activations are
 large (SD's first stage: 128 channels at 512 x 512, 128 MiB per image in fp32). diffusers'
-``ResnetBlock2D`` allocates a new tensor for each of its seven steps (norm, SiLU, conv, norm, SiLU,
+``ResnetBlock2D`` allocates a new tensor for each of its eight steps (norm, SiLU, conv, norm, SiLU,
 conv, the residual sum, then its division by ``output_scale_factor``, 1 in every VAE here). Without
 gradient, the SiLUs and the sum can write into the tensor they read and a division by 1 can be skipped:
 the same kernels on the same values (the sum is commutative in floating point, ``x / 1 == x``), so the
