@@ -114,8 +114,7 @@ class Engine:
                 block.compile(dynamic=False)
         else:
             keep_less_for_backward(denoiser)  # the same gradients, bit for bit, from less memory
-        if getattr(vae, "encoder", None) is not None:
-            encode_in_place(vae)  # the same latents, bit for bit, from fewer passes over memory
+        encode_in_place(vae)  # the same latents, bit for bit, from fewer passes over memory
         plain = not (self.memory_efficient_maps or self.upsample_queries)
         return AppliedEngine(
             channels_last=self.channels_last,

@@ -43,7 +43,7 @@ class _Scores:
         batch, heads, self.length, dim = q.shape
         self.q, self.scale, self.matrices = q, scale, batch * heads
         self.k = k.reshape(self.matrices, k.shape[2], dim)  # (B*H, T, d)
-        self.row = 1
+        self.row, self.band = 1, None
 
     def queries(self, start: int, stop: int) -> Tensor:
         """-> (B*H, stop - start, d): the queries start..stop (a copy of those rows only when q is a strided view)."""
@@ -85,24 +85,22 @@ class _UpsampledScores(_Scores):
     small products.
     """
 
-    def __init__(self, q: Tensor, k: Tensor, scale: float, weights: Tensor) -> None:
+    def __init__(self, q: Tensor, k: Tensor, scale: float, weights: Tensor,
+                 band: tuple[list[int], list[int]] | None) -> None:
         super().__init__(q, k, scale)
         self.weights = weights  # (R, side)
         resolution, side = weights.shape
         tokens = self.k.shape[1]
-        self.grid_queries = self.queries(0, self.length)  # (B*H, side * side, d)
+        self.grid_queries = self.queries(0, side * side)  # (B*H, side * side, d)
         self.length, self.row, self.side = resolution**2, resolution, side
-        # Each upsampled row reads at most 4 grid rows (bicubic): the range a block's rows read.
-        columns = torch.arange(side, device=weights.device).expand_as(weights)
-        self.first = torch.where(weights != 0, columns, side).amin(dim=1).tolist()
-        self.last = torch.where(weights != 0, columns, -1).amax(dim=1).tolist()
+        self.band = _band(weights) if band is None else band  # computed once per call, kept for backward
         grid = torch.bmm(self.grid_queries, self.k.transpose(1, 2)).mul_(scale)  # (B*H, side * side, T)
         self.grid = grid.view(self.matrices, side, side * tokens)  # one grid row (x, T) per y
 
     def _rows(self, start: int, stop: int) -> tuple[Tensor, slice]:
         """-> (the y weights of the rows of queries start..stop (rows, g), the g grid rows they read)."""
-        first, last = start // self.row, stop // self.row
-        read = slice(min(self.first[first:last]), max(self.last[first:last]) + 1)
+        (first_read, last_read), first, last = self.band, start // self.row, stop // self.row
+        read = slice(min(first_read[first:last]), max(last_read[first:last]) + 1)
         return self.weights[first:last, read], read
 
     def block(self, start: int, stop: int, out: Tensor) -> Tensor:
@@ -131,8 +129,21 @@ class _UpsampledScores(_Scores):
         return torch.bmm(dgrid, self.k), torch.bmm(dgrid.transpose(1, 2), self.grid_queries)
 
 
-def _scores(q: Tensor, k: Tensor, scale: float, weights: Tensor | None) -> _Scores:
-    return _Scores(q, k, scale) if weights is None else _UpsampledScores(q, k, scale, weights)
+def _band(weights: Tensor) -> tuple[list[int], list[int]]:
+    """(R, side) upsampling weights -> (first, last): per upsampled row, its first and last non-zero grid row.
+
+    Each bicubic row reads at most 4 grid rows: a block reads only the band its rows span.
+    """
+    side = weights.shape[1]
+    columns = torch.arange(side, device=weights.device).expand_as(weights)
+    first = torch.where(weights != 0, columns, side).amin(dim=1).tolist()
+    last = torch.where(weights != 0, columns, -1).amax(dim=1).tolist()
+    return first, last
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, weights: Tensor | None, band=None) -> _Scores:
+    """The scores of q and k; ``band``: the ``_band`` of ``weights`` when a call already has it."""
+    return _Scores(q, k, scale) if weights is None else _UpsampledScores(q, k, scale, weights, band)
 
 
 class HeadMeanAttention(torch.autograd.Function):
@@ -158,14 +169,14 @@ class HeadMeanAttention(torch.autograd.Function):
             p = probs(scores, start, stop).view(batch, heads, stop - start, tokens)
             torch.mean(p, dim=1, out=out[:, start:stop])
         ctx.save_for_backward(q, k, weights)
-        ctx.scale = scale
+        ctx.scale, ctx.band = scale, scores.band
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         q, k, weights = ctx.saved_tensors
         batch, heads, tokens = q.shape[0], q.shape[1], k.shape[2]
-        scores = _scores(q, k, ctx.scale, weights)
+        scores = _scores(q, k, ctx.scale, weights, ctx.band)
         used = (grad != 0).any(dim=1).any(dim=0).nonzero().flatten()  # columns the loss reads
         sparse = len(used) <= tokens // 4
         scores.start_backward()
