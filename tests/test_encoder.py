@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.demo_models import TINY_SD3_VAE, TINY_VAE
 from lightning_modules.backbones import StableDiffusion
-from lightning_modules.engine.encoder import InPlaceResnet, encode_in_place
+from lightning_modules.engine.encoder import InPlaceResnet, add_conv_into, encode_in_place
 
 
 class _Ops(TorchDispatchMode):
@@ -43,10 +43,38 @@ def test_in_place_blocks_give_the_same_latents_bit_for_bit(config, blocks, memor
     expected, plain_ops = _encode(plain, images)
     latents, lean_ops = _encode(lean, images)
     assert torch.equal(latents, expected)
-    # Per block: the two SiLUs and the sum in place, no division by output_scale_factor 1.
+    # Per block: the two SiLUs in place, the second convolution summed into the residual by oneDNN
+    # (no add at all), no division by output_scale_factor 1.
     assert (plain_ops["aten.silu"], lean_ops["aten.silu_"]) == (2 * blocks + 1, 2 * blocks)
     assert plain_ops["aten.div"] - lean_ops["aten.div"] == blocks
-    assert lean_ops["aten.add_"] - plain_ops["aten.add_"] == blocks
+    assert lean_ops["mkldnn._convolution_pointwise_"] == blocks
+    assert plain_ops["aten.add"] - lean_ops["aten.add"] == blocks and lean_ops["aten.add_"] == plain_ops["aten.add_"]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("stride, padding, bias", [(1, 1, True), (2, 0, False), (1, 0, True)])
+def test_a_convolution_summed_into_a_tensor_has_the_bits_of_convolution_then_sum(memory_format, stride, padding, bias):
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(8, 6, 3 if padding else 1, stride, padding, bias=bias).to(memory_format=memory_format)
+    x = torch.randn(2, 8, 17, 17).contiguous(memory_format=memory_format)
+    into = torch.randn_like(conv(x))
+    expected = conv(x).add_(into)
+    target = into.clone()
+    result = add_conv_into(target, conv, x)
+    assert result.data_ptr() == target.data_ptr()  # written into the tensor given, no fresh one
+    assert torch.equal(result, expected)
+
+
+def test_without_onednn_s_sum_the_convolution_and_the_sum_run_apart_with_the_same_bits():
+    """bf16 (like a GPU) takes the plain path: a fresh convolution output, the residual added to it."""
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1).bfloat16()
+    x, into = torch.randn(1, 4, 9, 9, dtype=torch.bfloat16), torch.randn(1, 4, 9, 9, dtype=torch.bfloat16)
+    target = into.clone()
+    with _Ops() as ops:
+        result = add_conv_into(target, conv, x)
+    assert "mkldnn._convolution_pointwise_" not in ops.counts and ops.counts["aten.add_"] == 1
+    assert result.data_ptr() != target.data_ptr() and torch.equal(result, conv(x).add_(into))
 
 
 def test_a_scale_factor_other_than_one_divides_in_place_with_the_same_bits():

@@ -177,7 +177,7 @@ class HeadMeanAttention(torch.autograd.Function):
         q, k, weights = ctx.saved_tensors
         batch, heads, tokens = q.shape[0], q.shape[1], k.shape[2]
         scores = _scores(q, k, ctx.scale, weights, ctx.band)
-        used = (grad != 0).any(dim=1).any(dim=0).nonzero().flatten()  # columns the loss reads
+        used = grad.any(dim=1).any(dim=0).nonzero().flatten()  # columns the loss reads (no boolean copy of grad)
         sparse = len(used) <= tokens // 4
         scores.start_backward()
         probs = _Probabilities()
@@ -188,7 +188,7 @@ class HeadMeanAttention(torch.autograd.Function):
                 g = grad[:, start:stop, used] / heads  # (B, n, U)
                 pg = (p.view(batch, heads, n, tokens)[..., used] * g[:, None]).view(batch * heads, n, -1)
                 ds = p.mul_(-pg.sum(dim=-1, keepdim=True))  # -c P
-                ds[:, :, used] += pg
+                ds.index_add_(-1, used, pg)  # + P G in the used columns (unique: the same sums as ds[..., used] += pg)
             else:
                 g = (grad[:, None, start:stop] / heads).expand(batch, heads, n, tokens).reshape(batch * heads, n, tokens)
                 ds = p.mul_(g - (g * p).sum(dim=-1, keepdim=True))
