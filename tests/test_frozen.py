@@ -11,7 +11,7 @@ from torch import nn
 
 from data.demo_models import tiny_sd_unet
 from lightning_modules.backbones import Engine, StableDiffusion
-from lightning_modules.engine.frozen import FrozenConv2d, FrozenGEGLU, keep_less_for_backward
+from lightning_modules.engine.frozen import FrozenConv2d, FrozenGEGLU, keep_less_for_backward, keeps_projection
 
 
 def _run(unet, latents, context):
@@ -116,6 +116,12 @@ def test_a_geglu_whose_projection_is_no_larger_than_its_weight_keeps_it_and_matc
         assert torch.equal(out, lean_out) and torch.equal(grad, lean_grad)
         # 6 tokens x 10 outputs <= the weight's 6 x 10: the projection is kept; 7 tokens: only the input.
         assert (lean_shapes, lean_node) == ([kept_shape], node)
+
+
+def test_only_a_cpu_keeps_a_projection_and_only_one_no_larger_than_its_weight():
+    proj = nn.Linear(6, 10)
+    assert keeps_projection(torch.empty(1, 6, 6), proj) and not keeps_projection(torch.empty(1, 7, 6), proj)
+    assert not keeps_projection(torch.empty(1, 6, 6, device="meta"), proj)  # any other device replays
 
 
 def test_a_convolution_whose_weight_trains_keeps_the_plain_backward():

@@ -39,10 +39,8 @@ def test_maps_weights_and_dtype_terms_are_the_formula():
 def test_saved_activations_grow_with_batch_and_image_and_shrink_with_checkpointing_and_bf16():
     one = count_unet("tiny", 64, 2, 40, "float32")
     assert count_unet("tiny", 64, 4, 40, "float32").saved == pytest.approx(2 * one.saved, rel=0.05)
-    # Twice the side: up to 4x (per-pixel tensors), less the context's keys and values, which do not
-    # grow, and the GEGLU projections that the smaller side keeps (no larger than their weights) and the
-    # larger one replays (frozen.py): 2.94x for this model.
-    assert 2.9 * one.saved < count_unet("tiny", 128, 2, 40, "float32").saved < 4 * one.saved
+    # Twice the side: up to 4x (per-pixel tensors), less the context's keys and values, which do not grow.
+    assert 3 * one.saved < count_unet("tiny", 128, 2, 40, "float32").saved < 4 * one.saved
     assert count_unet("tiny", 64, 2, 40, "bfloat16").saved == pytest.approx(one.saved / 2, rel=0.05)
     assert 0 < one.saved_checkpointed < one.saved
     checkpointed = estimate(replace(TINY, gradient_checkpointing=True))["saved_activations"]
