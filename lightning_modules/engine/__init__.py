@@ -12,9 +12,10 @@ What each option does, and where:
   the modules after it are freed once the first call has shown which they are (``unreached.py``).
 - ``memory_efficient_maps`` / ``upsample_queries``: the head-mean maps blocked and recomputed in
   backward, from scores computed at the layer's resolution and upsampled (``attention.py``).
-- frozen modules keep less for backward (``frozen.py``; always on, bit-equal, except under compile).
-- the VAE encoder's resnet blocks write in place (``encoder.py``; always on, bit-equal: images are
-  encoded without gradient).
+- frozen modules keep less for backward (``frozen.py``; always on, bit-equal, except under compile);
+  on CPU the narrow GEGLUs keep their projection rather than replay it.
+- the VAE encoder's resnet blocks write in place, and on CPU sum their second convolution straight
+  into the residual (``encoder.py``; always on, bit-equal: images are encoded without gradient).
 - ``channels_last``: UNet and VAE weights and inputs in channels-last memory format, converted weight
   by weight with the memory-mapped original's pages dropped at once (``host_memory.to_channels_last``):
   one copy of every weight, not two.
