@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.memory_model import kept_for_backward  # noqa: E402
 from lightning_modules.engine.encoder import add_conv_into  # noqa: E402
 from lightning_modules.engine.frozen import FrozenGEGLU  # noqa: E402
 
@@ -57,15 +58,7 @@ def _alternate(sides: dict, repeats: int, prepare=lambda: None) -> tuple[dict[st
 
 def _kept_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
     """Bytes of the tensors autograd keeps for backward of ``module(x)``, the module's weights excluded."""
-    weights = {p.untyped_storage()._cdata for p in module.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage()._cdata not in weights:
-            kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with kept_for_backward(module) as kept:
         module(x.clone().requires_grad_())
     return sum(kept.values())
 

@@ -96,6 +96,24 @@ def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *
     return _FlashLikeAttention.apply(q, k, v)
 
 
+@contextlib.contextmanager
+def kept_for_backward(module: nn.Module, on_kept=lambda nbytes: None):
+    """Counts what autograd keeps for backward while the block runs -> {storage: bytes}, each storage once,
+    ``module``'s weights excluded; ``on_kept(bytes)`` is called for each storage when first kept."""
+    weights = {p.untyped_storage()._cdata for p in module.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        key = tensor.untyped_storage()._cdata
+        if key not in weights and key not in kept:
+            kept[key] = tensor.untyped_storage().nbytes()
+            on_kept(kept[key])
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
+
+
 class _Stop(Exception):
     pass
 
@@ -161,19 +179,13 @@ def count_unet(model: str, image_size: int, images: int, num_tokens: int, dtype:
     layers = list(cls(f"random-{model}").default_layers_of(unet.config))
     context_dim = int(unet.config[cls.context_width_key])
     modules = dict(unet.named_modules())
-    parameter_storages = {p.untyped_storage()._cdata for p in unet.parameters()}
-    saved: dict[int, int] = {}
     per_block: dict[str, int] = {}
     block_inputs: dict[str, int] = {}
     largest_activation = [0]
     current = ["(stem)"]
 
-    def pack(tensor):
-        key = tensor.untyped_storage()._cdata
-        if key not in parameter_storages and key not in saved:
-            saved[key] = tensor.untyped_storage().nbytes()
-            per_block[current[0]] = per_block.get(current[0], 0) + saved[key]
-        return tensor
+    def attribute(nbytes: int) -> None:
+        per_block[current[0]] = per_block.get(current[0], 0) + nbytes
 
     blocks = _blocks(unet)
     handles = []
@@ -206,7 +218,7 @@ def count_unet(model: str, image_size: int, images: int, num_tokens: int, dtype:
     sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _sdpa
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), contextlib.suppress(_Stop):
+        with kept_for_backward(unet, attribute) as saved, contextlib.suppress(_Stop):
             call()
     finally:
         F.scaled_dot_product_attention = sdpa

@@ -9,6 +9,7 @@ import torch
 from diffusers.models.activations import GEGLU
 from torch import nn
 
+from benchmarks.memory_model import kept_for_backward
 from data.demo_models import tiny_sd_unet
 from lightning_modules.backbones import Engine, StableDiffusion
 from lightning_modules.engine.frozen import FrozenConv2d, FrozenGEGLU, keep_less_for_backward, keeps_projection
@@ -17,15 +18,7 @@ from lightning_modules.engine.frozen import FrozenConv2d, FrozenGEGLU, keep_less
 def _run(unet, latents, context):
     """-> (output, context gradient, autograd node names, bytes kept for backward beside the weights)."""
     context = context.clone().requires_grad_()
-    weights = {p.untyped_storage()._cdata for p in unet.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage()._cdata not in weights:
-            kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with kept_for_backward(unet) as kept:
         out = unet(latents, 10, encoder_hidden_states=context).sample
     nodes, stack, seen = [], [out.grad_fn], set()
     while stack:

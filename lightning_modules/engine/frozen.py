@@ -63,6 +63,13 @@ class FrozenConv2d(nn.Conv2d):
         return super()._conv_forward(input, weight, bias)
 
 
+def _gated(projected: Tensor, activation) -> Tensor:
+    """``a * activation(gate)`` of a projection ``(a, gate)``, written into the activation's tensor (the same
+    bits: multiplication commutes in floating point)."""
+    a, gate = projected.chunk(2, dim=-1)
+    return activation(gate).mul_(a)
+
+
 def _geglu_gradient_into(projected: Tensor, grad: Tensor, activation) -> Tensor:
     """The gradient of ``a * activation(gate)``, ``(a, gate) = projected``, written over ``projected`` -> ``projected``.
 
@@ -85,8 +92,7 @@ class _KeptGEGLU(torch.autograd.Function):
     def forward(ctx, projected: Tensor, activation) -> Tensor:
         ctx.save_for_backward(projected)
         ctx.activation = activation
-        a, gate = projected.chunk(2, dim=-1)
-        return activation(gate).mul_(a)  # = a * activation(gate), into the activation's tensor
+        return _gated(projected, activation)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -107,8 +113,7 @@ class _ReplayedGEGLU(torch.autograd.Function):
     def forward(ctx, x: Tensor, proj: nn.Linear, activation) -> Tensor:
         ctx.save_for_backward(x)
         ctx.proj, ctx.activation = proj, activation
-        a, gate = proj(x).chunk(2, dim=-1)
-        return activation(gate).mul_(a)
+        return _gated(proj(x), activation)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -132,12 +137,11 @@ class FrozenGEGLU(GEGLU):
         return lean.train(geglu.training)
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if not torch.is_grad_enabled():
+            return _gated(self.proj(hidden_states), self.gelu)
         frozen = not any(parameter.requires_grad for parameter in self.proj.parameters())
-        if not (torch.is_grad_enabled() and hidden_states.requires_grad and frozen and hidden_states.is_contiguous()):
-            if torch.is_grad_enabled():
-                return super().forward(hidden_states, *args, **kwargs)
-            a, gate = self.proj(hidden_states).chunk(2, dim=-1)
-            return self.gelu(gate).mul_(a)  # a * gelu(gate), into gelu's tensor
+        if not (hidden_states.requires_grad and frozen and hidden_states.is_contiguous()):
+            return super().forward(hidden_states, *args, **kwargs)
         if keeps_projection(hidden_states, self.proj):
             return _KeptGEGLU.apply(self.proj(hidden_states), self.gelu)
         return _ReplayedGEGLU.apply(hidden_states, self.proj, self.gelu)
